@@ -1,0 +1,244 @@
+"""Tests for the VSI-Bench evaluator: hand-computed scoring vectors (spec spacer.md 7.2 and 8 #30-#32),
+aggregation, the table, the resumable predictions file and record validation (spacer_jax.vsibench),
+then an end-to-end run of spacer_jax.evaluate on a tiny random model (slow)."""
+
+import json
+import os
+
+import pytest
+
+from spacer_jax import vsibench
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and scoring.
+
+
+@pytest.mark.parametrize(
+    "output, gt, spacer, official",
+    [
+        # spec 8 #30 (SpaceR-Eval); official = first word, trailing dots stripped, case-insensitive.
+        ("B. Sofa", "B", 1.0, 1.0),
+        ("(B)", "B", 0.0, 0.0),
+        ("b", "B", 1.0, 1.0),
+        ("Answer: C", "C", 1.0, 0.0),  # official's first word is "Answer:".
+        ("B is correct", "B", 1.0, 1.0),
+        ("The answer is B", "B", 0.0, 0.0),
+        ("B.", "B", 1.0, 1.0),
+        # Further differences, hand-derived from the two rules.
+        ("b.", "B", 0.0, 1.0),  # SpaceR's letter regex is uppercase only -> compares "b." whole.
+        (" B", "B", 1.0, 0.0),  # official's first word is "".
+        ("E", "E", 1.0, 1.0),  # not A-D: SpaceR compares the whole stripped text.
+        ("A.B", "A", 0.0, 0.0),
+        ("<think>t</think><answer>B</answer>", "B", 1.0, 0.0),
+        ("<think>t</think><answer> C. chair </answer>", "C", 1.0, 0.0),
+        ("<think>t</think><answer>B", "B", 0.0, 0.0),  # unclosed tag -> "None".
+    ],
+)
+def test_mca_scores(output, gt, spacer, official):
+  assert vsibench.parse_and_score("spacer", "object_rel_distance", output, gt)[1] == spacer
+  assert vsibench.parse_and_score("official", "route_planning", output, gt)[1] == official
+
+
+@pytest.mark.parametrize(
+    "output, gt, spacer, official",
+    [
+        # spec 8 #31: SpaceR-Eval [official].
+        ("2.5", "3.0", 0.7, 0.7),
+        ("about 2.5 m", "3.0", 0.7, 0.0),
+        ("a 2.5", "3.0", 0.0, 0.0),  # fuzzy_number: the article "a" reads as 1.
+        ("None", "3.0", 0.0, 0.0),
+        # MRA's float64 thresholds: relative error 0.1 passes theta = 0.9 (spec 8 #2).
+        ("<think>hm</think><answer>about 4.5 meters</answer>", "5.0", 0.9, 0.0),
+        ("4.5", "5", 0.9, 0.9),
+        ("2.5.", "3.0", 0.7, 0.7),  # official strips trailing dots; fuzzy's regex stops at the dot.
+        ("2.5m", "3.0", 0.7, 0.0),
+        ("-2.5", "3.0", 0.7, 0.0),  # fuzzy drops the sign; official keeps it (rel. error 1.83).
+        ("three", "3", 1.0, 0.0),
+        ("<think>t</think><answer>4", "4", 0.0, 0.0),
+        ("nan", "4", 0.0, 0.0),
+    ],
+)
+def test_na_scores(output, gt, spacer, official):
+  assert vsibench.parse_and_score("spacer", "object_counting", output, gt)[1] == pytest.approx(spacer)
+  assert vsibench.parse_and_score("official", "room_size_estimation", output, gt)[1] == (
+      pytest.approx(official))
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        # spec 8 #32.
+        ("<think>t</think><answer>B</answer>", "B"),
+        ("<think>t</think><answer>B", "None"),
+        ("B", "B"),
+        # First match, stripped, across newlines.
+        ("<answer>\n 3 \n</answer><answer>4</answer>", "3"),
+        ("no tags at all ", "no tags at all "),
+    ],
+)
+def test_extract_answer(output, expected):
+  assert vsibench.extract_answer(output) == expected
+
+
+def test_answers_recorded():
+  assert vsibench.parse_and_score("spacer", "object_rel_distance", "B. Sofa", "B")[0] == "B"
+  assert vsibench.parse_and_score("official", "object_rel_distance", "B. Sofa", "B")[0] == "B"
+  assert vsibench.parse_and_score("spacer", "object_counting", "x", "3")[0] == "None"
+  assert vsibench.parse_and_score("official", "object_counting", "4. ok", "3")[0] == "4"
+  with pytest.raises(ValueError, match="protocol"):
+    vsibench.parse_and_score("lmms", "object_counting", "4", "3")
+  with pytest.raises(ValueError, match="question_type"):
+    vsibench.parse_and_score("official", "object_color", "4", "3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation and the table.
+
+# Hand-made scores: per task the mean is written next to it.
+_SCORES = {
+    "object_counting": [0.7, 0.9],  # 0.8
+    "object_abs_distance": [0.0],  # 0.0
+    "object_size_estimation": [1.0, 0.5],  # 0.75
+    "room_size_estimation": [0.3],  # 0.3
+    "object_rel_distance": [1, 1, 0, 0],  # 0.5
+    "object_rel_direction_easy": [1, 0],  # 0.5
+    "object_rel_direction_medium": [1],  # 1.0
+    "object_rel_direction_hard": [0, 0, 0],  # 0.0 -> Rel.Dir = mean(0.5, 1, 0) = 0.5 (micro: 2/6)
+    "route_planning": [1],  # 1.0
+    "obj_appearance_order": [0, 1, 1, 1],  # 0.75
+}
+
+
+def _preds(scores):
+  return [{"question_type": q, "score": s} for q, ss in scores.items() for s in ss]
+
+
+def test_aggregate_macro_and_rel_direction_levels():
+  m = vsibench.aggregate(_preds(_SCORES))
+  assert m["tasks"] == pytest.approx({
+      "object_counting": 0.8, "object_abs_distance": 0.0, "object_size_estimation": 0.75,
+      "room_size_estimation": 0.3, "object_rel_distance": 0.5, "object_rel_direction": 0.5,
+      "route_planning": 1.0, "obj_appearance_order": 0.75})
+  # (0.8 + 0 + 0.75 + 0.3 + 0.5 + 0.5 + 1 + 0.75) / 8 = 4.6 / 8.
+  assert m["overall"] == pytest.approx(0.575)
+  assert m["per_type"]["object_rel_direction_hard"] == 0.0
+  assert m["counts"]["object_rel_direction_hard"] == 3
+  assert m["num_scored"] == 21
+
+
+def test_aggregate_missing_tasks_and_levels():
+  scores = {k: v for k, v in _SCORES.items()
+            if k not in ("route_planning", "object_rel_direction_medium")}
+  m = vsibench.aggregate(_preds(scores))
+  assert "route_planning" not in m["tasks"]
+  assert m["tasks"]["object_rel_direction"] == pytest.approx(0.25)  # mean(0.5, 0.0)
+  assert m["overall"] == pytest.approx((0.8 + 0 + 0.75 + 0.3 + 0.5 + 0.25 + 0.75) / 7)
+  assert vsibench.aggregate([])["overall"] is None
+  with pytest.raises(ValueError, match="unknown question_type"):
+    vsibench.aggregate([{"question_type": "nope", "score": 1.0}])
+
+
+def test_render_table():
+  m = vsibench.aggregate(_preds(_SCORES))
+  table = vsibench.render_table(m, name="tiny", missing_videos=["d/a.mp4", "d/b.mp4"],
+                                num_records=23, protocol="spacer")
+  lines = table.splitlines()
+  assert lines[0] == ("| Model | Avg | Obj.Count | Abs.Dist | Obj.Size | Room Size | Rel.Dist | Rel.Dir"
+                      " | Route Plan | Appr.Order |")
+  assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|"
+  assert lines[2] == "| tiny | 57.5 | 80.0 | 0.0 | 75.0 | 30.0 | 50.0 | 50.0 | 100.0 | 75.0 |"
+  assert "Scored 21 of 23 questions" in table
+  assert "Skipped 2 question(s) whose video is missing: d/a.mp4, d/b.mp4" in table
+  m2 = vsibench.aggregate(_preds({"object_counting": [0.5]}))
+  row = vsibench.render_table(m2).splitlines()[2]
+  assert row == "| model | 50.0 | 50.0 | - | - | - | - | - | - | - |"
+  assert "Missing videos: 0." in vsibench.render_table(m2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predictions file.
+
+
+def test_predictions_file_resume_and_torn_line(tmp_path):
+  path = str(tmp_path / "out" / "predictions.jsonl")
+  with vsibench.PredictionsFile(path, "spacer") as f:
+    f.add({"id": 1, "question_type": "object_counting", "score": 0.5})
+    f.add({"id": "2", "question_type": "route_planning", "score": 1.0})
+  with open(path, "a") as f:
+    f.write('{"id": "3", "question_type": "route_pl')  # killed mid-write
+  with vsibench.PredictionsFile(path, "spacer") as f:
+    assert sorted(f.done) == ["1", "2"]
+    assert 1 in f and "2" in f and "3" not in f
+    f.add({"id": "3", "question_type": "route_planning", "score": 0.0})
+  lines = open(path).read().splitlines()
+  assert [json.loads(l)["id"] for l in lines] == ["1", "2", "3"]
+  assert all(json.loads(l)["protocol"] == "spacer" for l in lines)
+  with pytest.raises(ValueError, match="protocol 'spacer'"):
+    vsibench.PredictionsFile(path, "official")
+
+
+def test_predictions_file_corrupt_middle_line(tmp_path):
+  path = tmp_path / "predictions.jsonl"
+  path.write_text('{"id": "1", "protocol": "official"}\nnot json\n')
+  with pytest.raises(ValueError, match=r"predictions.jsonl:2"):
+    vsibench.PredictionsFile(str(path), "official")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records.
+
+
+def _record(i, qtype="object_counting", gt="3", **kw):
+  r = {"id": i, "dataset": "scannet", "scene_name": f"scene{i}", "question_type": qtype,
+       "question": "How many chairs?", "options": None, "ground_truth": gt}
+  r.update(kw)
+  return r
+
+
+def _write_jsonl(d, rows, name="test.jsonl"):
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, name), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def test_load_records_jsonl_and_parquet(tmp_path):
+  rows = [_record(0), _record(1, "route_planning", "B", options=["A. left", "B. right"])]
+  _write_jsonl(tmp_path / "j", rows)
+  recs = vsibench.load_records(str(tmp_path / "j"))
+  assert [r["id"] for r in recs] == ["0", "1"]
+  assert recs[1]["options"] == ["A. left", "B. right"] and recs[0]["options"] is None
+  assert vsibench.video_path("/v", recs[0]) == "/v/scannet/scene0.mp4"
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / "p")
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "p" / "test-00000-of-00001.parquet"))
+  assert vsibench.load_records(str(tmp_path / "p")) == recs
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([_record(0, gt="0")], "non-zero"),
+        ([_record(0, gt="three")], "not a number"),
+        ([_record(0, "route_planning", "A")], "options is empty"),
+        ([_record(0, "object_color")], "question_type='object_color'"),
+        ([{"id": 5, "question": "q"}], r"id=5.*missing field\(s\) \['dataset'"),
+        ([_record(0), _record(0)], "duplicate id '0'"),
+    ],
+)
+def test_load_records_errors(tmp_path, rows, match):
+  _write_jsonl(tmp_path, rows)
+  with pytest.raises(ValueError, match=match):
+    vsibench.load_records(str(tmp_path))
+
+
+def test_wrong_layout(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    vsibench.load_records(str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="exactly one annotation file"):
+    vsibench.load_records(str(tmp_path))
+  _write_jsonl(tmp_path, [_record(0)], "a.jsonl")
+  _write_jsonl(tmp_path, [_record(0)], "b.jsonl")
+  with pytest.raises(FileNotFoundError, match=r"found \['a.jsonl', 'b.jsonl'\]"):
+    vsibench.load_records(str(tmp_path))
