@@ -1,0 +1,344 @@
+"""VSI-Bench evaluation of a Qwen2.5-VL checkpoint (spec spacer.md section 7).
+
+Command line (the config docstring has more):
+  python -m spacer_jax.evaluate --config=configs/eval_vsibench.py \
+      --config.model_dir=DIR --config.data_dir=DIR --workdir=OUT
+
+In the training loop, `train.py` calls `run(...)` every `eval_every_steps` on a held-out split (see
+its docstring). Scoring, aggregation, the table and the resumable predictions file are host code in
+`spacer_jax.vsibench`; this file loads the model, feeds videos and prompts to the batched greedy
+sampler and writes the outputs:
+
+  {workdir}/predictions.jsonl   one line per scored question, appended as it goes; a rerun skips the
+                                ids already there, so a killed evaluation resumes.
+  {workdir}/metrics.json        per-type, per-task and overall scores (x100), counts, skipped videos.
+  {workdir}/table.md            the paper's table row (Avg, Obj.Count, ..., Appr.Order) + footer.
+
+Data layout (VSI-Bench release): `{data_dir}/<one annotation file: *.parquet | *.jsonl | *.json>` and
+videos at `{data_dir}/{dataset}/{scene_name}.mp4`. A question whose video is missing (or cannot be
+decoded) is skipped, counted and listed in the table's footer; if no video exists at all the layout is
+wrong and the run stops before loading the model.
+
+Differences from SpaceR-Eval's inference kept on purpose (spec 7.1): frames come from this project's
+video path (round(linspace) indices, PIL bicubic, aspect-preserving, `config.video`), not decord with
+the width/height swap; decoding is plain greedy (no repetition penalty 1.05).
+"""
+
+import concurrent.futures
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from spacer_jax import sampling
+from spacer_jax import vsibench
+from spacer_jax.data import prompts
+from spacer_jax.data import tokenizer as tokenizer_lib
+from spacer_jax.data import video as video_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval_vsibench.py[:args]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).")
+
+QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
+
+# Defaults of the two protocols (spec 7.1-7.2): official greedy 16 tokens; SpaceR-Eval "thinking" 1024.
+DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and tokenizer.
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_architecture(model_dir):
+  """Raises a clear error unless `model_dir/config.json` describes a Qwen2.5-VL model."""
+  path = os.path.join(model_dir, "config.json")
+  with open(path) as f:
+    hf = json.load(f)
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  if model_type != QWEN2_5_VL_MODEL_TYPE:
+    raise ValueError(
+        f"{path}: checkpoint architecture is model_type={model_type!r} {archs}; the evaluator runs"
+        f" Qwen2.5-VL (model_type '{QWEN2_5_VL_MODEL_TYPE}', Qwen2_5_VLForConditionalGeneration)")
+  return hf
+
+
+def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
+  """A Qwen2.5-VL model from an HF checkpoint directory or a trainer checkpoint directory.
+
+  HF: a directory with config.json + *.safetensors (qwen2_5_vl.load_hf, strict key/shape check).
+  Trainer: a `train.py` workdir or checkpoint directory (spacer_jax.checkpoint.load_model).
+  """
+  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"config.model_dir={model_dir!r} is not a directory")
+  dtype = jnp.dtype(dtype)
+  if os.path.exists(os.path.join(model_dir, "config.json")):
+    check_architecture(model_dir)
+    kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    return qwen2_5_vl.load_hf(model_dir, dtype=dtype, **kwargs)
+  try:
+    from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FileNotFoundError(
+        f"config.model_dir={model_dir!r} has no config.json (not an HF checkpoint) and this build has"
+        " no trainer checkpoint reader (spacer_jax.checkpoint)") from e
+  return checkpoint.load_model(model_dir, dtype=dtype, mesh=mesh, rules=rules)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load_video(path, video_kwargs):
+  """(VisionInput, None) or (None, reason) for one video file."""
+  kw = dict(video_kwargs or {})
+  read_kwargs = {k: kw.pop(k) for k in ("fps", "min_frames", "max_frames", "nframes") if k in kw}
+  try:
+    return video_lib.load_video(path, read_kwargs=read_kwargs, **kw), None
+  except video_lib.MediaError as e:
+    return None, f"unreadable ({e.reason})"
+
+
+def _encode(rec, vis, tokenizer, protocol):
+  style = "spacer" if protocol == "spacer" else "official"
+  text = prompts.vsibench_prompt(rec["question"], rec["question_type"], rec["options"], style=style)
+  return prompts.encode_prompt(tokenizer, text, "video", video_grid_thw=[vis.grid_thw],
+                               record_id=rec["id"])
+
+
+def make_batch(items, tokenizer, protocol, batch_size, buckets):
+  """items: [(record, VisionInput)] -> sampler inputs, padded to `batch_size` rows by repeating the
+  last item (static shapes: one compile for every batch of the run)."""
+  items = list(items) + [items[-1]] * (batch_size - len(items))
+  seqs = [_encode(rec, vis, tokenizer, protocol) for rec, vis in items]
+  input_ids, mask = prompts.left_pad(seqs, tokenizer.pad_token_id, buckets=buckets,
+                                     record_ids=[rec["id"] for rec, _ in items])
+  return dict(
+      input_ids=input_ids, attention_mask=mask,
+      pixel_values_videos=np.concatenate([vis.pixel_values for _, vis in items]),
+      video_grid_thw=np.stack([vis.grid_thw for _, vis in items]).astype(np.int64),
+      second_per_grid_ts=np.asarray([vis.second_per_grid_t for _, vis in items], np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation loop.
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_tokens=None,
+        batch_size=8, workdir=None, video_kwargs=None, prompt_buckets=prompts.DEFAULT_BUCKETS,
+        mesh=None, params=None, cache_dtype=None, vision_budget=None, name="model",
+        allow_missing_videos=True, max_items=0, num_workers=2, progress=True):
+  """Evaluates `model` on a VSI-Bench-format split; returns the scores (x100).
+
+  The trainer calls this every `eval_every_steps` with its current weights:
+    scores = evaluate.run(model, tokenizer, data_dir=heldout_dir, protocol="spacer",
+                          max_new_tokens=256, batch_size=8, params=nnx.state(model) or None,
+                          workdir=f"{workdir}/eval/step_{step}" or None, progress=False)
+    writer.write_scalars(step, evaluate.scalars(scores, prefix="eval/"))
+
+  Args:
+    model: a `qwen2_5_vl.Qwen2_5_VL` (its graph; weights from `params` if given).
+    tokenizer: `spacer_jax.data.tokenizer.Tokenizer` matching the model's special ids.
+    data_dir: VSI-Bench directory (annotation file + `{dataset}/{scene_name}.mp4`).
+    records: validated records (`vsibench.load_records(data_dir)`); loaded from data_dir when None.
+    protocol: "spacer" (SpaceR-Eval) or "official" (VSI-Bench release), see `spacer_jax.vsibench`.
+    max_new_tokens: generation budget; None = the protocol's default (1024 / 16).
+    batch_size: prompts per sampler call (make it a multiple of the device count to shard rows).
+    workdir: when given, predictions.jsonl / metrics.json / table.md are written there and finished
+      items of an earlier run are skipped; None keeps everything in memory (nothing is resumed).
+    video_kwargs: frame/pixel settings for `video.load_video` (fps, min_frames, max_frames, nframes,
+      min_pixels, max_pixels, total_pixels, second_per_grid_t).
+    prompt_buckets: left-padding length buckets (a compile per bucket used).
+    mesh: device mesh; rows are sharded over its data/fsdp axes (params keep their sharding).
+    params: optional nnx.State to sample with instead of the model's own weights.
+    cache_dtype: KV cache dtype (default: the model's compute dtype).
+    vision_budget: static vision patch budgets forwarded to the sampler (no recompile across grids).
+    name: row label of the table.
+    allow_missing_videos: False raises on the first missing video instead of skipping it.
+    max_items: evaluate only the first N records (0 = all); for smoke runs.
+    num_workers: threads decoding the next batch's videos while the model runs.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    dict with "overall" (float x100 or None), "tasks" {task: x100}, "per_type" {question_type: x100},
+    "counts" {question_type: n}, "num_scored", "num_records", "skipped" {video path: reason},
+    "protocol", "max_new_tokens", "seconds".
+  """
+  if protocol not in vsibench.PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; choose one of {vsibench.PROTOCOLS}")
+  t0 = time.time()
+  max_new_tokens = int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[protocol])
+  if records is None:
+    records = vsibench.load_records(data_dir)
+  if max_items:
+    records = records[:max_items]
+
+  # Missing videos: decided before any model work, so a wrong layout fails fast.
+  skipped = {}
+  present = []
+  for rec in records:
+    path = vsibench.video_path(data_dir, rec)
+    if os.path.exists(path):
+      present.append(rec)
+    elif not allow_missing_videos:
+      raise FileNotFoundError(f"record id={rec['id']}: video {path} is missing")
+    else:
+      skipped[path] = "missing"
+  if records and not present:
+    example = vsibench.video_path(data_dir, records[0])
+    raise FileNotFoundError(
+        f"none of the {len(records)} videos exist under data_dir={data_dir!r} (expected the layout"
+        f" {{data_dir}}/{{dataset}}/{{scene_name}}.mp4, e.g. {example})")
+  if skipped:
+    logging.warning("VSI-Bench: %d of %d questions skipped, video missing (e.g. %s)", len(skipped),
+                    len(records), next(iter(skipped)))
+
+  preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
+           if workdir else None)
+  done = dict(preds.done) if preds else {}
+  todo = [rec for rec in present if rec["id"] not in done]
+  sampler = sampling.Sampler(model, temperature=0.0, mesh=mesh, cache_dtype=cache_dtype,
+                             vision_budget=vision_budget)
+
+  def load(rec):
+    path = vsibench.video_path(data_dir, rec)
+    vis, reason = _load_video(path, video_kwargs)
+    return rec, path, vis, reason
+
+  bar = tqdm.tqdm(total=len(present), initial=len(present) - len(todo), desc=f"VSI-Bench {name}",
+                  unit="q", disable=not progress, dynamic_ncols=True)
+  chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+      pending = [pool.submit(load, r) for r in chunks[0]] if chunks else []
+      for i in range(len(chunks)):
+        loaded = [f.result() for f in pending]
+        # Decode the next batch's videos while this one runs on the device.
+        pending = [pool.submit(load, r) for r in chunks[i + 1]] if i + 1 < len(chunks) else []
+        items = []
+        for rec, path, vis, reason in loaded:
+          if vis is None:
+            skipped[path] = reason
+            bar.update(1)
+          else:
+            items.append((rec, vis))
+        if not items:
+          continue
+        batch = make_batch(items, tokenizer, protocol, batch_size, prompt_buckets)
+        out = sampler(batch.pop("input_ids"), batch.pop("attention_mask"),
+                      max_new_tokens=max_new_tokens, params=params, **batch)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for b, (rec, _) in enumerate(items):
+          output = tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
+          answer, score = vsibench.parse_and_score(protocol, rec["question_type"], output,
+                                                   rec["ground_truth"])
+          item = {"id": rec["id"], "question_type": rec["question_type"],
+                  "dataset": rec["dataset"], "scene_name": rec["scene_name"],
+                  "ground_truth": rec["ground_truth"], "output": output, "answer": answer,
+                  "score": score, "num_tokens": int(lengths[b])}
+          if preds:
+            preds.add(item)
+          else:
+            item["protocol"] = protocol
+          done[rec["id"]] = item
+        bar.update(len(items))
+  finally:
+    bar.close()
+    if preds:
+      preds.close()
+
+  ids = {rec["id"] for rec in records}
+  scored = [done[i] for i in (rec["id"] for rec in records) if i in done]
+  extra = len(set(done) - ids)
+  if extra:
+    logging.warning("VSI-Bench: %d predictions in %s belong to no record of %s; ignored", extra,
+                    workdir, data_dir)
+  agg = vsibench.aggregate(scored)
+  result = {
+      "overall": None if agg["overall"] is None else 100.0 * agg["overall"],
+      "tasks": {k: 100.0 * v for k, v in agg["tasks"].items()},
+      "per_type": {k: 100.0 * v for k, v in agg["per_type"].items()},
+      "counts": agg["counts"],
+      "num_scored": agg["num_scored"],
+      "num_records": len(records),
+      "skipped": dict(sorted(skipped.items())),
+      "protocol": protocol,
+      "max_new_tokens": max_new_tokens,
+      "seconds": time.time() - t0,
+  }
+  if workdir:
+    table = vsibench.render_table(agg, name=name, num_records=len(records), protocol=protocol,
+                                  missing_videos=[f"{p} ({r})" for p, r in sorted(skipped.items())])
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+      f.write(table)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(dict(result, data_dir=data_dir, name=name), f, indent=2)
+  return result
+
+
+def scalars(result, prefix="vsibench/"):
+  """Flat {name: float} of a `run` result for metric writers / TensorBoard (tasks and overall, x100)."""
+  out = {f"{prefix}{k}": v for k, v in result["tasks"].items()}
+  if result["overall"] is not None:
+    out[f"{prefix}overall"] = result["overall"]
+  out[f"{prefix}num_skipped"] = float(len(result["skipped"]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(config, workdir):
+  """Runs the evaluation described by an eval_vsibench config; returns `run`'s result."""
+  if not config.data_dir:
+    raise ValueError("set --config.data_dir (VSI-Bench directory)")
+  if not config.model_dir:
+    raise ValueError("set --config.model_dir (HF or trainer checkpoint directory)")
+  # Records and videos are checked before the (slow) model load.
+  records = vsibench.load_records(config.data_dir)
+  from spacer_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from spacer_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config_lib.MESH_PRESETS[config.mesh])
+  rules = config_lib.SHARDING_PRESETS[config.mesh]
+  with jax.set_mesh(mesh):
+    model = load_model(config.model_dir, dtype=config.dtype, mesh=mesh, rules=rules)
+    tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_dir or config.model_dir)
+    result = run(model, tokenizer, data_dir=config.data_dir, records=records,
+                 protocol=config.protocol, max_new_tokens=config.max_new_tokens,
+                 batch_size=config.batch_size, workdir=workdir,
+                 video_kwargs=config.video.to_dict(), prompt_buckets=tuple(config.prompt_buckets),
+                 mesh=mesh, cache_dtype=config.cache_dtype or None,
+                 name=config.name or os.path.basename(os.path.normpath(config.model_dir)),
+                 allow_missing_videos=config.allow_missing_videos, max_items=config.max_items,
+                 num_workers=config.num_workers, progress=config.progress)
+  return result
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  evaluate(_CONFIG.value, _WORKDIR.value)
+  with open(os.path.join(_WORKDIR.value, "table.md")) as f:
+    print(f.read())
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
