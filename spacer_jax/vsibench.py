@@ -229,9 +229,8 @@ def parse_and_score(protocol, question_type, output, ground_truth):
     if is_mca(question_type):
       choice = mca_choice_spacer(text)
       return choice, float(choice.lower() == ground_truth.lower())
-    value = rewards.parse_number(text)
-    value = None if value is None else _to_float(value)
-    return (repr(value) if value is not None else "None"), _mra(value, ground_truth)
+    number = rewards.fuzzy_number(text)  # quirk-exact string, "None" when nothing is found
+    return number, _mra(_to_float(number), ground_truth)
   raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
