@@ -1,0 +1,982 @@
+"""SpaceR rewards: host parsing of completions, vectorised jnp scoring over the B*G completions.
+
+Reproduces SG-RLVR.py `accuracy_reward` / `format_reward`, extract_map.py `extract_map_data` /
+`calculate_prediction_score` and the reward arithmetic of SG_RLVR_trainer.py (temporal and length bonus)
+at OuyangKun10/SpaceR b623af5 (spec spacer.md section 4), quirks included. Each fix the spec flags in
+section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the original behaviour.
+
+Split (STYLE 3.9): everything that reads text runs on the host (tag extraction, number parsing, the
+map literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring
+(map greedy matching, word error rate, ROUGE-1/2/L, the map-bonus logic, temporal and length bonuses,
+totals) is jnp over [B*G]. Two deliberate exceptions, both numeric comparisons that the spec requires
+in float64: the MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so a relative
+error of exactly 0.1 passes; float32 cannot tell 0.1 from 0.10000001) and the regression score
+(`(|p-g| + 1e-9) / (|g| + 1e-9)`, whose 1e-9 vanishes in float32). Those are vectorised NumPy float64
+on the host and enter the jnp part as float32 values.
+
+Where the original raises inside the reward (caught by its blanket `except: reward = 0`), this module
+detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
+
+Deviations (all outside what the reference can produce on sane input):
+* ROUGE uses the original Porter (1980) stemmer written here, not NLTK's `NLTK_EXTENSIONS` mode that
+  `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "generously", ...).
+  ROUGE and map scores are float32 (differences from the float64 reference are ~1e-7).
+* A map string longer than `RewardConfig.max_literal_chars`, nested deeper than
+  `max_literal_depth` or with more than `max_literal_nodes` AST nodes is treated as "not a literal"
+  (the reference would evaluate it); the positional fallback then reads it as usual.
+* Ground-truth map coordinates must be integers within +-4096 (ValueError otherwise); predicted
+  coordinates are clipped to +-8192 before scoring, which cannot change a score (such points are far
+  beyond the grid diagonal and are matched after every scoring pair).
+"""
+
+import ast
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+MC, NUM, OCR, FREE, REG, OTHER = range(6)
+_TYPE_ID = {name: i for i, name in enumerate(PROBLEM_TYPES)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """Reward switches. Defaults reproduce SpaceR; each `use_*` fix corresponds to spec 4.9."""
+  # 4.9.4: the articles "a"/"an" are number words worth 1 ("a 4.5 m gap" -> 1). Fix: drop them.
+  use_article_fix: bool = False
+  # 4.9.4: number words are tried in dictionary order before digits, signs and thousands separators
+  # are lost. Fix: the first number mentioned in the text, with its sign and thousands separators.
+  use_first_number_fix: bool = False
+  # 4.9.5: a correct answer whose <map> scores 0 gets accuracy 0. Fix: accuracy is kept, no bonus.
+  use_zero_map_fix: bool = False
+  # 4.9.6: <map> tags on a sample without a cognitive map raise KeyError -> 0. Fix: no map bonus.
+  use_non_sr_map_fix: bool = False
+  # 4.9.7: empty GT map: an empty parse scores 1.0, a non-empty one raises TypeError -> 0.
+  # Fix: 0.0 if the prediction has any point, else 1.0 (the scorer's evident intent).
+  use_empty_gt_map_fix: bool = False
+  # Regression: the reference clamps with Python min/max, which turn a NaN relative error ("nan" as
+  # the answer) into a full score of 1.0. Fix: NaN scores 0.
+  use_nan_fix: bool = False
+  # Map coordinates that overflow a float (e.g. 1e400 or a 400-digit number) raise OverflowError in
+  # the reference: in a dict literal it silently falls back to the positional parser, in the positional
+  # parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is simply invalid.
+  use_overflow_fix: bool = False
+  grid_size: int = 10
+  temporal_alpha: float = 0.3        # SG_RLVR_trainer.py: + 0.3 ...
+  temporal_mu: float = 0.8           # ... if mean(acc) >= 0.8 * mean(shuffled acc)
+  bonus_threshold: float = 0.1       # "correct" for temporal and length bonus: acc > 0.1
+  length_bonus: float = 0.2
+  length_range: tuple[int, int] = (320, 512)
+  # Safety limits of the map literal parser (see module docstring).
+  max_literal_chars: int = 100_000
+  max_literal_depth: int = 100
+  max_literal_nodes: int = 100_000
+
+
+DEFAULT = RewardConfig()
+
+# ------------------------------------------------------------------------------------------------
+# Host: tag extraction and format.
+# ------------------------------------------------------------------------------------------------
+_WS = re.compile(r"\s*")
+
+
+def _extract_tag(text: str, tag: str) -> str:
+  """First match of `<tag>\\s*(.*?)\\s*</tag>` (DOTALL), stripped; "" if none. Linear time.
+
+  The regex itself backtracks quadratically on hostile input (many opening tags and no closing
+  one); this computes the same match: the leftmost opening tag that has a closing tag after it is
+  the first opening tag, and the lazy group ends at the first closing tag after it.
+  """
+  opening, closing = f"<{tag}>", f"</{tag}>"
+  a = text.find(opening)
+  if a < 0:
+    return ""
+  c = text.find(closing, a + len(opening))
+  if c < 0:
+    return ""
+  return text[a + len(opening):c].strip()
+
+
+def extract_answer(text: str) -> str:
+  """`<answer>...</answer>` content as SG-RLVR.py `extract_answer` returns it."""
+  return _extract_tag(text, "answer")
+
+
+def extract_map(text: str) -> str:
+  """`<map>...</map>` content as SG-RLVR.py `compute_map_score.extract_map` returns it."""
+  return _extract_tag(text, "map")
+
+
+def _format_ok(text: str) -> bool:
+  """re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", text, DOTALL), in linear time.
+
+  A full match exists iff the text starts with <think>, ends with </answer>, and some </think>
+  (after the opening tag) is followed by whitespace only and then an <answer> that ends before the
+  final </answer>. The regex engine needs quadratic time for texts with many such tags.
+  """
+  n = len(text)
+  if not (text.startswith("<think>") and text.endswith("</answer>")):
+    return False
+  last_answer_start = n - len("</answer>") - len("<answer>")
+  p = text.find("</think>", len("<think>"))
+  while p >= 0:
+    r = _WS.match(text, p + len("</think>")).end()
+    if r > last_answer_start:
+      return False
+    if text.startswith("<answer>", r):
+      return True
+    p = text.find("</think>", p + 1)
+  return False
+
+
+def _as_text_list(completions):
+  if isinstance(completions, str):
+    return [completions], True
+  return list(completions), False
+
+
+def format_reward(completions):
+  """1.0 iff the whole completion is `<think>...</think>\\s*<answer>...</answer>` (spec 4.1).
+
+  Args:
+    completions: a string or a sequence of strings.
+  Returns:
+    a float for a string, else float32[N].
+  """
+  texts, scalar = _as_text_list(completions)
+  out = np.array([_format_ok(t) for t in texts], np.float32)
+  return float(out[0]) if scalar else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Host: numbers.
+# ------------------------------------------------------------------------------------------------
+_NUMBER_WORDS = (
+    ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5"), ("six", "6"),
+    ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"), ("eleven", "11"), ("twelve", "12"),
+    ("thirteen", "13"), ("fourteen", "14"), ("fifteen", "15"), ("sixteen", "16"),
+    ("seventeen", "17"), ("eighteen", "18"), ("nineteen", "19"), ("twenty", "20"),
+    ("thirty", "30"), ("forty", "40"), ("fifty", "50"), ("sixty", "60"), ("seventy", "70"),
+    ("eighty", "80"), ("ninety", "90"), ("zero", "0"), ("a", "1"), ("an", "1"))
+_WORD_RES = tuple((re.compile(r"\b" + w + r"\b"), d) for w, d in _NUMBER_WORDS)
+_DIGITS = re.compile(r"\d+(\.\d+)?")
+_FIRST_NUMBER = re.compile(
+    r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|\b(?:"
+    + "|".join(w for w, _ in _NUMBER_WORDS[:-2]) + r")\b")
+_WORD_VALUE = dict(_NUMBER_WORDS)
+
+
+def _py_float(text: str):
+  """Python `float(text)` (accepts "1_0", " 2e3", "nan", "inf"); None where it raises."""
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def fuzzy_number(text: str, config: RewardConfig = DEFAULT) -> str:
+  """SG-RLVR.py `fuzzy_matching`: the number string the reference reads from an answer (spec 4.2).
+
+  Returns "None" where it finds nothing, as the reference does.
+  """
+  t = text.strip().lower()
+  if config.use_first_number_fix:
+    m = _FIRST_NUMBER.search(t)
+    if not m:
+      return "None"
+    s = m.group(0)
+    return _WORD_VALUE.get(s, s.replace(",", ""))
+  words = _WORD_RES[:-2] if config.use_article_fix else _WORD_RES
+  for pattern, digit in words:
+    if pattern.search(t):
+      return digit
+  m = _DIGITS.search(t)
+  return m.group(0) if m else "None"
+
+
+def parse_number(text, config: RewardConfig = DEFAULT):
+  """The fuzzy number parser of the numerical reward: float, or None where the reference gets none.
+
+  Args:
+    text: an answer string (or a sequence of them).
+  Returns:
+    float or None for a string; for a sequence, float64[N] with NaN where None.
+  """
+  if isinstance(text, str):
+    return _py_float(fuzzy_number(text, config))
+  vals = [parse_number(t, config) for t in text]
+  return np.array([np.nan if v is None else v for v in vals], np.float64)
+
+
+# MRA thresholds: numpy.linspace(0.5, 0.95, int((0.95 - 0.5) / 0.05 + 2)) as SG-RLVR.py
+# `mean_relative_accuracy` builds them (10 points; 0.9 is 0.8999999999999999).
+MRA_THRESHOLDS = np.linspace(.5, .95, int((.95 - .5) / .05 + 2))
+
+
+def _mra_f64(pred, gt):
+  """float64 MRA; NaN where the reference raises (gt == 0 -> ZeroDivisionError)."""
+  pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    rel = np.abs(pred - gt) / gt
+  hits = rel[..., None] <= 1 - MRA_THRESHOLDS
+  return np.where(gt == 0, np.nan, hits.mean(-1))
+
+
+def mra(pred, gt):
+  """Mean relative accuracy, VSI-Bench's definition as coded (float64, `<=`; spec 4.2).
+
+  `gt == 0` raises ZeroDivisionError in the reference; here it gives 0.0 (the reward it ends in).
+  Args:
+    pred, gt: floats or arrays (broadcast).
+  Returns:
+    a float for scalar inputs, else float64 array.
+  """
+  out = np.nan_to_num(_mra_f64(pred, gt), nan=0.0)
+  return float(out) if np.ndim(out) == 0 else out
+
+
+def _regression_f64(pred, gt, use_nan_fix):
+  """SG-RLVR.py regression branch on float64 arrays (no NaN inputs for missing values)."""
+  with np.errstate(invalid="ignore", over="ignore"):
+    rel = (np.abs(pred - gt) + 1e-9) / (np.abs(gt) + 1e-9)
+  # Python max(0.0, nan) is 0.0, so the reference scores a NaN relative error as 1 - 0 = 1.
+  rel = np.where(np.isnan(rel), 1.0 if use_nan_fix else 0.0, rel)
+  return 1.0 - np.clip(rel, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host: cognitive-map parsing (extract_map.py `extract_map_data`).
+# ------------------------------------------------------------------------------------------------
+_OVERFLOW = "overflow"     # sentinel: the reference raises OverflowError here
+_PAIR_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+_PAIR_CLEAN = re.compile(r"^[<\[(]*(-?\d+(?:\.\d+)?)[>\])]*$")
+_KEY_CLEAN = re.compile(r"^[^\w\s]*([\w\s]+)[^\w\s]*$")
+
+
+def _pair(x, config):
+  """`_parse_and_validate_coord_pair`: [int, int], None (invalid) or _OVERFLOW."""
+  if isinstance(x, (list, tuple)):
+    if len(x) == 2:
+      elems = list(x)
+    elif len(x) == 1 and isinstance(x[0], (list, tuple)) and len(x[0]) == 2:
+      elems = list(x[0])
+    else:
+      return None
+  elif isinstance(x, str):
+    nums = _PAIR_NUM.findall(x)
+    if len(nums) < 2:
+      return None
+    elems = nums[:2]
+  else:
+    return None
+  values = []
+  for e in elems:
+    if isinstance(e, (int, float)):     # bool is an int, as in the reference
+      values.append(e)
+    elif isinstance(e, str):
+      s = e.strip()
+      m = _PAIR_CLEAN.match(s)
+      v = _py_float(m.group(1) if m else s)
+      if v is None:
+        return None
+      values.append(v)
+    else:
+      return None
+  out = []
+  for v in values:      # int() in order: int(nan) -> ValueError (invalid), int(inf) -> OverflowError
+    if isinstance(v, float) and math.isnan(v):
+      return None
+    if isinstance(v, float) and math.isinf(v):
+      return None if config.use_overflow_fix else _OVERFLOW
+    out.append(int(v))
+  return out
+
+
+def _pair_list(v, config):
+  """`_parse_and_validate_coord_list`: (list of pairs, overflow flag)."""
+  items = v if isinstance(v, list) else [v]
+  pairs = []
+  for item in items:
+    p = _pair(item, config)
+    if p is _OVERFLOW:
+      return [], True
+    if p is not None:
+      pairs.append(p)
+  return pairs, False
+
+
+def _safe_literal(text: str, config: RewardConfig):
+  """ast.literal_eval with size/depth/node limits; (value, ok). Never evaluates code."""
+  if len(text) > config.max_literal_chars:
+    return None, False
+  depth = max_depth = 0
+  for ch in text:       # bracket depth, strings included: over-counting only rejects more
+    if ch in "([{":
+      depth += 1
+      max_depth = max(max_depth, depth)
+    elif ch in ")]}":
+      depth -= 1
+  if max_depth > config.max_literal_depth:
+    return None, False
+  try:
+    tree = ast.parse(text, mode="eval")
+  except (SyntaxError, ValueError, MemoryError, RecursionError):
+    return None, False
+  if sum(1 for _ in ast.walk(tree)) > config.max_literal_nodes:
+    return None, False
+  try:
+    return ast.literal_eval(tree), True
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+    return None, False
+
+
+def _parse_map(text: str, categories, config: RewardConfig):
+  """extract_map_data: (dict lowercase category -> [[x, y], ...], overflow flag). Spec 4.4."""
+  if not isinstance(text, str) or not text:
+    return {}, False
+  names = [c for c in categories if isinstance(c, str) and c]
+  oset = {c.lower() for c in names}
+  if not oset:
+    return {}, False
+  st = text.strip()
+  cand = st
+  if st.startswith("str{") and st.endswith("}"):
+    inner = st[4:-1].strip()
+    if inner.startswith("{") and inner.endswith("}"):
+      cand = inner
+  if cand.startswith("{") and cand.endswith("}"):
+    value, ok = _safe_literal(cand, config)
+    if ok and isinstance(value, dict):
+      result, overflow = {}, False
+      for key, v in value.items():
+        k = str(key).lower().strip()
+        m = _KEY_CLEAN.match(k)
+        if m:
+          k = m.group(1).strip()
+        if k not in oset:
+          continue
+        pairs, overflow = _pair_list(v, config)
+        if overflow:
+          break
+        if pairs:
+          result.setdefault(k, []).extend(pairs)
+      # The reference processes the dict inside its literal_eval try-block, so an OverflowError
+      # while reading the values silently falls back to the positional parser.
+      if not overflow:
+        return result, False
+  return _parse_positional(st, names, config)
+
+
+def _parse_positional(st, names, config):
+  """`_extract_from_string_robustly`: category names, then the numbers up to the next name."""
+  occ = []
+  for name in names:
+    pattern = re.compile(r"(?<![a-zA-Z])" + re.escape(name) + r"(?![a-zA-Z])", re.IGNORECASE)
+    occ.extend((m.start(), m.end(), name.lower()) for m in pattern.finditer(st))
+  if not occ:
+    return {}, False
+  occ.sort(key=lambda o: (o[0], -o[1]))
+  kept = [occ[0]]
+  for o in occ[1:]:
+    last = kept[-1]
+    if o[0] < last[1]:
+      if o[1] > last[1]:
+        kept[-1] = o
+    else:
+      kept.append(o)
+  # The reference also tracks "processed regions", but kept occurrences never overlap, so regions
+  # [end_i, start_{i+1}) never do either and that adjustment never fires.
+  result = {}
+  for i, (_, end, name) in enumerate(kept):
+    stop = kept[i + 1][0] if i + 1 < len(kept) else len(st)
+    if end >= stop:
+      continue
+    nums = _PAIR_NUM.findall(st, end, stop)
+    for j in range(0, len(nums) - 1, 2):
+      p = _pair((nums[j], nums[j + 1]), config)
+      if p is _OVERFLOW:      # uncaught in the reference: the whole accuracy reward becomes 0
+        return {}, True
+      if p is not None:
+        result.setdefault(name, []).append(p)
+  return result, False
+
+
+def parse_map(text, categories, config: RewardConfig = DEFAULT):
+  """Parse a `<map>` body into {lowercase category: [[x, y], ...]} (extract_map.py, spec 4.4).
+
+  Args:
+    text: the extracted map string (may be empty).
+    categories: the ground-truth category names.
+  Returns:
+    the dict. Raises OverflowError where the reference does (a coordinate beyond float range in
+    the positional fallback) unless `config.use_overflow_fix`.
+  """
+  result, overflow = _parse_map(text, categories, config)
+  if overflow:
+    raise OverflowError(f"map coordinate overflows a float in {text[:80]!r}")
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Map score: host packing + jnp greedy matching (extract_map.py `calculate_prediction_score`).
+# ------------------------------------------------------------------------------------------------
+_GT_LIMIT = 4096
+_PRED_CLIP = 8192          # |dx|, |dy| <= 16384 -> d^2 <= 2^29 fits int32 exactly
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(0, int(n - 1).bit_length())
+
+
+def _gt_points(points, where):
+  arr = np.asarray(points if len(points) else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
+  if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(np.abs(arr) > _GT_LIMIT):
+    raise ValueError(f"ground-truth cognitive map {where}: coordinates must be integers within "
+                     f"+-{_GT_LIMIT}, got {points!r}")
+  return arr.astype(np.int64)
+
+
+def _prune(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+  """Keep the predictions greedy matching can use: the len(gt) nearest to each GT point.
+
+  A pair (i, j) is accepted only while fewer than len(gt) predictions are used, so i must be among
+  the len(gt) nearest to j in (distance, index) order. Dropping the others leaves the result
+  unchanged and bounds the work by len(gt)^2 however many points the model emits.
+  """
+  if len(pred) <= len(gt):
+    return pred
+  d2 = ((pred[:, None, :] - gt[None, :, :]) ** 2).sum(-1)           # [P, K], exact int64
+  near = np.argsort(d2, axis=0, kind="stable")[:len(gt)]              # [K, K]
+  return pred[np.unique(near)]
+
+
+@dataclasses.dataclass
+class _MapItem:
+  pred: dict        # category -> list of [int, int]
+  gt: dict          # category -> list of [x, y]
+
+
+def _pack_maps(items, where):
+  """Pack maps into padded int32 arrays; host flags for the cases the jnp kernel does not cover."""
+  n = len(items)
+  cats = [sorted(set(it.pred) | set(it.gt)) for it in items]
+  c_max = _bucket(max([len(c) for c in cats] + [1]))
+  rows = []
+  for idx, (it, cs) in enumerate(zip(items, cats)):
+    row = []
+    for c in cs:
+      g = _gt_points(it.gt.get(c, []), f"{where[idx]} category {c!r}")
+      p = np.asarray(it.pred.get(c, []), dtype=object).reshape(-1, 2)
+      row.append((c, p, g))
+    rows.append(row)
+  p_max = k_max = 1
+  packed = []
+  overflow = np.zeros(n, bool)
+  for idx, row in enumerate(rows):
+    out = []
+    for c, p, g in row:
+      if len(p) and len(g):
+        if any(abs(int(v)) > 10 ** 150 for v in p.flat):   # math.sqrt of an int that does not fit a float -> OverflowError in the reference
+          gi = [[int(a), int(b)] for a, b in g]
+          overflow[idx] |= any((int(px) - gx) ** 2 + (int(py) - gy) ** 2 > _FLOAT_MAX
+                               for px, py in p for gx, gy in gi)
+      p_true = len(p)
+      pc = np.array([[max(min(int(v), _PRED_CLIP), -_PRED_CLIP) for v in xy] for xy in p],
+                    np.int64).reshape(-1, 2)
+      if len(g):
+        pc = _prune(pc, g)
+      out.append((pc, p_true, g))
+      p_max, k_max = max(p_max, len(pc)), max(k_max, len(g))
+    packed.append(out)
+  p_max, k_max = _bucket(p_max), _bucket(k_max)
+  pred_xy = np.zeros((n, c_max, p_max, 2), np.int32)
+  pred_ok = np.zeros((n, c_max, p_max), bool)
+  pred_n = np.zeros((n, c_max), np.int32)
+  gt_xy = np.zeros((n, c_max, k_max, 2), np.int32)
+  gt_ok = np.zeros((n, c_max, k_max), bool)
+  gt_n = np.zeros((n, c_max), np.int32)
+  for i, out in enumerate(packed):
+    for j, (pc, p_true, g) in enumerate(out):
+      pred_xy[i, j, :len(pc)], pred_ok[i, j, :len(pc)], pred_n[i, j] = pc, True, p_true
+      gt_xy[i, j, :len(g)], gt_ok[i, j, :len(g)], gt_n[i, j] = g, True, len(g)
+  pred_keys = np.array([len(it.pred) > 0 for it in items])
+  pred_points = np.array([any(len(v) for v in it.pred.values()) for it in items])
+  return (pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points, overflow
+
+
+@functools.partial(jax.jit, static_argnames="grid_size")
+def _map_score_kernel(pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n, grid_size):
+  """Greedy matching per (item, category); returns (num, den) of the weighted score. [N] each."""
+  d = pred_xy[:, :, :, None, :] - gt_xy[:, :, None, :, :]              # [N,C,P,K,2] int32
+  d2 = (d * d).sum(-1)                                                   # [N,C,P,K], exact
+  big = jnp.iinfo(jnp.int32).max
+  valid = pred_ok[..., :, None] & gt_ok[..., None, :]
+  p, k = d2.shape[-2:]
+  diag = grid_size * math.sqrt(2.0)
+  # A pair at distance >= the grid diagonal scores exactly 0 in float64; decide that on the exact
+  # integer d^2 so float32 rounding cannot turn it into a tiny positive score.
+  # 1 - d/D written as (D^2 - d^2) / (D (D + d)): the numerator is an exact integer, which avoids
+  # float32 cancellation (1 - 0.9 loses ~7 bits).
+  d2f = d2.astype(jnp.float32)
+  near = 2 * grid_size * grid_size - d2
+  point = jnp.where(near <= 0, 0.0, near.astype(jnp.float32) / (diag * (diag + jnp.sqrt(d2f))))
+
+  def step(carry, _):
+    avail, total = carry
+    masked = jnp.where(avail, d2, big).reshape(d2.shape[:-2] + (p * k,))
+    flat = jnp.argmin(masked, axis=-1)           # first minimum: ties by (pred index, gt index)
+    ok = jnp.take_along_axis(masked, flat[..., None], -1)[..., 0] < big
+    i, j = flat // k, flat % k
+    got = jnp.take_along_axis(point.reshape(masked.shape), flat[..., None], -1)[..., 0]
+    total = total + jnp.where(ok, got, 0.0)
+    used_i = jax.nn.one_hot(i, p, dtype=jnp.bool_) & ok[..., None]
+    used_j = jax.nn.one_hot(j, k, dtype=jnp.bool_) & ok[..., None]
+    avail = avail & ~used_i[..., :, None] & ~used_j[..., None, :]
+    return (avail, total), None
+
+  (_, total), _ = jax.lax.scan(step, (valid, jnp.zeros(d2.shape[:-2], jnp.float32)), None,
+                               length=min(p, k))
+  denom = jnp.maximum(pred_n, gt_n)
+  acc_c = jnp.where((pred_n > 0) & (gt_n > 0), total / jnp.maximum(denom, 1), 0.0)
+  num = (acc_c * gt_n).sum(-1)
+  return num, gt_n.sum(-1)
+
+
+def _map_scores(items, config, where):
+  """Scores of a list of _MapItem: (float32[N] score, bool[N] error) with error = reference raises."""
+  if not items:
+    return np.zeros(0, np.float32), np.zeros(0, bool)
+  arrays, pred_keys, pred_points, overflow = _pack_maps(items, where)
+  num, den = _map_score_kernel(*(jnp.asarray(a) for a in arrays), grid_size=config.grid_size)
+  num, den = np.asarray(num), np.asarray(den)
+  if config.use_empty_gt_map_fix:
+    empty_value = np.where(pred_points, 0.0, 1.0)
+    empty_error = np.zeros(len(items), bool)
+  else:
+    empty_value = np.ones(len(items))
+    empty_error = pred_keys       # `any(response.values() and ...)` -> TypeError
+  score = np.where(den > 0, num / np.maximum(den, 1), empty_value).astype(np.float32)
+  error = np.where(den > 0, False, empty_error)
+  if not config.use_overflow_fix:
+    error = error | overflow
+  return np.where(error, 0.0, score).astype(np.float32), error
+
+
+def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFAULT):
+  """calculate_prediction_score(pred, gt, N) (spec 4.5): greedy matching on the N x N grid.
+
+  Args:
+    pred_map, gt_map: dicts category -> list of [x, y] (or equal-length sequences of such dicts).
+  Returns:
+    a float for dicts, float32[N] for sequences. Where the reference raises (empty GT map with a
+    non-empty prediction, a coordinate overflowing a float) this raises TypeError / OverflowError for
+    dicts and gives NaN in arrays, unless the matching fix is on.
+  """
+  scalar = isinstance(pred_map, dict)
+  preds, gts = ([pred_map], [gt_map]) if scalar else (list(pred_map), list(gt_map))
+  cfg = dataclasses.replace(config, grid_size=grid_size)
+  for p in preds:
+    for k, v in p.items():
+      if any(not isinstance(c, int) for xy in v for c in xy):
+        raise ValueError(f"map_score: predicted coordinates must be ints (parse_map output), got "
+                         f"{k!r}: {v!r}")
+  items = [_MapItem({k: list(v) for k, v in p.items()}, dict(g)) for p, g in zip(preds, gts)]
+  score, error = _map_scores(items, cfg, [f"#{i}" for i in range(len(items))])
+  if scalar:
+    if error[0]:
+      raise (TypeError if not any(gts[0].values()) else OverflowError)(
+          "the reference scorer raises on this map (spec 4.5)")
+    return float(score[0])
+  return np.where(error, np.nan, score).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# OCR word error rate and ROUGE: host tokenisation to ids, jnp dynamic programmes.
+# ------------------------------------------------------------------------------------------------
+def _ids(seqs, vocab):
+  return [[vocab.setdefault(w, len(vocab) + 1) for w in s] for s in seqs]
+
+
+def _pad(seqs, min_len=8):
+  width = _bucket(max([len(s) for s in seqs] + [min_len]))
+  out = np.zeros((len(seqs), width), np.int32)
+  for i, s in enumerate(seqs):
+    out[i, :len(s)] = s
+  return out, np.array([len(s) for s in seqs], np.int32)
+
+
+@jax.jit
+def _edit_distance_kernel(ref, ref_len, hyp, hyp_len):
+  """Word-level Levenshtein distance, one row per reference word. [N] int32.
+
+  Row recurrence d[i][j] = min(d[i-1][j] + 1, d[i-1][j-1] + cost, d[i][j-1] + 1); the last term is
+  a running minimum, computed as cummin(t - j) + j, so each row is one vectorised pass over j.
+  """
+  n = hyp.shape[1]
+  cols = jnp.arange(n + 1, dtype=jnp.int32)
+  row0 = jnp.broadcast_to(cols, (ref.shape[0], n + 1))
+
+  def step(prev, xs):
+    i, word = xs
+    cost = (word[:, None] != hyp).astype(jnp.int32)                    # [N, n]
+    t = jnp.concatenate([prev[:, :1] + 1, jnp.minimum(prev[:, 1:] + 1, prev[:, :-1] + cost)], 1)
+    row = jax.lax.cummin(t - cols, axis=1) + cols
+    return jnp.where((i < ref_len)[:, None], row, prev), None
+
+  last, _ = jax.lax.scan(step, row0, (jnp.arange(ref.shape[1]), ref.T))
+  return jnp.take_along_axis(last, hyp_len[:, None], 1)[:, 0]
+
+
+def _wer_scores(refs, hyps):
+  """OCR accuracy clip(1 - WER, 0, 1) with WER = distance / max(1, #ref words). float32[N]."""
+  vocab = {}
+  ref, ref_len = _pad(_ids([r.split() for r in refs], vocab))
+  hyp, hyp_len = _pad(_ids([h.split() for h in hyps], vocab))
+  dist = _edit_distance_kernel(ref, ref_len, hyp, hyp_len)
+  return jnp.clip(1.0 - dist / jnp.maximum(1, ref_len), 0.0, 1.0)
+
+
+_ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def _porter_stem(w: str) -> str:
+  """The original Porter (1980) stemmer (rouge_score applies it to tokens longer than 3)."""
+  def cons(s, i):
+    if s[i] in "aeiou":
+      return False
+    return not (s[i] == "y" and i > 0 and cons(s, i - 1)) if s[i] == "y" else True
+
+  def measure(s):
+    forms = "".join("c" if cons(s, i) else "v" for i in range(len(s)))
+    return len(re.findall(r"v+c+", forms))
+
+  def has_vowel(s):
+    return any(not cons(s, i) for i in range(len(s)))
+
+  def cvc(s):
+    return (len(s) >= 3 and cons(s, len(s) - 3) and not cons(s, len(s) - 2)
+            and cons(s, len(s) - 1) and s[-1] not in "wxy")
+
+  def double_c(s):
+    return len(s) >= 2 and s[-1] == s[-2] and cons(s, len(s) - 1)
+
+  def replace(s, rules, min_m):
+    for suf, rep in rules:
+      if s.endswith(suf):
+        stem = s[:len(s) - len(suf)]
+        return stem + rep if measure(stem) > min_m else s
+    return s
+
+  if len(w) <= 2:
+    return w
+  if w.endswith("sses"):
+    w = w[:-2]
+  elif w.endswith("ies"):
+    w = w[:-2]
+  elif w.endswith("ss"):
+    pass
+  elif w.endswith("s"):
+    w = w[:-1]
+  if w.endswith("eed"):
+    if measure(w[:-3]) > 0:
+      w = w[:-1]
+  else:
+    for suf in ("ed", "ing"):
+      if w.endswith(suf) and has_vowel(w[:-len(suf)]):
+        w = w[:-len(suf)]
+        if w.endswith(("at", "bl", "iz")):
+          w += "e"
+        elif double_c(w) and w[-1] not in "lsz":
+          w = w[:-1]
+        elif measure(w) == 1 and cvc(w):
+          w += "e"
+        break
+  if w.endswith("y") and has_vowel(w[:-1]):
+    w = w[:-1] + "i"
+  w = replace(w, (("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
+                  ("izer", "ize"), ("abli", "able"), ("alli", "al"), ("entli", "ent"),
+                  ("eli", "e"), ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"),
+                  ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
+                  ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")), 0)
+  w = replace(w, (("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"),
+                  ("ical", "ic"), ("ful", ""), ("ness", "")), 0)
+  for suf in ("ement", "ment", "ent", "al", "ance", "ence", "er", "ic", "able", "ible", "ant",
+              "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize"):
+    if w.endswith(suf):
+      stem = w[:-len(suf)]
+      if measure(stem) > 1 and (suf != "ion" or stem.endswith(("s", "t"))):
+        w = stem
+      break
+  if w.endswith("e"):
+    m = measure(w[:-1])
+    if m > 1 or (m == 1 and not cvc(w[:-1])):
+      w = w[:-1]
+  if measure(w) > 1 and double_c(w) and w.endswith("l"):
+    w = w[:-1]
+  return w
+
+
+def rouge_tokens(text: str):
+  """rouge_score's tokeniser with use_stemmer=True: lowercase, [a-z0-9] runs, stem if len > 3."""
+  toks = _ROUGE_NON_ALNUM.sub(" ", text.lower()).split()
+  return [_porter_stem(t) if len(t) > 3 else t for t in toks]
+
+
+@jax.jit
+def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
+  """mean(ROUGE-1 F, ROUGE-2 F, ROUGE-L F) per item, from padded token / bigram ids. [N]."""
+  def overlap(t, t_len, p, p_len):
+    t_ok = jnp.arange(t.shape[1]) < t_len[:, None]
+    p_ok = jnp.arange(p.shape[1]) < p_len[:, None]
+    tt = (t[:, :, None] == t[:, None, :]) & t_ok[:, :, None] & t_ok[:, None, :]
+    c_t = tt.sum(-1)                                                     # count of t_i in target
+    c_p = ((t[:, :, None] == p[:, None, :]) & p_ok[:, None, :]).sum(-1)  # count of t_i in pred
+    first = t_ok & ~jnp.any(jnp.tril(tt, -1), -1)                        # first occurrence of a type
+    return jnp.where(first, jnp.minimum(c_t, c_p), 0).sum(-1)
+
+  def fmeasure(hit, t_len, p_len):
+    prec = hit / jnp.maximum(p_len, 1)
+    rec = hit / jnp.maximum(t_len, 1)
+    return jnp.where(prec + rec > 0, 2 * prec * rec / jnp.where(prec + rec > 0, prec + rec, 1), 0.0)
+
+  n = prd.shape[1]
+  cols = jnp.arange(n + 1)
+
+  def lcs_step(prev, xs):
+    i, word = xs
+    eq = (word[:, None] == prd) & (cols[None, 1:] <= prd_len[:, None])
+    u = jnp.concatenate([prev[:, :1], jnp.maximum(prev[:, 1:], jnp.where(eq, prev[:, :-1] + 1, 0))],
+                        1)
+    row = jax.lax.cummax(u, axis=1)
+    return jnp.where((i < tgt_len)[:, None], row, prev), None
+
+  last, _ = jax.lax.scan(lcs_step, jnp.zeros((tgt.shape[0], n + 1), jnp.int32),
+                         (jnp.arange(tgt.shape[1]), tgt.T))
+  lcs = jnp.take_along_axis(last, prd_len[:, None], 1)[:, 0]
+  r1 = fmeasure(overlap(tgt, tgt_len, prd, prd_len), tgt_len, prd_len)
+  r2 = fmeasure(overlap(tgt2, tgt2_len, prd2, prd2_len), tgt2_len, prd2_len)
+  rl = jnp.where((tgt_len > 0) & (prd_len > 0), fmeasure(lcs, tgt_len, prd_len), 0.0)
+  return jnp.clip((r1 + r2 + rl) / 3, 0.0, 1.0)
+
+
+def _rouge_scores(refs, hyps):
+  vocab, vocab2 = {}, {}
+  t_tok = [rouge_tokens(r) for r in refs]
+  p_tok = [rouge_tokens(h) for h in hyps]
+  bigrams = lambda toks: [list(zip(s, s[1:])) for s in toks]
+  tgt, tgt_len = _pad(_ids(t_tok, vocab))
+  prd, prd_len = _pad(_ids(p_tok, vocab))
+  tgt2, tgt2_len = _pad(_ids(bigrams(t_tok), vocab2))
+  prd2, prd2_len = _pad(_ids(bigrams(p_tok), vocab2))
+  return _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len)
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy reward (SG-RLVR.py `accuracy_reward`).
+# ------------------------------------------------------------------------------------------------
+COUNTERS = ("no_answer", "unparsed_number", "unparsed_gt", "gt_zero", "map_scored",
+            "map_without_gt_map", "map_overflow", "map_empty_gt", "map_zero", "unknown_type")
+
+
+def _type_id(name):
+  return _TYPE_ID.get(name, OTHER)
+
+
+def _accuracy(completions, solutions, problem_types, cognitive_maps, config, where):
+  """Accuracy components for N completions: dict of float32[N] arrays and counters."""
+  n = len(completions)
+  ptype = np.array([_type_id(t) for t in problem_types], np.int32)
+  answers = [extract_answer(c) for c in completions]
+  gts = [extract_answer(s) for s in solutions]
+  counts = dict.fromkeys(COUNTERS, 0)
+  counts["no_answer"] = sum(1 for c in completions if "<answer>" not in c or "</answer>" not in c)
+  counts["unknown_type"] = int((ptype == OTHER).sum())
+  base = np.zeros(n, np.float32)
+
+  # Multiple choice: exact string match.
+  mc_hit = np.array([a.strip() == g.strip() for a, g in zip(answers, gts)]) & (ptype == MC)
+  base = np.where(ptype == MC, mc_hit.astype(np.float32), base)
+
+  # Numerical: fuzzy number vs float(gt), MRA in float64 (see module docstring).
+  num_idx = np.flatnonzero(ptype == NUM)
+  num_acc = np.zeros(n, np.float64)
+  if len(num_idx):
+    g = [_py_float(gts[i]) for i in num_idx]
+    p = [parse_number(answers[i], config) for i in num_idx]
+    counts["unparsed_gt"] += sum(v is None for v in g)
+    counts["unparsed_number"] += sum(v is None for v in p)
+    ok = np.array([a is not None and b is not None for a, b in zip(g, p)])
+    gf = np.array([np.nan if v is None else v for v in g], np.float64)
+    pf = np.array([np.nan if v is None else v for v in p], np.float64)
+    m = _mra_f64(pf, gf)
+    counts["gt_zero"] += int((ok & (gf == 0)).sum())
+    num_acc[num_idx] = np.where(ok & ~np.isnan(m), m, 0.0)
+    base[num_idx] = num_acc[num_idx]
+
+  # Regression: float(s.replace(",", "")) on both sides, relative error in float64.
+  reg_idx = np.flatnonzero(ptype == REG)
+  if len(reg_idx):
+    g = [_py_float(gts[i].replace(",", "")) for i in reg_idx]
+    p = [_py_float(answers[i].replace(",", "")) for i in reg_idx]
+    counts["unparsed_gt"] += sum(v is None for v in g)
+    counts["unparsed_number"] += sum(v is None for v in p)
+    ok = np.array([a is not None and b is not None for a, b in zip(g, p)])
+    gf = np.array([0.0 if v is None else v for v in g], np.float64)
+    pf = np.array([0.0 if v is None else v for v in p], np.float64)
+    base[reg_idx] = np.where(ok, _regression_f64(pf, gf, config.use_nan_fix), 0.0)
+
+  # OCR and free-form: token ids on the host, dynamic programmes in jnp.
+  for t, fn in ((OCR, _wer_scores), (FREE, _rouge_scores)):
+    idx = np.flatnonzero(ptype == t)
+    if len(idx):
+      base[idx] = np.asarray(fn([gts[i] for i in idx], [answers[i] for i in idx]))
+
+  # Map bonus: correct MC answer or numerical MRA > 0.5, and "<map>" and "</map>" anywhere.
+  has_tags = np.array(["<map>" in c and "</map>" in c for c in completions], bool)
+  eligible = has_tags & (mc_hit | ((ptype == NUM) & (num_acc > 0.5)))
+  no_gt = np.array([m is None for m in cognitive_maps], bool)
+  counts["map_without_gt_map"] = int((eligible & no_gt).sum())
+  error = eligible & no_gt & (not config.use_non_sr_map_fix)
+  scored = eligible & ~no_gt
+  idx = np.flatnonzero(scored)
+  items, overflow = [], np.zeros(len(idx), bool)
+  for k, i in enumerate(idx):
+    gt_map = cognitive_maps[i]
+    pred, overflow[k] = _parse_map(extract_map(completions[i]), list(gt_map.keys()), config)
+    items.append(_MapItem(pred, gt_map))
+  score = np.zeros(n, np.float32)
+  s, s_err = _map_scores(items, config, [where[i] for i in idx])
+  s_err = s_err | overflow
+  score[idx] = np.where(s_err, 0.0, s)
+  error[idx] |= s_err
+  counts["map_scored"] = len(idx)
+  counts["map_overflow"] = int(overflow.sum())
+  counts["map_empty_gt"] = int(sum(1 for i in idx if not any(cognitive_maps[i].values())))
+  counts["map_zero"] = int((scored & (score <= 0) & ~error).sum())
+
+  acc = jnp.asarray(base)
+  s_j = jnp.asarray(score)
+  kept = acc if config.use_zero_map_fix else jnp.zeros_like(acc)
+  acc = jnp.where(jnp.asarray(scored), jnp.where(s_j > 0, acc + s_j, kept), acc)
+  acc = jnp.where(jnp.asarray(error), 0.0, acc)
+  comps = {"accuracy": acc, "accuracy_base": jnp.asarray(base), "map": s_j,
+           "map_scored": jnp.asarray(scored, jnp.float32)}
+  return comps, counts
+
+
+def accuracy_reward(completions, solutions, problem_types, cognitive_maps=None,
+                    config: RewardConfig = DEFAULT):
+  """SpaceR's accuracy reward incl. the map bonus (spec 4.2, 4.3), one value per completion.
+
+  Args:
+    completions: completion text (str) or a sequence of them.
+    solutions: the `solution` field(s), e.g. "<answer>B</answer>".
+    problem_types: "multiple choice" | "numerical" | "OCR" | "free-form" | "regression" (others 0).
+    cognitive_maps: the GT map dict of each sample's video, or None where it has none.
+  Returns:
+    a float for a string completion, else float32[N] in [0, 2].
+  """
+  texts, scalar = _as_text_list(completions)
+  if scalar:
+    solutions, problem_types, cognitive_maps = [solutions], [problem_types], [cognitive_maps]
+  if cognitive_maps is None:
+    cognitive_maps = [None] * len(texts)
+  if not len(texts) == len(solutions) == len(problem_types) == len(cognitive_maps):
+    raise ValueError(f"accuracy_reward: {len(texts)} completions but {len(solutions)} solutions, "
+                     f"{len(problem_types)} problem types, {len(cognitive_maps)} maps")
+  comps, _ = _accuracy(texts, list(solutions), list(problem_types), list(cognitive_maps), config,
+                       [f"completion {i}" for i in range(len(texts))])
+  out = np.asarray(comps["accuracy"], np.float32)
+  return float(out[0]) if scalar else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch entry point: format + accuracy + temporal + length bonus (SG_RLVR_trainer.py).
+# ------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("group_size", "config"))
+def _bonuses(acc, fmt, lengths, shuffled, temporal_on, group_size, config):
+  """Temporal and length bonuses and the total, per group of G. All [B*G] except shuffled [B, S]."""
+  a = acc.reshape(-1, group_size)
+  correct = a > config.bonus_threshold
+  # Temporal (T-GRPO): + alpha to every "correct" completion if the ordered-frame accuracy mean is at
+  # least mu times the shuffled-frame mean. Both means include map bonuses (spec 4.6, 4.9.8).
+  passed = a.mean(1) >= config.temporal_mu * shuffled.mean(1)
+  flag = temporal_on & passed
+  temporal = jnp.where(flag[:, None] & correct, config.temporal_alpha, 0.0)
+  # Length: +0.2 for "correct" completions of 320..512 tokens when more than one is correct; uses
+  # the accuracy before the temporal bonus (rewards_per_func[:, 0]).
+  lo, hi = config.length_range
+  lens = lengths.reshape(-1, group_size)
+  length = jnp.where((correct.sum(1) > 1)[:, None] & correct & (lens >= lo) & (lens <= hi),
+                     config.length_bonus, 0.0)
+  total = a + temporal + fmt.reshape(-1, group_size) + length
+  metric = jnp.where(temporal_on, flag.astype(jnp.float32), 0.5)
+  return (temporal.reshape(-1), length.reshape(-1), total.reshape(-1),
+          jnp.repeat(metric, group_size))
+
+
+def _per_completion(values, n_prompts, group_size, name):
+  values = list(values)
+  if len(values) == n_prompts * group_size:
+    return values
+  if len(values) == n_prompts:
+    return [v for v in values for _ in range(group_size)]
+  raise ValueError(f"examples[{name!r}] has {len(values)} entries; expected {n_prompts} (one per "
+                   f"prompt) or {n_prompts * group_size} (one per completion)")
+
+
+def compute_rewards(completions, examples, completion_lengths, group_size,
+                    shuffled_accuracy=None, config: RewardConfig = DEFAULT):
+  """All reward components of one rollout batch of B prompts x G completions (spec 4.8).
+
+  Args:
+    completions: B*G decoded completions (special tokens skipped), grouped by prompt.
+    examples: dict with "solution", "problem_type", "cognitive_map" (dict or None) and optionally
+      "data_type" ("video" | "image") and "id"; each a list with one entry per prompt or per
+      completion.
+    completion_lengths: int[B*G] completion tokens up to and including the first <|im_end|>.
+    group_size: G.
+    shuffled_accuracy: None (no temporal bonus), or float[B, S] / float[B*S] accuracy rewards of the
+      shuffled-frame completions (from `accuracy_reward`); only groups with data_type "video" use it.
+  Returns:
+    (components, counters): components maps "format", "accuracy" (incl. map bonus), "accuracy_base",
+    "map", "map_scored", "temporal", "length", "temporal_flag" and "total" to float32[B*G] NumPy
+    arrays (total in [0, 3.5]); counters maps each name in COUNTERS to an int.
+  """
+  texts = list(completions)
+  if len(texts) % group_size:
+    raise ValueError(f"{len(texts)} completions is not a multiple of group_size={group_size}")
+  b = len(texts) // group_size
+  per = lambda k, default=None: _per_completion(
+      examples[k] if k in examples else [default] * b, b, group_size, k)
+  sols, types, maps = per("solution"), per("problem_type"), per("cognitive_map")
+  data_type = per("data_type", "video")
+  ids = per("id", None)
+  where = [f"example {ids[i]!r} completion {i}" if ids[i] is not None else f"completion {i}"
+           for i in range(len(texts))]
+  comps, counts = _accuracy(texts, sols, types, maps, config, where)
+  fmt = jnp.asarray(format_reward(texts))
+  lengths = jnp.asarray(np.asarray(completion_lengths, np.int32).reshape(-1))
+  if lengths.shape[0] != len(texts):
+    raise ValueError(f"completion_lengths has {lengths.shape[0]} entries, expected {len(texts)}")
+  if shuffled_accuracy is None:
+    shuffled = jnp.zeros((b, 1), jnp.float32)
+    temporal_on = jnp.zeros(b, bool)
+  else:
+    shuffled = jnp.asarray(np.asarray(shuffled_accuracy, np.float32).reshape(b, -1))
+    temporal_on = jnp.asarray([data_type[i * group_size] == "video" for i in range(b)])
+  temporal, length, total, flag = _bonuses(comps["accuracy"], fmt, lengths, shuffled, temporal_on,
+                                           group_size=group_size, config=config)
+  comps.update(format=fmt, temporal=temporal, length=length, total=total, temporal_flag=flag)
+  counts["no_format"] = int((np.asarray(fmt) == 0).sum())
+  return {k: np.asarray(v, np.float32) for k, v in comps.items()}, counts
+
+
+REWARD_FNS = {"format": format_reward, "accuracy": accuracy_reward, "map": map_score}
