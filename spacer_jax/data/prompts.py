@@ -199,8 +199,8 @@ def chat_text(
   Args:
     prompt: user text.
     media: "video", "image" or None (text only).
-    system_prompt: system message; the template's default when None is not asked for explicitly.
-      Pass None to drop the system turn altogether (the template itself never does that).
+    system_prompt: system message (the template's default, which SpaceR gets because its message
+      list has no system turn); None drops the system turn, which the template itself never does.
     add_generation_prompt: append "<|im_start|>assistant\\n".
   """
   parts = []

@@ -1,0 +1,310 @@
+"""Dataset records: SpaceR-151k JSONL + cognitive maps, and the VSI-Bench release (host only).
+
+Formats (spec spacer.md §1.2, §1.3, §7.2):
+  * SpaceR-151k: one JSON object per line with problem_id, problem, data_type ("video" | "image"),
+    problem_type, options (MC only), solution ("<answer>B</answer>"), path (media, relative to a root
+    directory) and data_source ("SR_dataset" marks SR-91k items, which get the cognitive-map prompt).
+  * annotation/cognitive_map.jsonl: {"video_id", "cognitive_map": {category: [[x, y], ...]},
+    "object_list"}, keyed by basename(path) without extension; the prompt's category list is
+    list(cognitive_map) in file order (object_list is unused, as in SpaceR).
+  * VSI-Bench: parquet, JSON list or JSONL rows with id, dataset, scene_name, question_type, question,
+    options, ground_truth; the video is {video_root}/{dataset}/{scene_name}.mp4.
+
+Every loader returns a list of `Record`s with the user prompt text already built (prompts.py), so the
+pipeline only decodes media and tokenises. Bad input (malformed JSON line, missing field, unknown
+problem_type, MC without options, SR item without a cognitive map, ...) is skipped with one warning that
+names the record id and file, and counted in a `BadRecords` counter the trainer logs; with strict=True
+the same message is raised as BadRecordError instead.
+"""
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterable
+
+from spacer_jax.data import prompts
+
+log = logging.getLogger(__name__)
+
+SPACER_REQUIRED = ("problem_id", "problem", "data_type", "problem_type", "solution", "path")
+VSI_REQUIRED = ("id", "dataset", "scene_name", "question_type", "question", "ground_truth")
+DATA_TYPES = ("video", "image")
+
+
+class BadRecordError(ValueError):
+  """Raised in strict mode for a record that would otherwise be skipped; names the record and file."""
+
+
+class BadRecords:
+  """Counts skipped records by reason and warns once per record (raises instead when strict).
+
+  `metrics()` gives flat counters for the trainer's metric writer, e.g.
+  {"data/bad_records": 3, "data/bad_records/missing_field": 1, ...}.
+  """
+
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.counts = collections.Counter()
+
+  def report(self, reason: str, record_id, file, detail: str) -> None:
+    msg = f"record {record_id!r} in {file}: {reason}: {detail}"
+    if self.strict:
+      raise BadRecordError(msg)
+    self.counts[reason] += 1
+    log.warning("skipping %s", msg)
+
+  def merge(self, counts: dict[str, int]) -> None:
+    self.counts.update(counts)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def metrics(self, prefix: str = "data/bad_records") -> dict[str, int]:
+    out = {prefix: self.total}
+    out.update({f"{prefix}/{k}": v for k, v in sorted(self.counts.items())})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One training or evaluation example, media not yet decoded.
+
+  Attributes:
+    id: problem_id (SpaceR) or id (VSI-Bench), as a string.
+    source_file: file the record came from (named in every error about it).
+    data_type: "video" or "image".
+    media: resolved path of the video/image (also the name used in media errors).
+    prompt: user text (SpaceR template + suffix, or a VSI-Bench prompt), before the chat template.
+    problem: question text as stored.
+    problem_type: "multiple choice" | "numerical" | "OCR" | "free-form" | "regression" (VSI-Bench:
+      MCA -> "multiple choice", NA -> "numerical").
+    options: option strings ("A. sofa", ...); empty if none.
+    solution: "<answer>...</answer>" (VSI-Bench ground_truth wrapped the same way, for the rewards).
+    data_source: SpaceR data_source ("SR_dataset", ...) or "vsibench".
+    cognitive_map: {category: [[x, y], ...]} for SR items with a map, else None.
+    categories: category list shown in the prompt (map keys / VSI list), else empty.
+    question_type: VSI-Bench task name (None for SpaceR records).
+    ground_truth: VSI-Bench raw ground truth (None for SpaceR records).
+    media_bytes: encoded media when read from TFDS (decoded from memory), else None.
+  """
+
+  id: str
+  source_file: str
+  data_type: str
+  media: str
+  prompt: str
+  problem: str
+  problem_type: str
+  options: tuple = ()
+  solution: str = ""
+  data_source: str = ""
+  cognitive_map: dict | None = None
+  categories: tuple = ()
+  question_type: str | None = None
+  ground_truth: str | None = None
+  media_bytes: bytes | None = None
+
+
+def video_id(path: str) -> str:
+  """The cognitive-map key of a media path: basename without extension (spec §1.2)."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _read_jsonl(path, bad: BadRecords) -> Iterable[tuple[int, dict]]:
+  """(line number, object) for each parseable line; malformed lines reported as 'malformed_json'."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        bad.report("malformed_json", f"line {n}", path, str(e))
+        continue
+      if not isinstance(obj, dict):
+        bad.report("malformed_json", f"line {n}", path, f"expected a JSON object, got {type(obj).__name__}")
+        continue
+      yield n, obj
+
+
+def load_cognitive_maps(path, strict: bool = False, bad: BadRecords | None = None) -> dict[str, dict]:
+  """annotation/cognitive_map.jsonl -> {video_id: {category: [[x, y], ...]}} (key order kept)."""
+  bad = bad if bad is not None else BadRecords(strict)
+  maps = {}
+  for n, obj in _read_jsonl(path, bad):
+    vid, cmap = obj.get("video_id"), obj.get("cognitive_map")
+    if vid is None or cmap is None:
+      field = "video_id" if vid is None else "cognitive_map"
+      bad.report("missing_field", vid if vid is not None else f"line {n}", path, f"no {field!r}")
+      continue
+    if not isinstance(cmap, dict):
+      bad.report("bad_field", vid, path, f"cognitive_map must be a dict, got {type(cmap).__name__}")
+      continue
+    maps[str(vid)] = cmap
+  return maps
+
+
+def _resolve(root: pathlib.Path, path: str) -> str:
+  p = pathlib.Path(path)
+  return str(p if p.is_absolute() else root / p)
+
+
+def spacer_record(obj: dict, *, source_file, media_root, cognitive_maps, line=None) -> Record:
+  """One SpaceR-151k JSON object -> Record. Raises _Bad (reason, id, detail) on bad content."""
+  rid = obj.get("problem_id", f"line {line}")
+  missing = [k for k in SPACER_REQUIRED if obj.get(k) is None]
+  if missing:
+    raise _Bad("missing_field", rid, f"missing field(s) {missing}")
+  ptype = obj["problem_type"]
+  if ptype not in prompts.TYPE_TEMPLATE:
+    raise _Bad("unknown_problem_type", rid, f"unknown problem_type {ptype!r}; expected one of {prompts.PROBLEM_TYPES}")
+  if obj["data_type"] not in DATA_TYPES:
+    raise _Bad("bad_field", rid, f"data_type must be one of {DATA_TYPES}, got {obj['data_type']!r}")
+  options = obj.get("options") or ()
+  if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+    raise _Bad("bad_field", rid, f"options must be a list of strings, got {options!r}")
+  if ptype == "multiple choice" and not options:
+    raise _Bad("bad_field", rid, "multiple-choice record without options")
+  for k in ("problem", "solution", "path"):
+    if not isinstance(obj[k], str):
+      raise _Bad("bad_field", rid, f"{k} must be a string, got {type(obj[k]).__name__}")
+  data_source = obj.get("data_source") or ""
+  cmap, categories = None, ()
+  if data_source == prompts.SR_DATA_SOURCE:
+    vid = video_id(obj["path"])
+    cmap = (cognitive_maps or {}).get(vid)
+    if cmap is None:
+      raise _Bad("missing_cognitive_map", rid, f"SR_dataset record but no cognitive map for video id {vid!r}")
+    categories = tuple(cmap)
+  prompt = prompts.spacer_prompt(obj["problem"], ptype, options, data_source, categories)
+  return Record(
+      id=str(rid), source_file=str(source_file), data_type=obj["data_type"],
+      media=_resolve(pathlib.Path(media_root), obj["path"]), prompt=prompt, problem=obj["problem"],
+      problem_type=ptype, options=tuple(options), solution=obj["solution"], data_source=data_source,
+      cognitive_map=cmap, categories=categories,
+  )
+
+
+class _Bad(Exception):
+  """Internal: a record-level problem (reason, record id, detail) turned into a report by the caller."""
+
+  def __init__(self, reason, record_id, detail):
+    super().__init__(detail)
+    self.reason, self.record_id, self.detail = reason, record_id, detail
+
+
+def load_spacer(
+    jsonl_path,
+    media_root=None,
+    cognitive_map_path=None,
+    strict: bool = False,
+    bad: BadRecords | None = None,
+) -> list[Record]:
+  """Reads a SpaceR-151k JSONL file.
+
+  Args:
+    jsonl_path: the annotation file (e.g. SpaceR-151k.jsonl).
+    media_root: directory `path` fields are relative to (default: the JSONL's directory).
+    cognitive_map_path: cognitive_map.jsonl (default: {media_root}/annotation/cognitive_map.jsonl if it
+      exists; without maps every SR_dataset record is reported as missing_cognitive_map).
+    strict: raise BadRecordError on the first bad record instead of skipping it.
+    bad: counter to add skipped records to (a fresh one when None).
+
+  Returns:
+    Records in file order.
+  """
+  bad = bad if bad is not None else BadRecords(strict)
+  jsonl_path = pathlib.Path(jsonl_path)
+  media_root = pathlib.Path(media_root) if media_root is not None else jsonl_path.parent
+  if cognitive_map_path is None and (media_root / "annotation" / "cognitive_map.jsonl").exists():
+    cognitive_map_path = media_root / "annotation" / "cognitive_map.jsonl"
+  maps = load_cognitive_maps(cognitive_map_path, bad=bad) if cognitive_map_path else {}
+  records = []
+  for n, obj in _read_jsonl(jsonl_path, bad):
+    try:
+      records.append(spacer_record(obj, source_file=jsonl_path, media_root=media_root,
+                                   cognitive_maps=maps, line=n))
+    except _Bad as e:
+      bad.report(e.reason, e.record_id, jsonl_path, e.detail)
+  return records
+
+
+def _vsi_rows(path: pathlib.Path, bad: BadRecords) -> Iterable[tuple[int, dict]]:
+  if path.suffix == ".parquet":
+    import pyarrow.parquet as pq  # Only the parquet release needs it.
+
+    for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+      yield n, row
+  elif path.suffix == ".jsonl":
+    yield from _read_jsonl(path, bad)
+  else:
+    with open(path, encoding="utf-8") as f:
+      try:
+        rows = json.load(f)
+      except json.JSONDecodeError as e:
+        raise BadRecordError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(rows, dict):  # {"data": [...]} or column-oriented files are not the release format.
+      raise BadRecordError(f"{path}: expected a JSON list of rows, got an object with keys {list(rows)[:5]}")
+    for n, row in enumerate(rows, 1):
+      if not isinstance(row, dict):
+        bad.report("malformed_json", f"row {n}", path, f"expected an object, got {type(row).__name__}")
+        continue
+      yield n, row
+
+
+def vsibench_record(row: dict, *, source_file, video_root, style="spacer") -> Record:
+  """One VSI-Bench row -> Record. Raises _Bad on bad content."""
+  rid = row.get("id", "?")
+  missing = [k for k in VSI_REQUIRED if row.get(k) is None]
+  if missing:
+    raise _Bad("missing_field", rid, f"missing field(s) {missing}")
+  qtype = row["question_type"]
+  if qtype in prompts.VSI_MCA_TYPES:
+    ptype = "multiple choice"
+  elif qtype in prompts.VSI_NA_TYPES:
+    ptype = "numerical"
+  else:
+    raise _Bad("unknown_problem_type", rid, f"unknown VSI-Bench question_type {qtype!r}")
+  options = tuple(str(o) for o in (row.get("options") if row.get("options") is not None else ()))
+  if ptype == "multiple choice" and not options:
+    raise _Bad("bad_field", rid, "multiple-choice question without options")
+  prompt = prompts.vsibench_prompt(row["question"], qtype, options, style=style)
+  media = pathlib.Path(video_root) / str(row["dataset"]) / f"{row['scene_name']}.mp4"
+  gt = str(row["ground_truth"])
+  return Record(
+      id=str(rid), source_file=str(source_file), data_type="video", media=str(media), prompt=prompt,
+      problem=row["question"], problem_type=ptype, options=options, solution=f"<answer>{gt}</answer>",
+      data_source="vsibench", categories=tuple(prompts.VSI_CATEGORIES) if style == "spacer" else (),
+      question_type=qtype, ground_truth=gt,
+  )
+
+
+def load_vsibench(
+    path,
+    video_root=None,
+    style: str = "spacer",
+    strict: bool = False,
+    bad: BadRecords | None = None,
+) -> list[Record]:
+  """Reads the VSI-Bench release (test-*.parquet, or a JSON list / JSONL of the same rows).
+
+  Args:
+    path: the annotation file.
+    video_root: directory holding {dataset}/{scene_name}.mp4 (default: the file's directory).
+    style: prompt style, "spacer" (SpaceR-Eval) or "official" (lmms-eval), see prompts.vsibench_prompt.
+    strict, bad: as in load_spacer.
+  """
+  bad = bad if bad is not None else BadRecords(strict)
+  path = pathlib.Path(path)
+  video_root = pathlib.Path(video_root) if video_root is not None else path.parent
+  records = []
+  for _, row in _vsi_rows(path, bad):
+    try:
+      records.append(vsibench_record(row, source_file=path, video_root=video_root, style=style))
+    except _Bad as e:
+      bad.report(e.reason, e.record_id, path, e.detail)
+  return records
