@@ -158,13 +158,16 @@ _DIRECTION_LABELS = {"easy": ["left", "right"], "medium": ["left", "right", "bac
 def _rel_direction(level: str):
   def generate(scene, first_frames, config, rng):
     del first_frames
-    single = _singletons(scene)
-    if len(single) < 3:
+    # Balance the answers: draw a label uniformly among those the room can produce, then a triple.
+    by_label: dict[str, list[tuple[int, int, int]]] = {}
+    for a, b, c in itertools.permutations(_singletons(scene), 3):
+      label = _direction_label(level, _direction_angle(scene, a, b, c), config.direction_margin_deg)
+      if label is not None:
+        by_label.setdefault(label, []).append((a, b, c))
+    if not by_label:
       return None
-    a, b, c = (single[k] for k in rng.choice(len(single), 3, replace=False))
-    label = _direction_label(level, _direction_angle(scene, a, b, c), config.direction_margin_deg)
-    if label is None:
-      return None
+    label = sorted(by_label)[int(rng.integers(len(by_label)))]
+    a, b, c = by_label[label][int(rng.integers(len(by_label[label])))]
     na, nb, nc = (scene.objects[k].category for k in (a, b, c))
     if level == "easy":
       problem = f"If I am standing by the {na} and facing the {nb}, is the {nc} to the left or the right of the {nb}?"
