@@ -11,6 +11,7 @@ whose special-token ids are small numbers (`Tokenizer.special_ids()` feeds the t
 Both share Qwen2's pre-tokenizer (regex split, single digits, byte level, NFC), so text splits alike.
 """
 
+import functools
 import json
 import pathlib
 
@@ -186,7 +187,7 @@ _QUESTIONS = (
 )
 
 
-def offline_corpus(seed: int = 0, num_samples: int = 3000) -> list[str]:
+def offline_corpus(seed: int = 0, num_samples: int = 2000) -> list[str]:
   """Deterministic training text: every template, then synthetic spatial questions and completions.
 
   The completions use the tags the rewards parse (<think>, <answer>, <map>), option letters, integers
@@ -207,7 +208,7 @@ def offline_corpus(seed: int = 0, num_samples: int = 3000) -> list[str]:
     ptype = prompts.PROBLEM_TYPES[rng.integers(len(prompts.PROBLEM_TYPES))]
     opts = [f"{l}. {cats[i]}" for l, i in zip("ABCD", rng.choice(len(cats), 4, replace=False))]
     scene = [cats[i] for i in rng.choice(len(cats), rng.integers(1, 6), replace=False)]
-    if rng.random() < 0.5:
+    if rng.random() < 0.1:  # Full prompts are long and alike: a few teach the template merges.
       lines.append(prompts.spacer_prompt(q, ptype, opts, prompts.SR_DATA_SOURCE, scene))
     else:
       lines.append(q)
@@ -234,6 +235,15 @@ def build_offline_tokenizer(out_dir=None, vocab_size: int = 1024, seed: int = 0)
   Returns:
     Tokenizer; `.special_ids()` gives the ids for a matching tiny model config.
   """
+  tok = tokenizers.Tokenizer.from_str(_train_offline(vocab_size, seed))
+  if out_dir is not None:
+    save_hf(tok, out_dir)
+  return Tokenizer(tok)
+
+
+@functools.lru_cache(maxsize=4)
+def _train_offline(vocab_size: int, seed: int) -> str:
+  """tokenizer.json text of the offline BPE (cached: tests and the demo build it many times per process)."""
   tok = _qwen_pipeline(tokenizers.Tokenizer(models.BPE()))
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[],
@@ -243,10 +253,7 @@ def build_offline_tokenizer(out_dir=None, vocab_size: int = 1024, seed: int = 0)
   learned = tok.get_vocab_size(with_added_tokens=False)
   if learned != vocab_size:
     raise ValueError(f"offline BPE learned {learned} tokens, not {vocab_size}: corpus too small for it")
-  tok = _add_qwen_tokens(tok)
-  if out_dir is not None:
-    save_hf(tok, out_dir)
-  return Tokenizer(tok)
+  return _add_qwen_tokens(tok).to_str()
 
 
 def save_hf(tok: tokenizers.Tokenizer, out_dir) -> None:
