@@ -1,0 +1,149 @@
+"""SpaceR-151k / cognitive-map / VSI-Bench readers, and bad-input skipping, counting and strict mode."""
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spacer_jax.data import prompts
+from spacer_jax.data import sources
+
+
+def _write_jsonl(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return path
+
+
+def _spacer_row(pid, **kw):
+  row = {"problem_id": pid, "problem": "How many chair(s) are in this room?", "data_type": "video",
+         "problem_type": "numerical", "options": [], "process": "", "solution": "<answer>3</answer>",
+         "path": f"videos/scene{pid:04d}_00.mp4", "data_source": "LLaVA-Video"}
+  row.update(kw)
+  return row
+
+
+@pytest.fixture
+def spacer_dir(tmp_path):
+  (tmp_path / "annotation").mkdir()
+  _write_jsonl(tmp_path / "annotation" / "cognitive_map.jsonl", [
+      {"video_id": "scene0001_00", "cognitive_map": {"table": [[0, 3]], "chair": [[9, 3], [1, 1]]},
+       "object_list": ["chair", "table"]},
+      {"video_id": "scene0002_00", "cognitive_map": {"bed": [[5, 5]]}, "object_list": []},
+  ])
+  _write_jsonl(tmp_path / "SpaceR-151k.jsonl", [
+      _spacer_row(1, data_source="SR_dataset", problem_type="multiple choice",
+                  options=["A. table", "B. chair"], solution="<answer>B</answer>"),
+      _spacer_row(2, data_source="SR_dataset"),
+      _spacer_row(3, data_type="image", path="/abs/img.png", problem_type="free-form"),
+  ])
+  return tmp_path
+
+
+def test_load_spacer(spacer_dir):
+  bad = sources.BadRecords()
+  recs = sources.load_spacer(spacer_dir / "SpaceR-151k.jsonl", bad=bad)
+  assert bad.total == 0 and [r.id for r in recs] == ["1", "2", "3"]
+  r1, r2, r3 = recs
+  assert r1.media == str(spacer_dir / "videos" / "scene0001_00.mp4")
+  assert r1.cognitive_map == {"table": [[0, 3]], "chair": [[9, 3], [1, 1]]}
+  assert r1.categories == ("table", "chair")  # map key order, not object_list
+  assert r1.prompt == prompts.spacer_prompt(r1.problem, "multiple choice", ["A. table", "B. chair"], "SR_dataset",
+                                            ["table", "chair"])
+  assert "['table', 'chair']" in r1.prompt and r1.options == ("A. table", "B. chair")
+  assert r2.categories == ("bed",) and r2.solution == "<answer>3</answer>"
+  assert r3.media == "/abs/img.png" and r3.data_type == "image" and r3.cognitive_map is None
+  assert "<map>" not in r3.prompt and r3.prompt.endswith(prompts.TYPE_TEMPLATE["free-form"])
+  assert sources.video_id("a/b/scene0001_00.mp4") == "scene0001_00"
+
+
+def test_bad_spacer_records_skipped_counted_and_named(tmp_path, caplog):
+  path = _write_jsonl(tmp_path / "d.jsonl", [
+      _spacer_row(1),
+      "{not json",
+      {k: v for k, v in _spacer_row(3).items() if k != "solution"},
+      _spacer_row(4, problem_type="yes/no"),
+      _spacer_row(5, problem_type="multiple choice", options=None),
+      _spacer_row(6, data_source="SR_dataset"),  # no cognitive_map.jsonl at all
+      _spacer_row(7, data_type="audio"),
+      "[1, 2]",
+      _spacer_row(9),
+  ])
+  bad = sources.BadRecords()
+  with caplog.at_level(logging.WARNING, logger="spacer_jax.data.sources"):
+    recs = sources.load_spacer(path, bad=bad)
+  assert [r.id for r in recs] == ["1", "9"]
+  assert bad.counts == {"malformed_json": 2, "missing_field": 1, "unknown_problem_type": 1, "bad_field": 2,
+                        "missing_cognitive_map": 1}
+  assert bad.metrics()["data/bad_records"] == 7 and bad.metrics()["data/bad_records/bad_field"] == 2
+  msgs = [r.getMessage() for r in caplog.records]
+  assert len(msgs) == 7  # one warning per skipped record
+  assert any("record 'line 2'" in m and str(path) in m and "malformed_json" in m for m in msgs)
+  assert any("record 3 " in m and "'solution'" in m and str(path) in m for m in msgs)
+  assert any("record 4 " in m and "'yes/no'" in m for m in msgs)
+  assert any("record 6 " in m and "'scene0006_00'" in m for m in msgs)
+
+
+@pytest.mark.parametrize("row,match", [
+    ("{not json", r"record 'line 1' in .*d.jsonl: malformed_json"),
+    ({"problem_id": 7, "problem": "q"}, r"record 7 in .*d.jsonl: missing_field: missing field\(s\) \['data_type'"),
+    (_spacer_row(8, problem_type="counting"), r"record 8 in .*d.jsonl: unknown_problem_type: .*'counting'"),
+])
+def test_strict_mode_raises_with_detail(tmp_path, row, match):
+  path = _write_jsonl(tmp_path / "d.jsonl", [row])
+  with pytest.raises(sources.BadRecordError, match=match):
+    sources.load_spacer(path, strict=True)
+
+
+def test_bad_cognitive_map_lines(tmp_path):
+  path = _write_jsonl(tmp_path / "m.jsonl", [{"video_id": "a", "cognitive_map": {"x": [[1, 1]]}},
+                                              {"video_id": "b"}, "oops", {"video_id": "c", "cognitive_map": [1]}])
+  bad = sources.BadRecords()
+  assert sources.load_cognitive_maps(path, bad=bad) == {"a": {"x": [[1, 1]]}}
+  assert bad.counts == {"missing_field": 1, "malformed_json": 1, "bad_field": 1}
+
+
+VSI_ROWS = [
+    {"id": 0, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_rel_direction_easy",
+     "question": "Where is the sofa?", "options": ["A. left", "B. right", "C. back"], "ground_truth": "B"},
+    {"id": 1, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "object_counting",
+     "question": "How many chair(s) are in this room?", "options": None, "ground_truth": "4"},
+]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "json", "jsonl"])
+def test_load_vsibench_formats(tmp_path, fmt):
+  path = tmp_path / f"test.{fmt}"
+  if fmt == "parquet":
+    pq.write_table(pa.Table.from_pylist(VSI_ROWS), path)
+  elif fmt == "json":
+    path.write_text(json.dumps(VSI_ROWS))
+  else:
+    _write_jsonl(path, VSI_ROWS)
+  recs = sources.load_vsibench(path, video_root=tmp_path / "vids")
+  assert [r.id for r in recs] == ["0", "1"]
+  mc, na = recs
+  assert mc.media == str(tmp_path / "vids" / "scannet" / "scene0011_00.mp4")
+  assert na.media == str(tmp_path / "vids" / "arkitscenes" / "41069025.mp4")
+  assert mc.problem_type == "multiple choice" and na.problem_type == "numerical"
+  assert mc.options == ("A. left", "B. right", "C. back") and na.options == ()
+  assert mc.solution == "<answer>B</answer>" and na.ground_truth == "4"
+  assert mc.prompt == prompts.vsibench_prompt("Where is the sofa?", "object_rel_direction_easy",
+                                              ["A. left", "B. right", "C. back"])
+  assert mc.categories == prompts.VSI_CATEGORIES and mc.question_type == "object_rel_direction_easy"
+  official = sources.load_vsibench(path, style="official")
+  assert official[1].prompt.startswith("These are frames of a video.\nHow many chair(s)")
+  assert official[0].media == str(tmp_path / "scannet" / "scene0011_00.mp4")  # default root: file's dir
+
+
+def test_vsibench_bad_rows(tmp_path):
+  rows = VSI_ROWS + [{**VSI_ROWS[0], "id": 2, "question_type": "object_color"},
+                     {k: v for k, v in VSI_ROWS[1].items() if k != "scene_name"} | {"id": 3},
+                     {**VSI_ROWS[0], "id": 4, "options": []}]
+  path = _write_jsonl(tmp_path / "v.jsonl", rows)
+  bad = sources.BadRecords()
+  assert [r.id for r in sources.load_vsibench(path, bad=bad)] == ["0", "1"]
+  assert bad.counts == {"unknown_problem_type": 1, "missing_field": 1, "bad_field": 1}
+  with pytest.raises(sources.BadRecordError, match=r"record 2 in .*v.jsonl: unknown_problem_type"):
+    sources.load_vsibench(path, strict=True)
