@@ -1,0 +1,158 @@
+"""Orbax checkpoints of the train state and the data-iterator state (the only file importing orbax).
+
+A checkpoint at step s holds two items:
+  state: {"step", "params" (flat {key: array}), "opt_state", "rng"}, saved with StandardSave and restored
+         against the abstract state *with its shardings* (so a restore lands directly on the mesh).
+  data:  the data iterator's `get_state()` as JSON (grain DatasetIterator dicts, DataLoader bytes, or any
+         iterator exposing get_state/set_state).
+The reference model is never saved: it is reloaded from `config.model.hf_dir` (or re-initialised from
+the seed for the tiny model), which is what the PyTorch trainer does too.
+
+train.py saves every `config.ckpt_every_steps`, at the end and, via `PreemptionGuard`, when SIGTERM/SIGINT arrives: the
+handler only sets a flag; the loop finishes the current step, saves and exits cleanly.
+"""
+
+import json
+import signal
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class Checkpointer:
+  """CheckpointManager over `{state, data}` in `directory`."""
+
+  def __init__(self, directory, max_to_keep=3, use_async=True):
+    self.directory = epath.Path(directory)
+    # The cadence (every N steps, on preemption, at the end) is decided by the loop, not by orbax.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=use_async)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+
+  def latest_step(self):
+    """Latest finalised step in the directory, or None."""
+    return self.manager.latest_step()
+
+  def save(self, step, state, data_iter=None):
+    """Saves `state` (pytree of jax arrays) and the iterator state at `step` (asynchronously).
+
+    The iterator state is read now, so the iterator may advance while the arrays are written.
+    Returns True if a checkpoint was started (False if `step` is already saved).
+    """
+    if step in self.manager.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state)}
+    items["data"] = ocp.args.JsonSave(_iter_state(data_iter))
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step, abstract_state, data_iter=None):
+    """Restores `state` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+    Also restores `data_iter` in place when given.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+    out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      _set_iter_state(data_iter, out["data"])
+    return out["state"]
+
+  def wait_until_finished(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _iter_state(data_iter):
+  """JSON-able iterator state: {"kind": "none" | "dict" | "bytes", "state": ...}."""
+  if data_iter is None or not hasattr(data_iter, "get_state"):
+    return {"kind": "none", "state": None}
+  st = data_iter.get_state()
+  if isinstance(st, (bytes, bytearray)):
+    return {"kind": "bytes", "state": bytes(st).decode()}
+  json.dumps(st)  # Fail here, naming the iterator, rather than inside orbax's writer thread.
+  return {"kind": "dict", "state": st}
+
+
+def _set_iter_state(data_iter, saved):
+  kind = saved.get("kind")
+  if kind == "none":
+    return
+  if not hasattr(data_iter, "set_state"):
+    raise TypeError(f"{type(data_iter).__name__} has no set_state; cannot resume the data iterator")
+  data_iter.set_state(saved["state"].encode() if kind == "bytes" else saved["state"])
+
+
+def restore_or_init(ckpt, abstract_state, init_fn, data_iter=None, resume_dir=""):
+  """Returns (state, source) following the resume order.
+
+  Resume order (big_vision / maxtext):
+    1. `ckpt.directory` has a checkpoint -> resume from its latest step, state and data iterator
+       (preemption safety: rerunning the same command with the same workdir continues).
+    2. `resume_dir` (config.resume) names another run's checkpoint directory -> take its full train
+       state (params, optimizer, step, rng); the data iterator starts fresh.
+    3./4. `init_fn()` -> HF weights with a fresh optimizer (config.model.hf_dir), or random init for the
+       tiny model; train.py's init_fn decides between the two.
+
+  Args:
+    ckpt: Checkpointer of this run.
+    abstract_state: pytree of ShapeDtypeStruct with shardings, the restore target.
+    init_fn: zero-arg callable building a fresh state (already on its shardings).
+    data_iter: the training iterator (restored in place in case 1).
+    resume_dir: optional checkpoint directory of another run.
+
+  Returns:
+    (state, source) with source in {"workdir", "resume", "init"}.
+  """
+  step = ckpt.latest_step()
+  if step is not None:
+    return ckpt.restore(step, abstract_state, data_iter), "workdir"
+  if resume_dir:
+    other = Checkpointer(resume_dir, use_async=False)
+    other_step = other.latest_step()
+    if other_step is None:
+      raise FileNotFoundError(f"config.resume={resume_dir!r} holds no checkpoint")
+    state = other.restore(other_step, abstract_state)
+    other.close()
+    return state, "resume"
+  return init_fn(), "init"
+
+
+def abstract_of(tree):
+  """ShapeDtypeStructs (with shardings) of a concrete pytree of jax arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag the loop polls; restores the previous handlers on exit.
+
+  A second SIGINT while the flag is already set falls through to the previous handler (so Ctrl-C twice
+  still kills a stuck run).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.requested = False
+    self.signum = None
+    self._signals = signals
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      prev = self._previous.get(signum)
+      if callable(prev):
+        prev(signum, frame)
+      raise KeyboardInterrupt
+    self.requested = True
+    self.signum = signum
+
+  def __enter__(self):
+    for s in self._signals:
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, prev in self._previous.items():
+      signal.signal(s, prev)
+    return False

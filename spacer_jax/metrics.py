@@ -1,0 +1,126 @@
+"""Metric logging: workdir/metrics.jsonl, TensorBoard, workdir/rollouts.jsonl, timers, progress bar.
+
+One line of metrics.jsonl per logged step (`{"step": s, "name": value, ...}`), the same scalars as
+TensorBoard scalars (tensorboardX, no TensorFlow needed), and one line per completion in
+rollouts.jsonl. On resume from step s, lines with step >= s are dropped first, so a run killed after
+its last checkpoint and resumed has the same files as one that never stopped.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+
+def every(step, n):
+  """True every `n` steps (n <= 0: never)."""
+  return n > 0 and step % n == 0
+
+
+def _truncate_jsonl(path, start_step):
+  """Drops lines whose "step" >= start_step (lines written after the checkpoint we resume from)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      if line.strip() and json.loads(line).get("step", -1) < start_step:
+        keep.append(line)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def _to_python(v):
+  if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
+    v = v.item()
+  if isinstance(v, np.ndarray):
+    v = v.tolist()
+  return v
+
+
+class MetricWriter:
+  """Writes scalars and rollout samples for one run.
+
+  Args:
+    workdir: run directory.
+    start_step: first step this process will log (older lines >= start_step are dropped).
+    use_tensorboard: also write TensorBoard event files under workdir/tb.
+  """
+
+  def __init__(self, workdir, start_step=1, use_tensorboard=True):
+    os.makedirs(workdir, exist_ok=True)
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.rollouts_path = os.path.join(workdir, "rollouts.jsonl")
+    for p in (self.metrics_path, self.rollouts_path):
+      _truncate_jsonl(p, start_step)
+    self._metrics = open(self.metrics_path, "a")
+    self._rollouts = open(self.rollouts_path, "a")
+    self._tb = None
+    if use_tensorboard:
+      import tensorboardX  # Optional at import time: only runs that log to TensorBoard need it.
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+    self._timers = {}
+    self._last_finite_step = start_step - 1
+
+  def write(self, step, scalars, nonfinite_ok=()):
+    """Logs a dict of scalars for `step`; raises FloatingPointError on NaN/inf.
+
+    Args:
+      step: int.
+      scalars: {name: number or 0-d array}; non-scalar values are skipped for TensorBoard.
+      nonfinite_ok: names allowed to be NaN/inf (e.g. the loss of a step whose update was skipped).
+    """
+    row = {k: _to_python(v) for k, v in scalars.items()}
+    bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)
+                 and k not in nonfinite_ok)
+    self._metrics.write(json.dumps({"step": int(step), **row}) + "\n")
+    self._metrics.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+    if bad:
+      raise FloatingPointError(
+          f"non-finite metrics {bad} first seen between step {self._last_finite_step + 1} and step "
+          f"{step} (see {self.metrics_path})")
+    self._last_finite_step = int(step)
+
+  def write_samples(self, step, samples):
+    """Appends one JSON line per sample dict (prompt id, completion, parsed answer, rewards, advantage)."""
+    for s in samples:
+      self._rollouts.write(json.dumps({"step": int(step), **{k: _to_python(v) for k, v in s.items()}})
+                           + "\n")
+    self._rollouts.flush()
+
+  @contextlib.contextmanager
+  def timed(self, name):
+    """Accumulates wall time of the block under `name` (read with `pop_timers`)."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._timers[name] = self._timers.get(name, 0.0) + time.perf_counter() - t0
+
+  def pop_timers(self):
+    """{"time/<name>_s": seconds} accumulated since the last call."""
+    out = {f"time/{k}_s": v for k, v in self._timers.items()}
+    self._timers = {}
+    return out
+
+  def close(self):
+    self._metrics.close()
+    self._rollouts.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def progress(start_step, total_steps, disable=False):
+  """tqdm progress bar over steps [start_step, total_steps] with ETA; `.update(1)` per step."""
+  import tqdm  # Host-only UI dependency.
+  return tqdm.tqdm(total=total_steps, initial=start_step - 1, desc="train", unit="step",
+                   dynamic_ncols=True, disable=disable)
