@@ -1,0 +1,451 @@
+"""Autoregressive sampling for Qwen2.5-VL with a pre-allocated KV cache.
+
+Two jitted functions over pytrees (STYLE 3.7), both module-level and compiled once per
+(batch, prompt bucket, max_new_tokens, vision budget, SamplingConfig):
+
+  prefill(params, batch) -> SamplingState
+      Runs the vision tower and the text prefill ONCE per prompt, writes the prompt's k/v into a cache
+      sized prompt bucket + max_new_tokens, then repeats cache, last logits and positions G times
+      (row b*G + g; the same order as transformers' num_return_sequences). GRPO samples 8 completions
+      per video prompt, so the vision tower and the ~1000-token prefill are paid once, not 8 times.
+  decode(params, state, until) -> SamplingState   (state donated)
+      A lax.while_loop that samples one token per row per iteration and feeds it back through the
+      cache; it stops when every row has emitted a stop id, when `until` steps are done, or at
+      max_new_tokens. `until` is a traced scalar, so streaming in chunks reuses the same executable.
+
+Positions (spec qwen2_5_vl.md §6.3): the prompt gets the 3-D M-RoPE ids of `positions.get_rope_index`;
+generated token k of row b gets `base[:, b] + k` on all three streams, where `base` is
+`n_valid + rope_deltas` under the Qwen rule and "last prompt id + 1" per stream under the
+transformers-5 rule (what 5.x `generate` does; both agree when the prompt ends with text holding the
+largest id, i.e. always with the chat template).
+
+Log-probs are those of the policy at temperature 1 (log_softmax of the raw logits, no top-k/top-p or
+placeholder masking), which is what GRPO's ratio and KL need and what the trainer's full forward
+computes. Tokens after a row's stop id are the pad id with log-prob 0; `lengths` counts the tokens up
+to and including the stop id.
+
+Host code (numpy) lives in `Sampler` / `generate`: bucketing, rope indices, vision index arrays.
+
+Axis legend: B prompts, G samples per prompt, R = B*G rows, T prompt length (bucket),
+N max_new_tokens, C cache length (T + N), V vocab, P vision patches.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spacer_jax.models import positions as positions_lib
+from spacer_jax.models import qwen2_5_vl
+from spacer_jax.models import text as text_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings (hashable: part of the jit cache key).
+
+  temperature 0 means greedy. top_k 0 and top_p 1.0 disable the filters. SpaceR's GRPO rollouts use
+  temperature 1.0, top_p 0.95, top_k 50 (spec spacer.md §5.1: transformers' implicit top_k default).
+  """
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_ids: tuple[int, ...] = ()
+  forbidden_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+
+@flax.struct.dataclass
+class SamplingState:
+  """Everything the decode loop carries. Leading axis R = B*G on all per-row arrays."""
+  tokens: jax.Array      # int32[R, N] completion tokens (pad after the stop id)
+  logprobs: jax.Array    # float32[R, N] log pi(token) at temperature 1 (0 after the stop id)
+  lengths: jax.Array     # int32[R] tokens emitted up to and including the stop id
+  done: jax.Array        # bool[R]
+  logits: jax.Array      # float32[R, V] logits for the next token
+  cache: Any             # text.init_cache pytree, per-layer k/v [R, C, K, H]
+  kv_mask: jax.Array     # bool[R, C] valid keys (prompt mask, then True for generated slots)
+  base_pos: jax.Array    # int32[3, R] M-RoPE id of generated token 0
+  prompt_len: jax.Array  # int32[] T: cache slot of generated token 0
+  step: jax.Array        # int32[] tokens generated so far
+  rng: jax.Array         # PRNG key
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens: jax.Array    # int32[R, N]
+  logprobs: jax.Array  # float32[R, N]
+  lengths: jax.Array   # int32[R]
+
+
+def default_stop_ids(cfg) -> tuple[int, ...]:
+  """The config's eos id(s) plus the pad id: Qwen's pad <|endoftext|> also ends a sequence."""
+  eos = cfg.eos_token_id
+  ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+  if cfg.pad_token_id is not None:
+    ids.append(cfg.pad_token_id)
+  return tuple(sorted(set(int(i) for i in ids)))
+
+
+def vision_placeholder_ids(cfg) -> tuple[int, ...]:
+  """<|image_pad|>, <|video_pad|> and <|vision_pad|>: never sampled (they would break the feature count
+  of any prompt that reuses the completion text)."""
+  ids = [cfg.image_token_id, cfg.video_token_id, getattr(cfg, "vision_token_id", None)]
+  return tuple(sorted(set(int(i) for i in ids if i is not None)))
+
+
+def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extra_stop_ids=(),
+                pad_id=None) -> SamplingConfig:
+  """SamplingConfig from a model config. `stop_ids=None` means `default_stop_ids(cfg)`; `()` disables
+  stopping (all max_new_tokens are generated)."""
+  stops = default_stop_ids(cfg) if stop_ids is None else tuple(int(i) for i in stop_ids)
+  stops = tuple(sorted(set(stops) | set(int(i) for i in extra_stop_ids)))
+  if pad_id is None:
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (stops[0] if stops else 0)
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  return SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                        stop_ids=stops, forbidden_ids=vision_placeholder_ids(cfg), pad_id=int(pad_id))
+
+
+# ------------------------------------------------------------------------------------------------
+# Token selection (device).
+
+
+def _filter_top_p(sorted_logits, top_p):
+  """Masks a descending-sorted [R, K] logit array to the smallest prefix whose mass reaches top_p.
+
+  Same set as transformers' TopPLogitsWarper: a token is kept iff the mass strictly before it is
+  < top_p, so the top token always survives.
+  """
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  return jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+
+
+def select_tokens(logits, key, scfg: SamplingConfig):
+  """Picks one token per row.
+
+  Args:
+    logits: float32[R, V] raw logits.
+    key: PRNG key (unused for greedy).
+    scfg: static settings.
+
+  Returns:
+    (int32[R] tokens, float32[R] log pi(token) at temperature 1 from the raw logits).
+  """
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  x = logits
+  if scfg.forbidden_ids:
+    x = x.at[:, jnp.asarray(scfg.forbidden_ids)].set(-jnp.inf)
+  if scfg.temperature == 0.0:
+    tok = jnp.argmax(x, axis=-1)
+  else:
+    x = x / scfg.temperature
+    if scfg.top_k > 0 and scfg.top_k < x.shape[-1]:
+      # Sort only the top k (a full sort of a 152k vocab per step is the slow path).
+      vals, idx = jax.lax.top_k(x, scfg.top_k)  # [R, k] descending
+      if scfg.top_p < 1.0:
+        vals = _filter_top_p(vals, scfg.top_p)
+      choice = jax.random.categorical(key, vals, axis=-1)
+      tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    elif scfg.top_p < 1.0:
+      sorted_x = -jnp.sort(-x, axis=-1)
+      kept = _filter_top_p(sorted_x, scfg.top_p)
+      cutoff = jnp.min(jnp.where(jnp.isfinite(kept), kept, jnp.inf), axis=-1, keepdims=True)
+      tok = jax.random.categorical(key, jnp.where(x >= cutoff, x, -jnp.inf), axis=-1)
+    else:
+      tok = jax.random.categorical(key, x, axis=-1)
+  tok = tok.astype(jnp.int32)
+  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Jitted prefill / decode (device).
+
+
+def _constrain_rows(x, row_sharding, axis=0):
+  if row_sharding is None:
+    return x
+  mesh, axes = row_sharding
+  spec = [None] * x.ndim
+  spec[axis] = axes
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens",
+                                             "cache_dtype", "row_sharding"))
+def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache_dtype,
+             row_sharding):
+  """Vision + text prefill once per prompt, then repeat G times into a fresh SamplingState."""
+  model = nnx.merge(graphdef, params)
+  input_ids = batch["input_ids"]  # int32[B, T]
+  b, t = input_ids.shape
+  c = t + max_new_tokens
+  image_features = video_features = None
+  if "pixel_values" in batch:
+    image_features = model.get_vision_features(batch["pixel_values"], batch["image_vis"])
+  if "pixel_values_videos" in batch:
+    video_features = model.get_vision_features(batch["pixel_values_videos"], batch["video_vis"])
+  embeds = model.embed(input_ids, image_features=image_features, video_features=video_features)
+  kv_mask = jnp.concatenate([batch["attention_mask"], jnp.ones((b, max_new_tokens), bool)], axis=1)
+  cache = text_lib.init_cache(model.config, b, c, cache_dtype)
+  hidden, cache = model.forward_embeds(embeds, batch["position_ids"], kv_mask, cache=cache,
+                                       cache_index=jnp.int32(0))
+  # Left padding puts every row's last prompt token in column T-1.
+  logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+
+  g = num_samples
+  rep = lambda x: _constrain_rows(jnp.repeat(x, g, axis=0), row_sharding)
+  r = b * g
+  return SamplingState(
+      tokens=_constrain_rows(jnp.zeros((r, max_new_tokens), jnp.int32), row_sharding),
+      logprobs=_constrain_rows(jnp.zeros((r, max_new_tokens), jnp.float32), row_sharding),
+      lengths=_constrain_rows(jnp.zeros((r,), jnp.int32), row_sharding),
+      done=_constrain_rows(jnp.zeros((r,), bool), row_sharding),
+      logits=rep(logits),
+      cache=jax.tree.map(rep, cache),
+      kv_mask=rep(kv_mask),
+      base_pos=_constrain_rows(jnp.repeat(batch["base_pos"], g, axis=1), row_sharding, axis=1),
+      prompt_len=jnp.int32(t),
+      step=jnp.int32(0),
+      rng=rng,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "scfg"), donate_argnames=("state",))
+def _decode(params, state, until, *, graphdef, scfg):
+  """Samples until every row is done or `until` (<= max_new_tokens) tokens exist."""
+  max_new_tokens = state.tokens.shape[1]
+  until = jnp.minimum(until, max_new_tokens)
+  stop_ids = jnp.asarray(scfg.stop_ids, jnp.int32) if scfg.stop_ids else None
+
+  def cond(s):
+    return (s.step < until) & ~jnp.all(s.done)
+
+  def body(s):
+    model = nnx.merge(graphdef, params)
+    tok, lp = select_tokens(s.logits, jax.random.fold_in(s.rng, s.step), scfg)
+    tok = jnp.where(s.done, scfg.pad_id, tok)
+    lp = jnp.where(s.done, 0.0, lp)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    logprobs = jax.lax.dynamic_update_slice(s.logprobs, lp[:, None], (0, s.step))
+    lengths = s.lengths + (~s.done).astype(jnp.int32)
+    done = s.done
+    if stop_ids is not None:
+      done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    # Feed the new token. Done rows feed the pad id; their outputs are never read again.
+    pos = (s.base_pos + s.step)[:, :, None]  # [3, R, 1]
+    embeds = model.embed(tok[:, None])
+    hidden, cache = model.forward_embeds(embeds, pos, s.kv_mask, cache=s.cache,
+                                         cache_index=s.prompt_len + s.step)
+    logits = model.logits(hidden)[:, 0].astype(jnp.float32)
+    return s.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, logits=logits,
+                     cache=cache, step=s.step + 1)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side.
+
+
+def _left_pad(x, length, value):
+  x = np.asarray(x)
+  pad = length - x.shape[1]
+  if pad <= 0:
+    return x
+  return np.concatenate([np.full((x.shape[0], pad), value, x.dtype), x], axis=1)
+
+
+def _check_left_padded(mask):
+  for b, row in enumerate(mask):
+    n = int(row.sum())
+    if n == 0:
+      raise ValueError(f"attention_mask row {b} is empty: every prompt needs at least one token")
+    if not row[len(row) - n:].all():
+      raise ValueError(f"attention_mask row {b} is not left-padded (sampling writes new tokens at "
+                       "the right end): pad prompts on the left")
+
+
+class Sampler:
+  """Reusable sampler: the jitted prefill/decode are module-level, so every Sampler (and every
+  `generate` call) with the same model graph, shapes and settings shares one executable.
+
+  Typical use (trainer rollout, evaluator):
+    sampler = Sampler(model, temperature=1.0, top_k=50, top_p=0.95)
+    out = sampler(input_ids, attention_mask, max_new_tokens=1024, num_samples=8, rng=key,
+                  pixel_values_videos=pv, video_grid_thw=grid, second_per_grid_ts=sec)
+  With new weights (after an optimizer step) pass `params=` (the nnx.State of the same graph).
+
+  Args:
+    model: a `qwen2_5_vl.Qwen2_5_VL`; it is split once here.
+    temperature, top_k, top_p, stop_ids, extra_stop_ids, pad_id: see `make_config`.
+    prompt_bucket: prompts are left-padded to a multiple of this (1 = use the given length).
+    cache_dtype: KV-cache dtype (default: the model's compute dtype; bf16 halves cache memory).
+    mesh, batch_axes: when a mesh is given, rows are sharded over `batch_axes` (default data+fsdp)
+      wherever the row count divides; params keep whatever sharding they already have.
+    vision_budget: optional static patch budgets forwarded to `prepare_vision_inputs`, so videos
+      with different grids but the same budget do not recompile.
+  """
+
+  def __init__(self, model, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
+               extra_stop_ids=(), pad_id=None, prompt_bucket=1, cache_dtype=None, mesh=None,
+               batch_axes=("data", "fsdp"), vision_budget=None):
+    self.cfg = model.config
+    self.graphdef, self.params = nnx.split(model)
+    self.scfg = make_config(self.cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_ids=stop_ids, extra_stop_ids=extra_stop_ids, pad_id=pad_id)
+    self.prompt_bucket = max(1, int(prompt_bucket))
+    self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None
+                                 else getattr(model, "dtype", jnp.float32))
+    self.mesh = mesh
+    self.batch_axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
+    self.vision_budget = vision_budget or {}
+
+  # -- host preparation ------------------------------------------------------------------------
+
+  def _row_sharding(self, rows):
+    if self.mesh is None or not self.batch_axes:
+      return None
+    n = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
+    return (self.mesh, self.batch_axes) if n > 1 and rows % n == 0 else None
+
+  def prepare(self, input_ids, attention_mask, *, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None):
+    """Host-side numpy: bucketing, M-RoPE ids, decode base positions, vision index arrays."""
+    cfg = self.cfg
+    input_ids = np.asarray(input_ids).astype(np.int32)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    mask = (np.ones_like(input_ids, bool) if attention_mask is None
+            else np.asarray(attention_mask).astype(bool))
+    if mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+    _check_left_padded(mask)
+    t = -(-input_ids.shape[1] // self.prompt_bucket) * self.prompt_bucket
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else self.scfg.pad_id
+    input_ids = _left_pad(input_ids, t, pad)
+    mask = _left_pad(mask, t, False)
+    qwen2_5_vl.check_placeholder_counts(cfg, input_ids, image_grid_thw=image_grid_thw,
+                                        video_grid_thw=video_grid_thw)
+    pos, deltas = positions_lib.get_rope_index(
+        input_ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
+        spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        vision_start_token_id=cfg.vision_start_token_id,
+        text_after_vision=cfg.text_after_vision)
+    pos = np.asarray(pos).astype(np.int32)
+    deltas = np.asarray(deltas).reshape(-1).astype(np.int32)
+    if cfg.text_after_vision == "hf5":
+      base = pos[:, :, -1] + 1  # transformers 5.x generate: each stream's last id + 1
+    else:
+      base = np.broadcast_to(mask.sum(1).astype(np.int32) + deltas, (3, mask.shape[0])).copy()
+    batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos,
+             "base_pos": base.astype(np.int32)}
+    if pixel_values is not None:
+      batch["pixel_values"] = np.asarray(pixel_values, np.float32)
+      batch["image_vis"] = qwen2_5_vl.prepare_vision_inputs(
+          cfg, np.asarray(image_grid_thw), **self.vision_budget.get("image", {}))
+    if pixel_values_videos is not None:
+      batch["pixel_values_videos"] = np.asarray(pixel_values_videos, np.float32)
+      batch["video_vis"] = qwen2_5_vl.prepare_vision_inputs(
+          cfg, np.asarray(video_grid_thw), **self.vision_budget.get("video", {}))
+    return batch
+
+  def _put(self, batch):
+    sharding = self._row_sharding(batch["input_ids"].shape[0])
+    if sharding is None:
+      return jax.device_put(batch)
+    mesh, axes = sharding
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+    cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out = {}
+    for k, v in batch.items():
+      if k in ("input_ids", "attention_mask"):
+        out[k] = jax.device_put(v, rows)
+      elif k in ("position_ids", "base_pos"):
+        out[k] = jax.device_put(v, cols)
+      else:
+        out[k] = jax.device_put(v, repl)
+    return out
+
+  # -- device calls ----------------------------------------------------------------------------
+
+  def prefill(self, batch, *, max_new_tokens, num_samples=1, rng=None, params=None):
+    """Jitted prefill on a prepared batch -> SamplingState with B*num_samples rows."""
+    rng = jax.random.key(0) if rng is None else rng
+    rows = batch["input_ids"].shape[0] * num_samples
+    return _prefill(self.params if params is None else params, self._put(batch), rng,
+                    graphdef=self.graphdef, num_samples=int(num_samples),
+                    max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
+                    row_sharding=self._row_sharding(rows))
+
+  def decode(self, state, *, until=None, params=None):
+    """Jitted decode loop (donates `state`)."""
+    until = state.tokens.shape[1] if until is None else until
+    return _decode(self.params if params is None else params, state, jnp.int32(until),
+                   graphdef=self.graphdef, scfg=self.scfg)
+
+  def __call__(self, input_ids, attention_mask=None, *, max_new_tokens, num_samples=1, rng=None,
+               params=None, callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
+               chunk=8, **vision) -> SampleOutput:
+    """Samples `num_samples` completions per prompt.
+
+    Args:
+      input_ids: int[B, T] left-padded prompts; attention_mask: [B, T] (1 = token).
+      max_new_tokens: N. num_samples: G. rng: PRNG key (fixed key -> same samples).
+      params: optional nnx.State to sample with (defaults to the weights at construction).
+      callback: streaming hook; called after every `chunk` tokens with (new int32[R, k] tokens,
+        done bool[R]) on the host. The chunks reuse the single compiled decode loop.
+      **vision: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+        second_per_grid_ts (HF processor outputs).
+
+    Returns:
+      SampleOutput(tokens int32[B*G, N], logprobs float32[B*G, N], lengths int32[B*G]).
+    """
+    batch = self.prepare(input_ids, attention_mask, **vision)
+    state = self.prefill(batch, max_new_tokens=max_new_tokens, num_samples=num_samples, rng=rng,
+                         params=params)
+    if callback is None:
+      state = self.decode(state, params=params)
+    else:
+      emitted = 0
+      while emitted < max_new_tokens:
+        state = self.decode(state, until=min(emitted + chunk, max_new_tokens), params=params)
+        step = int(state.step)
+        if step > emitted:
+          callback(np.asarray(state.tokens[:, emitted:step]), np.asarray(state.done))
+        if step <= emitted or step >= max_new_tokens or bool(np.all(np.asarray(state.done))):
+          break
+        emitted = step
+    return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths)
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens, temperature=0.0, top_k=0,
+             top_p=1.0, num_samples=1, rng=None, stop_ids=None, extra_stop_ids=(), pad_id=None,
+             cache_dtype=None, prompt_bucket=1, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+             mesh=None) -> SampleOutput:
+  """One-shot sampling (acceptance API). See `Sampler` for the arguments.
+
+  Returns out.tokens int32[B*num_samples, N] (pad id after the stop id), out.logprobs float32
+  [B*num_samples, N] (log pi at temperature 1) and out.lengths int32[B*num_samples].
+  """
+  sampler = Sampler(model, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                    extra_stop_ids=extra_stop_ids, pad_id=pad_id, prompt_bucket=prompt_bucket,
+                    cache_dtype=cache_dtype, mesh=mesh)
+  return sampler(input_ids, attention_mask, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                 rng=rng, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                 second_per_grid_ts=second_per_grid_ts)

@@ -1,0 +1,323 @@
+"""Tests for spacer_jax.sampling: exactness against transformers' generate and against full forwards,
+G-fold cache repetition, sampling filters, reproducibility, sharding and compile counts.
+
+Tiny random Qwen2.5-VL models are built with transformers + save_pretrained and loaded with
+qwen2_5_vl.load_hf, so both sides share the same weights.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from spacer_jax import sampling
+from spacer_jax.models import qwen2_5_vl
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+IMAGE_ID, VIDEO_ID, VISION_PAD_ID = 120, 121, 117
+VISION_START, VISION_END = 118, 119
+EOS_ID, PAD_ID = 122, 123
+PLACEHOLDERS = [IMAGE_ID, VIDEO_ID, VISION_PAD_ID]
+TEXT_IDS = 100  # ordinary text tokens are drawn from [0, 100)
+# Same mapping as config_lib.FSDP_RULES: hidden dims over fsdp, everything else replicated.
+FSDP_RULES = (("batch", ("data", "fsdp")), ("seq", None), ("embed", "fsdp"),
+              ("vision_embed", "fsdp"), ("heads", None), ("kv_heads", None), ("mlp", None),
+              ("vision_mlp", None), ("vocab", None), ("norm", None))
+
+
+def _hf_config():
+  return transformers.Qwen2_5_VLConfig(
+      text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                        "rope_theta": 1e6},
+                       tie_word_embeddings=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                       bos_token_id=PAD_ID),
+      vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                         out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                         temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                         tokens_per_second=2),
+      image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_token_id=VISION_PAD_ID,
+      vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+      eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=PAD_ID, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """(torch model, checkpoint dir) with random weights."""
+  torch.manual_seed(0)
+  hf = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config()).eval()
+  # Larger random weights than the 0.02 default give peaked, well-separated logits.
+  with torch.no_grad():
+    for p in hf.parameters():
+      if p.ndim >= 2:
+        p.normal_(0.0, 0.15)
+  d = tmp_path_factory.mktemp("tiny_qwen")
+  hf.save_pretrained(d)
+  return hf, str(d)
+
+
+@pytest.fixture(scope="module")
+def model(hf_pair):
+  return qwen2_5_vl.load_hf(hf_pair[1], dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def model_hf5(hf_pair):
+  return qwen2_5_vl.load_hf(hf_pair[1], dtype=jnp.float32, text_after_vision="hf5")
+
+
+def _text_batch(rng, lengths, total=None):
+  """Left-padded int32[B, T] prompts of ordinary text ids and their mask."""
+  total = total or max(lengths)
+  ids = np.full((len(lengths), total), PAD_ID, np.int32)
+  mask = np.zeros((len(lengths), total), np.int32)
+  for b, n in enumerate(lengths):
+    ids[b, total - n:] = rng.integers(0, TEXT_IDS, n)
+    mask[b, total - n:] = 1
+  return ids, mask
+
+
+def _hf_greedy(hf, ids, mask, n, **vision):
+  """transformers generate, greedy with the KV cache, EOS disabled, placeholders suppressed (our
+  sampler never emits them)."""
+  gc = transformers.GenerationConfig(do_sample=False, use_cache=True, max_new_tokens=n,
+                                     min_new_tokens=0, eos_token_id=None, pad_token_id=PAD_ID,
+                                     suppress_tokens=PLACEHOLDERS)
+  hf.generation_config.eos_token_id = None
+  t = {k: torch.as_tensor(np.asarray(v)) for k, v in vision.items() if v is not None}
+  with torch.no_grad():
+    out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                      generation_config=gc, **t)
+  out = out[:, ids.shape[1]:].numpy()
+  assert out.shape[1] == n, "EOS was not disabled on the HF side"
+  return out
+
+
+def _full_logits(model, ids, mask, **vision):
+  """float32[B, T, V] from one uncached forward (the trainer's view)."""
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), **vision))
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness against transformers.
+
+
+@pytest.mark.hf
+def test_greedy_text_matches_hf_left_padded(hf_pair, model):
+  hf, _ = hf_pair
+  ids, mask = _text_batch(np.random.default_rng(0), [7, 11])
+  n = 16
+  want = _hf_greedy(hf, ids, mask, n)
+  with jax.default_matmul_precision("highest"):
+    out = sampling.generate(model, ids, mask, max_new_tokens=n, temperature=0.0, stop_ids=())
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
+  np.testing.assert_array_equal(np.asarray(out.lengths), [n, n])
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness against our own uncached forward.
+
+
+def _check_cached_logits(model, ids, mask, n, **vision):
+  sampler = sampling.Sampler(model, stop_ids=())
+  with jax.default_matmul_precision("highest"):
+    batch = sampler.prepare(ids, mask, **vision)
+    state = sampler.prefill(batch, max_new_tokens=n)
+    seq, seq_mask = ids, mask
+    for k in range(n + 1):
+      full = _full_logits(model, seq, seq_mask, **vision)[:, -1]
+      np.testing.assert_allclose(np.asarray(state.logits), full, atol=1e-4, rtol=0,
+                                 err_msg=f"step {k}")
+      if k == n:
+        break
+      state = sampler.decode(state, until=k + 1)
+      tok = np.asarray(state.tokens[:, k:k + 1])
+      seq = np.concatenate([seq, tok], axis=1)
+      seq_mask = np.concatenate([seq_mask, np.ones_like(tok)], axis=1)
+
+
+def test_cached_decode_logits_equal_full_forward_text(model):
+  ids, mask = _text_batch(np.random.default_rng(1), [5, 9])
+  _check_cached_logits(model, ids, mask, 6)
+
+
+def test_logprobs_equal_full_forward(model):
+  ids, mask = _text_batch(np.random.default_rng(2), [6, 10])
+  n, g = 10, 3
+  with jax.default_matmul_precision("highest"):
+    out = sampling.generate(model, ids, mask, max_new_tokens=n, temperature=1.0, top_k=20,
+                            top_p=0.9, num_samples=g, rng=jax.random.key(3), stop_ids=(EOS_ID,))
+  tokens, logprobs, lengths = map(np.asarray, (out.tokens, out.logprobs, out.lengths))
+  seq = np.concatenate([np.repeat(ids, g, 0), tokens], axis=1)
+  seq_mask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(tokens)], axis=1)
+  logits = _full_logits(model, seq, seq_mask)[:, ids.shape[1] - 1:-1]  # predicts completion tokens
+  ref = np.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1)[..., 0]
+  valid = np.arange(n)[None] < lengths[:, None]
+  np.testing.assert_allclose(np.where(valid, logprobs, 0), np.where(valid, ref, 0), atol=1e-5, rtol=0)
+  assert np.all(logprobs[~valid] == 0)
+
+
+def test_prefill_once_repeat_equals_separate_prefills(model):
+  ids, mask = _text_batch(np.random.default_rng(4), [4, 8])
+  g, n = 4, 6
+  sampler = sampling.Sampler(model, temperature=1.0, top_k=30, stop_ids=())
+  with jax.default_matmul_precision("highest"):
+    once = sampler.prefill(sampler.prepare(ids, mask), max_new_tokens=n, num_samples=g)
+    sep = sampler.prefill(sampler.prepare(np.repeat(ids, g, 0), np.repeat(mask, g, 0)),
+                          max_new_tokens=n, num_samples=1)
+    np.testing.assert_allclose(np.asarray(once.logits), np.asarray(sep.logits), atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                 once.cache, sep.cache)
+    np.testing.assert_array_equal(np.asarray(once.base_pos), np.asarray(sep.base_pos))
+    np.testing.assert_array_equal(np.asarray(once.kv_mask), np.asarray(sep.kv_mask))
+    a = sampler.decode(once)
+    b = sampler.decode(sep)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stopping, padding, reproducibility.
+
+
+def test_stop_ids_pad_after_stop(model):
+  ids, mask = _text_batch(np.random.default_rng(5), [6, 9])
+  n = 12
+  free = np.asarray(sampling.generate(model, ids, mask, max_new_tokens=n, stop_ids=()).tokens)
+  stop = int(free[0, 3])  # a token row 0 emits at step 3 (maybe earlier too)
+  out = sampling.generate(model, ids, mask, max_new_tokens=n, stop_ids=(stop,), pad_id=PAD_ID)
+  tokens, logprobs, lengths = np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.lengths)
+  for r in range(2):
+    hits = np.nonzero(free[r] == stop)[0]
+    want_len = int(hits[0]) + 1 if len(hits) else n
+    assert lengths[r] == want_len
+    np.testing.assert_array_equal(tokens[r, :want_len], free[r, :want_len])
+    assert np.all(tokens[r, want_len:] == PAD_ID)
+    assert np.all(logprobs[r, want_len:] == 0)
+  assert lengths[0] <= 4
+
+
+def test_default_stop_ids_include_pad():
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(_hf_config().to_dict())
+  assert set(sampling.default_stop_ids(cfg)) == {EOS_ID, PAD_ID}
+  assert set(sampling.vision_placeholder_ids(cfg)) >= {IMAGE_ID, VIDEO_ID}
+
+
+def test_fixed_rng_reproducible(model):
+  ids, mask = _text_batch(np.random.default_rng(6), [5, 7])
+  kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, num_samples=4, stop_ids=())
+  a = sampling.generate(model, ids, mask, rng=jax.random.key(7), **kw)
+  b = sampling.generate(model, ids, mask, rng=jax.random.key(7), **kw)
+  c = sampling.generate(model, ids, mask, rng=jax.random.key(8), **kw)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+  assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+  # The G samples of one prompt are not copies of each other.
+  assert len({tuple(r) for r in np.asarray(a.tokens)[:4]}) > 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Token filters (many draws).
+
+
+def _allowed(logits, temperature, top_k, top_p, forbidden):
+  """numpy reference of transformers' TemperatureLogitsWarper -> TopK -> TopP (min_tokens_to_keep 1)."""
+  x = logits.astype(np.float64).copy()
+  x[:, forbidden] = -np.inf
+  x = x / temperature
+  out = []
+  for row in x:
+    order = np.argsort(-row, kind="stable")
+    keep = order[:top_k] if top_k else order[np.isfinite(row[order])]
+    p = np.exp(row[keep] - row[keep].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    out.append(set(keep[before < top_p].tolist()))
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (50, 0.95), (8, 0.5)])
+def test_top_k_top_p_never_leave_allowed_set(top_k, top_p):
+  rng = np.random.default_rng(top_k + int(top_p * 100))
+  v, r, draws = 64, 6, 400
+  logits = rng.normal(0, 2.0, (r, v)).astype(np.float32)
+  logits[:, 3] = 20.0  # a forbidden id holding the top logit must still never appear
+  scfg = sampling.SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p, forbidden_ids=(3, 9))
+  allowed = _allowed(logits, 0.7, top_k, top_p, [3, 9])
+  keys = jax.random.split(jax.random.key(0), draws)
+  toks, lps = jax.jit(jax.vmap(lambda k: sampling.select_tokens(jnp.asarray(logits), k, scfg)))(keys)
+  toks = np.asarray(toks)  # [draws, R]
+  ref_lp = np.asarray(jax.nn.log_softmax(logits, -1))
+  for row in range(r):
+    seen = set(toks[:, row].tolist())
+    assert seen <= allowed[row], (row, seen - allowed[row])
+    assert 3 not in seen and 9 not in seen
+    if len(allowed[row]) > 1:
+      assert len(seen) > 1  # actually sampling, not collapsing to argmax
+  np.testing.assert_allclose(np.asarray(lps), ref_lp[np.arange(r)[None], toks], atol=1e-6)
+
+
+def test_greedy_skips_placeholders():
+  logits = np.zeros((2, 16), np.float32)
+  logits[:, 5] = 3.0
+  logits[:, 7] = 2.0
+  scfg = sampling.SamplingConfig(temperature=0.0, forbidden_ids=(5,))
+  tok, _ = sampling.select_tokens(jnp.asarray(logits), None, scfg)
+  np.testing.assert_array_equal(np.asarray(tok), [7, 7])
+
+
+# ------------------------------------------------------------------------------------------------
+# Compilation and sharding.
+
+
+def test_no_recompilation_for_new_data_of_same_shape(model):
+  kw = dict(max_new_tokens=5, temperature=1.0, top_k=10, num_samples=2, stop_ids=(EOS_ID,))
+  ids, mask = _text_batch(np.random.default_rng(8), [3, 6], total=8)
+  sampling.generate(model, ids, mask, rng=jax.random.key(0), **kw)
+  before = (sampling._prefill._cache_size(), sampling._decode._cache_size())
+  for seed in (9, 10):
+    ids, mask = _text_batch(np.random.default_rng(seed), [8, 2], total=8)
+    sampling.generate(model, ids, mask, rng=jax.random.key(seed), **kw)
+  after = (sampling._prefill._cache_size(), sampling._decode._cache_size())
+  assert after == before
+
+
+def test_sharded_rows_match_single_device(hf_pair, model):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # FSDP-sharded weights (embed dim over fsdp), rows over data x fsdp.
+  sharded_model = qwen2_5_vl.load_hf(hf_pair[1], dtype=jnp.float32, mesh=mesh,
+                                     rules=FSDP_RULES)
+  ids, mask = _text_batch(np.random.default_rng(11), [5, 8])
+  kw = dict(max_new_tokens=6, temperature=1.0, top_k=20, num_samples=4, rng=jax.random.key(1),
+            stop_ids=())
+  with jax.default_matmul_precision("highest"):
+    single = sampling.generate(model, ids, mask, **kw)
+    with jax.set_mesh(mesh):
+      sharded = sampling.generate(sharded_model, ids, mask, mesh=mesh, **kw)
+  assert len(sharded.tokens.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+  np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
+
+
+def test_streaming_callback_sees_every_token(model):
+  ids, mask = _text_batch(np.random.default_rng(12), [4, 6])
+  chunks = []
+  sampler = sampling.Sampler(model, stop_ids=())
+  out = sampler(ids, mask, max_new_tokens=7, chunk=3, callback=lambda t, d: chunks.append(t))
+  assert [c.shape[1] for c in chunks] == [3, 3, 1]
+  np.testing.assert_array_equal(np.concatenate(chunks, 1), np.asarray(out.tokens))
+
+
+def test_rejects_right_padding(model):
+  ids = np.array([[1, 2, PAD_ID]], np.int32)
+  with pytest.raises(ValueError, match="left-padded"):
+    sampling.generate(model, ids, np.array([[1, 1, 0]]), max_new_tokens=2)
