@@ -80,15 +80,15 @@ def test_bad_spacer_records_skipped_counted_and_named(tmp_path, caplog):
   msgs = [r.getMessage() for r in caplog.records]
   assert len(msgs) == 7  # one warning per skipped record
   assert any("record 'line 2'" in m and str(path) in m and "malformed_json" in m for m in msgs)
-  assert any("record 3 " in m and "'solution'" in m and str(path) in m for m in msgs)
-  assert any("record 4 " in m and "'yes/no'" in m for m in msgs)
-  assert any("record 6 " in m and "'scene0006_00'" in m for m in msgs)
+  assert any("record '3' " in m and "'solution'" in m and str(path) in m for m in msgs)
+  assert any("record '4' " in m and "'yes/no'" in m for m in msgs)
+  assert any("record '6' " in m and "'scene0006_00'" in m for m in msgs)
 
 
 @pytest.mark.parametrize("row,match", [
     ("{not json", r"record 'line 1' in .*d.jsonl: malformed_json"),
-    ({"problem_id": 7, "problem": "q"}, r"record 7 in .*d.jsonl: missing_field: missing field\(s\) \['data_type'"),
-    (_spacer_row(8, problem_type="counting"), r"record 8 in .*d.jsonl: unknown_problem_type: .*'counting'"),
+    ({"problem_id": 7, "problem": "q"}, r"record '7' in .*d.jsonl: missing_field: missing field\(s\) \['data_type'"),
+    (_spacer_row(8, problem_type="counting"), r"record '8' in .*d.jsonl: unknown_problem_type: .*'counting'"),
 ])
 def test_strict_mode_raises_with_detail(tmp_path, row, match):
   path = _write_jsonl(tmp_path / "d.jsonl", [row])
@@ -145,5 +145,5 @@ def test_vsibench_bad_rows(tmp_path):
   bad = sources.BadRecords()
   assert [r.id for r in sources.load_vsibench(path, bad=bad)] == ["0", "1"]
   assert bad.counts == {"unknown_problem_type": 1, "missing_field": 1, "bad_field": 1}
-  with pytest.raises(sources.BadRecordError, match=r"record 2 in .*v.jsonl: unknown_problem_type"):
+  with pytest.raises(sources.BadRecordError, match=r"record '2' in .*v.jsonl: unknown_problem_type"):
     sources.load_vsibench(path, strict=True)

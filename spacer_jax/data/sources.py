@@ -50,7 +50,7 @@ class BadRecords:
     self.counts = collections.Counter()
 
   def report(self, reason: str, record_id, file, detail: str) -> None:
-    msg = f"record {record_id!r} in {file}: {reason}: {detail}"
+    msg = f"record {str(record_id)!r} in {file}: {reason}: {detail}"
     if self.strict:
       raise BadRecordError(msg)
     self.counts[reason] += 1

@@ -1,0 +1,108 @@
+"""TFDS round trip (array_record, media bytes, no TensorFlow) for SpaceR-151k and VSI-Bench."""
+
+import io
+import json
+import sys
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import PIL.Image
+import pytest
+
+from spacer_jax.data import sources
+from spacer_jax.data import tfds_builders
+from spacer_jax.data import video
+
+
+def make_mp4(path, frames=8, height=56, width=84, fps=4, seed=0):
+  """A tiny h264 clip with random content (PyAV)."""
+  rng = np.random.default_rng(seed)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), "w") as c:
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+    for _ in range(frames):
+      img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+      for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  return path
+
+
+def _jsonl(path, rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def spacer_manual(tmp_path):
+  d = tmp_path / "manual"
+  make_mp4(d / "vids" / "scene0001_00.mp4", seed=1)
+  make_mp4(d / "vids" / "clip2.mp4", frames=6, seed=2)
+  (d / "imgs").mkdir(parents=True)
+  PIL.Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(d / "imgs" / "a.png")
+  _jsonl(d / "annotation" / "cognitive_map.jsonl",
+         [{"video_id": "scene0001_00", "cognitive_map": {"sofa": [[1, 2]], "tv": [[3, 4]]}, "object_list": []}])
+  base = {"problem": "How many sofa(s)?", "problem_type": "numerical", "options": [], "solution": "<answer>1</answer>",
+          "data_source": "LLaVA-Video", "data_type": "video"}
+  _jsonl(d / "SpaceR-151k.jsonl", [
+      {**base, "problem_id": 1, "path": "vids/scene0001_00.mp4", "data_source": "SR_dataset"},
+      {**base, "problem_id": 2, "path": "vids/clip2.mp4", "problem_type": "multiple choice",
+       "options": ["A. a", "B. b"], "solution": "<answer>A</answer>"},
+      {**base, "problem_id": 3, "path": "imgs/a.png", "data_type": "image"},
+      {**base, "problem_id": 4, "path": "vids/missing.mp4"},
+      {**base, "problem_id": 5, "path": "vids/clip2.mp4", "problem_type": "unknown"},
+  ])
+  return d
+
+
+def test_spacer151k_round_trip(spacer_manual, tmp_path):
+  bad = tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds")
+  assert bad.counts == {"missing_media": 1, "unknown_problem_type": 1}
+  assert "tensorflow" not in sys.modules
+  src = tfds_builders.data_source("spacer151k", tmp_path / "tfds")
+  assert len(src) == 3
+  got = {r.id: r for r in (tfds_builders.record_from_example(src[i]) for i in range(len(src)))}
+  want = {r.id: r for r in sources.load_spacer(spacer_manual / "SpaceR-151k.jsonl")}
+  assert sorted(got) == ["1", "2", "3"]
+  for rid, rec in got.items():
+    assert rec.media_bytes == open(want[rid].media, "rb").read()
+    assert rec == want[rid].__class__(**{**want[rid].__dict__, "media_bytes": rec.media_bytes})
+  assert got["1"].cognitive_map == {"sofa": [[1, 2]], "tv": [[3, 4]]} and got["1"].categories == ("sofa", "tv")
+  clip = video.read_video(got["2"].media_bytes, name=got["2"].media)
+  direct = video.read_video(want["2"].media)
+  np.testing.assert_array_equal(clip.frames, direct.frames)
+  img = video.load_image(got["3"].media_bytes, name=got["3"].media)
+  assert img.shape == (40, 60, 3)
+
+
+def test_vsibench_round_trip(tmp_path):
+  d = tmp_path / "vsi"
+  make_mp4(d / "scannet" / "scene0011_00.mp4", seed=3)
+  rows = [
+      {"id": 0, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_counting",
+       "question": "How many chair(s)?", "options": None, "ground_truth": "2"},
+      {"id": 1, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "route_planning",
+       "question": "Which way?", "options": ["A. left", "B. right"], "ground_truth": "A"},
+      {"id": 2, "dataset": "arkitscenes", "scene_name": "404", "question_type": "object_counting",
+       "question": "How many?", "options": None, "ground_truth": "1"},
+  ]
+  pq.write_table(pa.Table.from_pylist(rows), d / "test-00000-of-00001.parquet")
+  bad = tfds_builders.prepare("vsibench", d, tmp_path / "tfds")
+  assert bad.counts == {"missing_media": 1}
+  src = tfds_builders.data_source("vsibench", tmp_path / "tfds")
+  recs = sorted((tfds_builders.record_from_example(src[i]) for i in range(len(src))), key=lambda r: r.id)
+  want = sources.load_vsibench(d / "test-00000-of-00001.parquet")[:2]
+  assert [r.id for r in recs] == ["0", "1"]
+  for r, w in zip(recs, want):
+    assert r.prompt == w.prompt and r.question_type == w.question_type and r.ground_truth == w.ground_truth
+    assert r.options == w.options and r.solution == w.solution and r.categories == w.categories
+  assert recs[1].media_bytes == (d / "scannet" / "scene0011_00.mp4").read_bytes()
+
+
+def test_prepare_strict_raises(spacer_manual, tmp_path):
+  with pytest.raises(sources.BadRecordError, match=r"record '5' in .*SpaceR-151k.jsonl: unknown_problem_type"):
+    tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds", strict=True)
