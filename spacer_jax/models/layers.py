@@ -1,0 +1,149 @@
+"""Small building blocks shared by the vision tower and the text decoder.
+
+Linear, RMSNorm and Embedding keep Hugging Face's parameter names and layouts (`weight[out, in]`,
+`bias[out]`) so that checkpoint import/export is an identity (STYLE 3.4). Every parameter carries
+logical sharding axis names in its `out_sharding` metadata (flax 0.12 NNX), which
+`nnx.get_partition_spec` / `nnx.get_named_sharding` resolve under `nnx.logical_axis_rules`.
+
+Also here: split-half rotary helpers and `attention`, the single wrapper around
+`jax.nn.dot_product_attention` used by both towers, and `constrain`, the activation sharding hook.
+
+Axis legend: B batch, T query length, S key/value length, N query heads, K kv heads, H head dim,
+W windows (vision), M window length (vision).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+_INIT_STD = 0.02  # transformers' initializer_range; only used for random (test/smoke) init.
+
+
+def _normal(rngs, shape, dtype):
+  return _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+
+
+def param(value, axes):
+  """nnx.Param carrying logical axis names (`out_sharding` metadata).
+
+  Eager sharding (flax >= 0.12) needs a mesh and rules that resolve every name, so it is only
+  requested when both `jax.set_mesh` and `nnx.logical_axis_rules` are active; otherwise the names are
+  plain metadata for `nnx.get_partition_spec`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  eager = (nnx.using_eager_sharding() and bool(core_spmd.get_logical_axis_rules())
+           and mesh is not None and not mesh.empty)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=eager)
+
+
+class Linear(nnx.Module):
+  """`torch.nn.Linear` with HF layout: `weight[out, in]`, optional `bias[out]`.
+
+  `axes` names the logical axes of `weight` as (out_axis, in_axis); the bias takes the out axis.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+               axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.dtype = dtype
+    self.weight = param(_normal(rngs, (out_features, in_features), param_dtype), axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
+
+  def __call__(self, x):
+    w = self.weight[...].astype(self.dtype)
+    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w)  # [..., out]
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Mirrors transformers `Qwen2RMSNorm` / `Qwen2_5_VLRMSNorm` (transformers==5.24).
+
+  Normalises in float32, casts back to the input dtype *before* the weight multiply (spec §8).
+  """
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+  """`torch.nn.Embedding` with `weight[V, D]`; `attend` gives tied-head logits."""
+
+  def __init__(self, num_embeddings: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.dtype = dtype
+    self.weight = param(_normal(rngs, (num_embeddings, dim), param_dtype), ("vocab", "embed"))
+
+  def __call__(self, ids):
+    return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)  # [..., D]
+
+  def attend(self, x):
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary helpers (split halves, as HF `rotate_half`).
+
+
+def rotate_half(x):
+  h = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+  """x * cos + rotate_half(x) * sin; cos/sin broadcast against x (computed in x's dtype)."""
+  return x * cos + rotate_half(x) * sin
+
+
+def inv_freq(dim: int, theta: float):
+  """float32[dim/2]: 1 / theta^(2k/dim), computed in float32 like HF."""
+  exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / jnp.float32(dim)
+  return 1.0 / (jnp.float32(theta) ** exponent)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention and activation sharding.
+
+
+def attention(q, k, v, *, mask=None, kv_lengths=None, implementation=None):
+  """Scaled dot-product attention, softmax in float32.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (GQA handled natively).
+    mask: optional bool, broadcastable to [B, N, T, S]; True = attend.
+    kv_lengths: optional int32[B]; keys at s >= kv_lengths[b] are masked (cuDNN-friendly padding).
+    implementation: passed to `jax.nn.dot_product_attention` (None, "xla" or "cudnn").
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                      key_value_seq_lengths=kv_lengths,
+                                      implementation=implementation)
+
+
+def constrain(x, names):
+  """Constrains activation `x` to the logical axes `names` (e.g. ("batch", "seq", "embed")).
+
+  Resolved with the rules of the enclosing `nnx.logical_axis_rules(...)` against the mesh set with
+  `jax.set_mesh(...)`. Without rules or without a mesh it is the identity, so the model runs
+  unchanged on one device and in tests. The trainer's sharding module supplies both contexts.
+  """
+  rules = core_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh is None or mesh.empty:
+    return x
+  table = dict(rules)
+  spec = tuple(table.get(n) if n is not None else None for n in names)  # unknown name: replicated
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))

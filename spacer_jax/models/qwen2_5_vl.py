@@ -1,0 +1,410 @@
+"""Qwen2.5-VL root model: `visual`, `model` (text) and `lm_head`, plus its config.
+
+Mirrors transformers `Qwen2_5_VLForConditionalGeneration` (transformers==5.24) with the on-disk key
+layout of the published checkpoints (visual.*, model.*, lm_head.*). Vision features are scattered
+into the placeholder rows of the token embeddings in row-major order (spec §5).
+
+Two ways to run it:
+* `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=..., ...)`: convenience,
+  computes every index array on the host and returns float32 logits [B, T, V].
+* Jit-friendly pieces for the sampler/trainer: `prepare_vision_inputs` (host), then
+  `get_vision_features`, `embed`, `forward_embeds` (optionally with a KV cache) and `logits`.
+
+Axis legend: B batch, T query length, S key/value length, D text hidden, V vocab, P patches,
+Q merged vision tokens, C cache length.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spacer_jax.models import hf_weights
+from spacer_jax.models import layers
+from spacer_jax.models import positions
+from spacer_jax.models import text
+from spacer_jax.models import vision
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+  """Architecture + token ids. Build it from a checkpoint with `from_hf_json`."""
+  # Text decoder.
+  vocab_size: int = 152064
+  hidden_size: int = 3584
+  intermediate_size: int = 18944
+  num_hidden_layers: int = 28
+  num_attention_heads: int = 28
+  num_key_value_heads: int = 4
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  mrope_section: tuple[int, ...] = (16, 24, 24)
+  max_position_embeddings: int = 128000
+  tie_word_embeddings: bool = False
+  # Vision tower.
+  vision_depth: int = 32
+  vision_hidden_size: int = 1280
+  vision_num_heads: int = 16
+  vision_intermediate_size: int = 3420
+  out_hidden_size: int = 3584
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  in_channels: int = 3
+  window_size: int = 112
+  fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+  tokens_per_second: int = 2
+  vision_rope_theta: float = 10000.0
+  # Token ids.
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  bos_token_id: int = 151643
+  eos_token_id: tuple[int, ...] = (151645, 151643)
+  pad_token_id: int = 151643
+  # Options.
+  text_after_vision: str = "qwen"  # "qwen" | "hf5", see positions.get_rope_index
+  use_remat: bool = False  # rematerialise every decoder layer / vision block in the backward pass
+  attn_implementation: str | None = None  # jax.nn.dot_product_attention implementation
+
+  def __post_init__(self):
+    if self.text_after_vision not in positions.TEXT_AFTER_VISION:
+      raise ValueError(f"text_after_vision={self.text_after_vision!r}; expected one of "
+                       f"{positions.TEXT_AFTER_VISION}")
+    if self.hidden_size % self.num_attention_heads or self.num_attention_heads % \
+        self.num_key_value_heads:
+      raise ValueError(f"hidden_size {self.hidden_size}, heads {self.num_attention_heads} and kv "
+                       f"heads {self.num_key_value_heads} must divide evenly")
+    if sum(self.mrope_section) * 2 != self.head_dim:
+      raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = "
+                       f"{self.head_dim // 2}")
+    if self.out_hidden_size != self.hidden_size:
+      raise ValueError(f"vision out_hidden_size {self.out_hidden_size} != hidden_size "
+                       f"{self.hidden_size}")
+    if (self.vision_hidden_size // self.vision_num_heads) % 4:
+      raise ValueError("vision head dim must be a multiple of 4 (2-D rotary over split halves)")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def window_patches(self) -> int:
+    """Patches per full vision window (the static window length M)."""
+    return (self.window_size // self.patch_size) ** 2
+
+  @classmethod
+  def from_hf_json(cls, path_or_dict, **overrides):
+    """From a checkpoint's config.json (dir, file or dict), transformers 4.x flat or 5.x nested."""
+    d = path_or_dict
+    if not isinstance(d, dict):
+      path = os.path.join(d, "config.json") if os.path.isdir(d) else d
+      with open(path) as f:
+        d = json.load(f)
+    t = dict(d.get("text_config") or d)  # 4.x: text keys at the top level
+    v = d["vision_config"]
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", t.get("rope_theta", d.get("rope_theta", 1e6)))
+    vrope = v.get("rope_parameters") or {}
+
+    def pick(key, default=None):
+      for src in (d, t):
+        if src.get(key) is not None:
+          return src[key]
+      return default
+
+    eos = pick("eos_token_id", cls.eos_token_id)
+    kw = dict(
+        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"], rms_norm_eps=t["rms_norm_eps"],
+        rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+        tie_word_embeddings=bool(pick("tie_word_embeddings", False)),
+        vision_depth=v["depth"], vision_hidden_size=v.get("hidden_size", v.get("embed_dim")),
+        vision_num_heads=v["num_heads"], vision_intermediate_size=v["intermediate_size"],
+        out_hidden_size=v["out_hidden_size"],
+        patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        window_size=v["window_size"], fullatt_block_indexes=tuple(v["fullatt_block_indexes"]),
+        tokens_per_second=v["tokens_per_second"],
+        vision_rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        image_token_id=d["image_token_id"], video_token_id=d["video_token_id"],
+        vision_start_token_id=d["vision_start_token_id"],
+        vision_end_token_id=d["vision_end_token_id"],
+        bos_token_id=pick("bos_token_id", cls.bos_token_id),
+        eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+        pad_token_id=pick("pad_token_id", cls.pad_token_id),
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_hf_dict(self) -> dict:
+    """config.json in the transformers 5.x nested layout (loadable by 4.5x and 5.x)."""
+    text_cfg = dict(
+        model_type="qwen2_5_vl_text", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
+        hidden_act="silu", max_position_embeddings=self.max_position_embeddings,
+        rope_parameters=dict(rope_type="default", rope_theta=self.rope_theta,
+                             mrope_section=list(self.mrope_section)),
+        use_sliding_window=False, sliding_window=None, attention_dropout=0.0,
+        tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+        eos_token_id=list(self.eos_token_id), pad_token_id=self.pad_token_id)
+    vision_cfg = dict(
+        model_type="qwen2_5_vl_vision", depth=self.vision_depth,
+        hidden_size=self.vision_hidden_size, num_heads=self.vision_num_heads,
+        intermediate_size=self.vision_intermediate_size, out_hidden_size=self.out_hidden_size,
+        patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+        spatial_merge_size=self.spatial_merge_size, in_channels=self.in_channels,
+        window_size=self.window_size, fullatt_block_indexes=list(self.fullatt_block_indexes),
+        tokens_per_second=self.tokens_per_second, hidden_act="silu",
+        rope_parameters=dict(rope_type="axial", rope_theta=self.vision_rope_theta))
+    return dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                text_config=text_cfg, vision_config=vision_cfg,
+                tie_word_embeddings=self.tie_word_embeddings,
+                image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                vision_start_token_id=self.vision_start_token_id,
+                vision_end_token_id=self.vision_end_token_id)
+
+
+def qwen2p5_vl_3b(**overrides):
+  return Qwen2_5_VLConfig(**{**dict(
+      vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+      num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+      vision_intermediate_size=3420, out_hidden_size=2048), **overrides})
+
+
+def qwen2p5_vl_7b(**overrides):
+  return Qwen2_5_VLConfig(**{**dict(
+      vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+      num_attention_heads=28, num_key_value_heads=4, vision_intermediate_size=3420,
+      out_hidden_size=3584), **overrides})
+
+
+def qwen2p5_vl_32b(**overrides):
+  return Qwen2_5_VLConfig(**{**dict(
+      vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+      num_attention_heads=40, num_key_value_heads=8, vision_intermediate_size=3456,
+      out_hidden_size=5120), **overrides})
+
+
+def qwen2p5_vl_72b(**overrides):
+  return Qwen2_5_VLConfig(**{**dict(
+      vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+      num_attention_heads=64, num_key_value_heads=8, vision_intermediate_size=3456,
+      out_hidden_size=8192), **overrides})
+
+
+def tiny(**overrides):
+  """Test/smoke size with odd dimensions; window_size 56 gives 2x2-token (4x4-patch) windows."""
+  kw = dict(
+      vocab_size=131, hidden_size=56, intermediate_size=37, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, mrope_section=(3, 2, 2),
+      max_position_embeddings=4096, vision_depth=3, vision_hidden_size=36, vision_num_heads=3,
+      vision_intermediate_size=29, out_hidden_size=56, window_size=56, fullatt_block_indexes=(1,),
+      image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
+      bos_token_id=124, eos_token_id=(125,), pad_token_id=124)
+  kw.update(overrides)
+  if "hidden_size" in overrides and "out_hidden_size" not in overrides:
+    kw["out_hidden_size"] = kw["hidden_size"]
+  return Qwen2_5_VLConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side helpers.
+
+
+def check_placeholder_counts(cfg, input_ids, image_grid_thw=None, video_grid_thw=None,
+                             num_image_rows=None, num_video_rows=None):
+  """Raises ValueError (before any compute) when placeholders, grids and pixel rows disagree.
+
+  Args:
+    input_ids: int[B, T] with expanded placeholders.
+    image_grid_thw / video_grid_thw: int[n, 3] or None.
+    num_image_rows / num_video_rows: optional number of pixel rows (patches) passed in.
+  """
+  ids = np.asarray(input_ids)
+  merge2 = cfg.spatial_merge_size ** 2
+  for name, tok, grid, rows in (("image", cfg.image_token_id, image_grid_thw, num_image_rows),
+                                ("video", cfg.video_token_id, video_grid_thw, num_video_rows)):
+    n_tok = int((ids == tok).sum())
+    g = np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid).reshape(-1, 3)
+    n_feat = int(np.prod(g, axis=-1).sum()) // merge2
+    if n_tok != n_feat:
+      raise ValueError(f"{name} placeholders and features do not match: {n_tok} "
+                       f"{name}_token_id ({tok}) tokens in input_ids, {n_feat} feature rows from "
+                       f"{name}_grid_thw={g.tolist()}")
+    if rows is not None and rows != n_feat * merge2:
+      raise ValueError(f"{name} pixel rows ({rows}) != sum(t*h*w) of {name}_grid_thw "
+                       f"({n_feat * merge2})")
+
+
+def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, num_frames=None,
+                          frame_len=None):
+  """Host (numpy) index arrays for `get_vision_features`.
+
+  Without pad-to sizes every shape follows `grid_thw`. With them (`num_patches`, `num_windows`,
+  `num_frames`, `frame_len`: static budgets, >= the actual sizes) every shape depends only on the
+  budgets, so grids with the same budget share one compiled function. Pixel rows past the real
+  count must then be padded to `num_patches` by the caller; their features are garbage and are
+  never scattered (`embed` only reads as many rows as there are placeholders).
+
+  Returns:
+    dict of int32 arrays: window_index / reverse_index [Q], rot_pos [P, 2] (window order),
+    {win,full}_gather [W, M], {win,full}_lengths [W], {win,full}_scatter [P].
+  """
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  merge2 = cfg.spatial_merge_size ** 2
+  p = int(np.prod(grid, axis=-1).sum())
+  p_pad = p if num_patches is None else int(num_patches)
+  if p_pad < p or p_pad % merge2:
+    raise ValueError(f"num_patches={p_pad} must be >= {p} and a multiple of {merge2}")
+  q, q_pad = p // merge2, p_pad // merge2
+  win_idx, cu_win = positions.window_index(grid, window_size=cfg.window_size,
+                                           patch_size=cfg.patch_size,
+                                           spatial_merge_size=cfg.spatial_merge_size)
+  win_idx = np.concatenate([win_idx, np.arange(q, q_pad)])
+  rot = positions.vision_rotary_ids(grid, cfg.spatial_merge_size)
+  rot = np.concatenate([rot, np.zeros((p_pad - p, 2), np.int64)])
+  rot = rot.reshape(q_pad, merge2, 2)[win_idx].reshape(p_pad, 2)
+  wg, wl, ws = positions.segment_gather(cu_win, num_patches=p_pad, num_segments=num_windows,
+                                        segment_len=cfg.window_patches)
+  fg, fl, fs = positions.segment_gather(positions.cu_seqlens(grid), num_patches=p_pad,
+                                        num_segments=num_frames, segment_len=frame_len)
+  return dict(window_index=win_idx.astype(np.int32),
+              reverse_index=np.argsort(win_idx).astype(np.int32), rot_pos=rot.astype(np.int32),
+              win_gather=wg, win_lengths=wl, win_scatter=ws, full_gather=fg, full_lengths=fl,
+              full_scatter=fs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model.
+
+
+class Qwen2_5_VL(nnx.Module):
+  """Mirrors transformers `Qwen2_5_VLForConditionalGeneration` (transformers==5.24)."""
+
+  def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.config = cfg
+    self.dtype = dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.visual = vision.VisionTransformer(cfg, **kw)
+    self.model = text.Qwen2Model(cfg, **kw)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    layers.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                  axes=("vocab", "embed"), **kw))
+
+  def get_vision_features(self, pixel_values, vis):
+    """float[P, C*2*14*14] + prepare_vision_inputs dict -> [Q, D] in processor order."""
+    return self.visual(pixel_values, vis)
+
+  def embed(self, input_ids, image_features=None, video_features=None):
+    """Token embeddings [B, T, D] with vision features written into placeholder rows.
+
+    Features fill placeholders in row-major (batch, position) order, like HF `masked_scatter`.
+    Call `check_placeholder_counts` on the host first: inside jit a count mismatch cannot raise.
+    """
+    x = self.model.embed_tokens(input_ids)  # [B, T, D]
+    for tok, feats in ((self.config.image_token_id, image_features),
+                       (self.config.video_token_id, video_features)):
+      if feats is None:
+        continue
+      is_ph = input_ids == tok  # [B, T]
+      idx = jnp.cumsum(is_ph.reshape(-1)).reshape(is_ph.shape) - 1  # [B, T] feature row
+      rows = jnp.take(feats, jnp.clip(idx, 0, feats.shape[0] - 1), axis=0)  # [B, T, D]
+      x = jnp.where(is_ph[..., None], rows.astype(x.dtype), x)
+    return layers.constrain(x, ("batch", "seq", "embed"))
+
+  def forward_embeds(self, embeds, position_ids, kv_mask, cache=None, cache_index=None):
+    """Text decoder on embeddings; see text.Qwen2Model.__call__. Returns (hidden, cache)."""
+    return self.model(embeds, position_ids, kv_mask, cache, cache_index)
+
+  def logits(self, hidden):
+    """[B, T, D] -> float32[B, T, V]."""
+    if self.lm_head is None:
+      out = self.model.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return layers.constrain(out, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None):
+    """Full forward with host-side index code. Returns float32[B, T, V] logits."""
+    cfg = self.config
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    check_placeholder_counts(
+        cfg, ids, image_grid_thw if pixel_values is not None else None,
+        video_grid_thw if pixel_values_videos is not None else None,
+        None if pixel_values is None else pixel_values.shape[0],
+        None if pixel_values_videos is None else pixel_values_videos.shape[0])
+    pos, _ = positions.get_rope_index(
+        ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
+        spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        vision_start_token_id=cfg.vision_start_token_id, text_after_vision=cfg.text_after_vision)
+    img = vid = None
+    if pixel_values is not None:
+      img = self.get_vision_features(jnp.asarray(pixel_values),
+                                     prepare_vision_inputs(cfg, image_grid_thw))
+    if pixel_values_videos is not None:
+      vid = self.get_vision_features(jnp.asarray(pixel_values_videos),
+                                     prepare_vision_inputs(cfg, video_grid_thw))
+    embeds = self.embed(jnp.asarray(ids), img, vid)
+    hidden, _ = self.forward_embeds(embeds, jnp.asarray(pos, jnp.int32), jnp.asarray(mask))
+    return self.logits(hidden)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
+            **config_overrides):
+  """Loads a Hugging Face checkpoint directory (config.json + safetensors) into a model.
+
+  Args:
+    path: directory with config.json and model.safetensors or model.safetensors.index.json.
+    dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
+    mesh, rules: optional device mesh and logical-axis rules ((name, mesh_axes), ...); each
+      tensor is placed directly into its shard. Without them, params go to the default device.
+    **config_overrides: Qwen2_5_VLConfig fields to override (e.g. text_after_vision="hf5").
+
+  Raises:
+    KeyError listing every missing, unexpected and mis-shaped key.
+  """
+  cfg = Qwen2_5_VLConfig.from_hf_json(path, **config_overrides)
+  param_dtype = dtype if param_dtype is None else param_dtype
+  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                               param_dtype=param_dtype))
+  graphdef, abs_state = nnx.split(abstract)
+  if mesh is not None:
+    with nnx.logical_axis_rules(rules or ()):
+      specs = nnx.get_partition_spec(abs_state)
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+  else:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: dev, abs_state)
+  state = hf_weights.load_state(path, abs_state, shardings)
+  return nnx.merge(graphdef, state)
+
+
+def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30):
+  """Writes config.json + safetensors in the published key layout (transformers-loadable)."""
+  os.makedirs(path, exist_ok=True)
+  cfg_dict = model.config.to_hf_dict()
+  cfg_dict["dtype"] = str(np.dtype(model.model.norm.weight[...].dtype))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg_dict, f, indent=2)
+  hf_weights.save_state(nnx.state(model, nnx.Param), path, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,163 @@
+"""Text decoder: everything under the `model.*` checkpoint prefix (Qwen2 with M-RoPE).
+
+Mirrors transformers `Qwen2_5_VLTextModel` and its layers (transformers==5.24): GQA attention with
+q/k/v bias and no o_proj bias, SwiGLU MLP without bias, RMSNorm, and multimodal rotary (M-RoPE) whose
+64 frequency pairs are split into contiguous sections taking their angle from the t, h and w
+position streams (spec §4.1).
+
+KV cache: a list (one entry per layer) of {"k", "v"} arrays [B, C, K, H]. New keys/values are
+written at slots [cache_index, cache_index + T); cache_index is one scalar for the whole batch
+because batches are left-padded.
+
+Axis legend: B batch, T query length, S key/value length, D text hidden, N query heads,
+K kv heads, H head dim, F MLP hidden, V vocab, C cache length.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spacer_jax.models import layers
+
+
+def init_cache(cfg, batch: int, length: int, dtype=jnp.bfloat16):
+  """Zero KV cache: list over layers of {"k", "v"}: dtype[B, C, K, H]."""
+  shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(cfg.num_hidden_layers)]
+
+
+def mrope_cos_sin(position_ids, *, head_dim: int, theta: float, mrope_section, dtype):
+  """M-RoPE tables.
+
+  Args:
+    position_ids: int[3, B, T] (t, h, w streams).
+  Returns:
+    cos, sin: dtype[B, T, H]; computed in float32 then cast (HF casts to the activation dtype).
+  """
+  freq = layers.inv_freq(head_dim, theta)  # [H/2]
+  angles = position_ids.astype(jnp.float32)[..., None] * freq  # [3, B, T, H/2]
+  parts, start = [], 0
+  for i, n in enumerate(mrope_section):
+    parts.append(angles[i % 3, ..., start:start + n])
+    start += n
+  if start != head_dim // 2:
+    raise ValueError(f"mrope_section {tuple(mrope_section)} sums to {start}, expected head_dim/2 = "
+                     f"{head_dim // 2}")
+  f = jnp.concatenate(parts, axis=-1)  # [B, T, H/2]
+  emb = jnp.concatenate([f, f], axis=-1)  # [B, T, H]
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Mirrors transformers `Qwen2_5_VLAttention` (transformers==5.24)."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+    self.implementation = cfg.attn_implementation
+    self.q_proj = layers.Linear(d, n * h, use_bias=True, axes=("heads", "embed"), **kw)
+    self.k_proj = layers.Linear(d, k * h, use_bias=True, axes=("kv_heads", "embed"), **kw)
+    self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("kv_heads", "embed"), **kw)
+    self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("embed", "heads"), **kw)
+
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    """x: [B, T, D]; cos/sin: [B, T, H]; mask: bool[B, 1, T, S]. Returns ([B, T, D], cache)."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, H]
+    q = layers.apply_rotary(q, cos, sin)
+    k = layers.apply_rotary(k, cos, sin)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, C, K, H]
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)  # [B, C, K, H]
+      cache = {"k": k, "v": v}
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    out = layers.attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, H]
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+  """Mirrors transformers `Qwen2MLP` (transformers==5.24): down(silu(gate(x)) * up(x)), no bias."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj = layers.Linear(d, f, use_bias=False, axes=("mlp", "embed"), **kw)
+    self.up_proj = layers.Linear(d, f, use_bias=False, axes=("mlp", "embed"), **kw)
+    self.down_proj = layers.Linear(f, d, use_bias=False, axes=("embed", "mlp"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Mirrors transformers `Qwen2_5_VLDecoderLayer` (transformers==5.24), pre-norm."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, rngs=rngs, **kw)
+    self.mlp = MLP(cfg, rngs=rngs, **kw)
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return layers.constrain(x, ("batch", "seq", "embed")), cache
+
+
+def _layer_forward(layer, x, cos, sin, mask, cache, cache_index):
+  return layer(x, cos, sin, mask, cache, cache_index)
+
+
+_layer_forward_remat = nnx.remat(_layer_forward)
+
+
+class Qwen2Model(nnx.Module):
+  """Mirrors transformers `Qwen2_5_VLTextModel` (transformers==5.24): embed_tokens, layers, norm."""
+
+  def __init__(self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.dtype = dtype
+    self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+    self.mrope_section = tuple(cfg.mrope_section)
+    self.use_remat = cfg.use_remat
+    self.embed_tokens = layers.Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, **kw)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+
+  def __call__(self, embeds, position_ids, kv_mask, cache=None, cache_index=None):
+    """Decoder stack on input embeddings.
+
+    Args:
+      embeds: [B, T, D].
+      position_ids: int32[3, B, T] M-RoPE positions.
+      kv_mask: bool[B, S]; valid keys (S == T without cache, S == C with cache).
+      cache: optional list of {"k", "v"}: [B, C, K, H]; cache_index: scalar int32 slot of token 0.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, updated cache or None).
+    """
+    b, t, _ = embeds.shape
+    s = kv_mask.shape[1]
+    offset = 0 if cache is None else cache_index
+    q_pos = offset + jnp.arange(t, dtype=jnp.int32)  # [T] slot of each query
+    causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos[:, None]  # [T, S]
+    mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
+    cos, sin = mrope_cos_sin(position_ids, head_dim=self.head_dim, theta=self.rope_theta,
+                             mrope_section=self.mrope_section, dtype=self.dtype)
+    x = layers.constrain(embeds.astype(self.dtype), ("batch", "seq", "embed"))
+    fwd = _layer_forward_remat if self.use_remat else _layer_forward
+    new_cache = None if cache is None else []
+    for i, layer in enumerate(self.layers):
+      x, c = fwd(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(c)
+    return self.norm(x), new_cache

@@ -1,0 +1,178 @@
+"""Root model: logits parity with transformers' Qwen2_5_VLForConditionalGeneration on a tiny random
+model (save_pretrained -> load_hf), KV cache consistency, placeholder checks, config parsing."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ATOL_LAYER, ATOL_MODEL
+from spacer_jax.models import positions
+from spacer_jax.models import qwen2_5_vl
+from spacer_jax.models import text
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers (also imported by the other model test files).
+
+
+def make_hf_model(cfg, seed=0):
+  """Random-initialised transformers model for `cfg`, with every weight (norms too) perturbed so
+  that a wrong layout or a missing bias cannot hide behind the default init (ones / zeros)."""
+  d = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
+  hf_cfg = transformers.Qwen2_5_VLConfig(**d)
+  hf_cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).float().eval()
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or "layernorm" in name or "norm1" in name or \
+          "norm2" in name or "ln_q" in name:
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+  return model
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+  return qwen2_5_vl.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_cfg, tmp_path_factory):
+  """(hf_model, dir) with the tiny model saved by save_pretrained."""
+  model = make_hf_model(tiny_cfg)
+  path = tmp_path_factory.mktemp("tiny_hf")
+  model.save_pretrained(path)
+  return model, str(path)
+
+
+def text_ids(rng, cfg, b, t):
+  """Random ids below the special tokens (no placeholders)."""
+  return rng.integers(0, cfg.image_token_id, size=(b, t))
+
+
+def hf_logits(model, ids, mask, position_ids=None, **kw):
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask).long(),
+                position_ids=None if position_ids is None else torch.as_tensor(position_ids),
+                **kw)
+  return out.logits.float().numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Text path.
+
+
+@pytest.mark.hf
+def test_text_only_logits_left_padded(tiny_hf):
+  hf, path = tiny_hf
+  model = qwen2_5_vl.load_hf(path, dtype=jnp.float32)
+  cfg = model.config
+  rng = np.random.default_rng(0)
+  ids = text_ids(rng, cfg, 2, 13)
+  mask = np.ones_like(ids, bool)
+  mask[1, :4] = False  # left padding
+  pos, deltas = positions.get_rope_index(ids, mask, image_token_id=cfg.image_token_id,
+                                         video_token_id=cfg.video_token_id)
+  np.testing.assert_array_equal(deltas, [0, 0])
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model(ids, attention_mask=mask))
+  ref = hf_logits(hf, ids, mask, position_ids=pos)
+  assert ours.shape == (2, 13, cfg.vocab_size) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours[mask], ref[mask], atol=ATOL_MODEL, rtol=0)
+  # An unpadded row equals HF's own default positions (arange) too.
+  ref0 = hf_logits(hf, ids[:1], mask[:1])
+  np.testing.assert_allclose(ours[0], ref0[0], atol=ATOL_MODEL, rtol=0)
+
+
+@pytest.mark.hf
+def test_decoder_layer_matches_hf(tiny_hf):
+  hf, path = tiny_hf
+  model = qwen2_5_vl.load_hf(path, dtype=jnp.float32)
+  cfg = model.config
+  rng = np.random.default_rng(1)
+  b, t = 2, 11
+  x = rng.normal(size=(b, t, cfg.hidden_size)).astype(np.float32)
+  pos = np.broadcast_to(np.stack([np.arange(t), np.arange(t) * 2, np.arange(t) + 3])[:, None],
+                        (3, b, t)).copy()
+  hf_text = hf.model.language_model
+  with torch.no_grad():
+    xt = torch.as_tensor(x)
+    cos, sin = hf_text.rotary_emb(xt, torch.as_tensor(pos))
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+    ref = hf_text.layers[0](xt, attention_mask=causal, position_embeddings=(cos, sin))
+    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+  c, s = text.mrope_cos_sin(jnp.asarray(pos), head_dim=cfg.head_dim, theta=cfg.rope_theta,
+                            mrope_section=cfg.mrope_section, dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(c), cos.numpy(), atol=1e-6)
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  with jax.default_matmul_precision("highest"):
+    ours, _ = model.model.layers[0](jnp.asarray(x), c, s, mask)
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL_LAYER, rtol=0)
+
+
+def test_kv_cache_matches_full_forward():
+  cfg = qwen2_5_vl.tiny()
+  model = qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(2)
+  b, t, extra = 2, 9, 4
+  ids = text_ids(rng, cfg, b, t + extra)
+  mask = np.ones((b, t + extra), bool)
+  mask[0, :3] = False
+  pos, _ = positions.get_rope_index(ids, mask, image_token_id=cfg.image_token_id,
+                                    video_token_id=cfg.video_token_id)
+  with jax.default_matmul_precision("highest"):
+    full, _ = model.forward_embeds(model.embed(jnp.asarray(ids)), jnp.asarray(pos),
+                                   jnp.asarray(mask))
+    full = model.logits(full)
+    cache_len = t + extra + 3
+    kv_mask = np.zeros((b, cache_len), bool)
+    kv_mask[:, :t + extra] = mask
+    cache = text.init_cache(cfg, b, cache_len, jnp.float32)
+    h, cache = model.forward_embeds(model.embed(jnp.asarray(ids[:, :t])), jnp.asarray(pos[:, :, :t]),
+                                    jnp.asarray(kv_mask), cache=cache,
+                                    cache_index=jnp.int32(0))
+    steps = [model.logits(h)]
+    for k in range(t, t + extra):
+      h, cache = model.forward_embeds(model.embed(jnp.asarray(ids[:, k:k + 1])),
+                                      jnp.asarray(pos[:, :, k:k + 1]), jnp.asarray(kv_mask),
+                                      cache=cache, cache_index=jnp.int32(k))
+      steps.append(model.logits(h))
+  got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+  np.testing.assert_allclose(got[mask], np.asarray(full)[mask], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config.
+
+
+def test_config_from_flat_4x_and_nested_5x(tiny_cfg):
+  nested = tiny_cfg.to_hf_dict()
+  assert qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(nested) == tiny_cfg
+  t = nested["text_config"]
+  flat = {k: v for k, v in nested.items() if k != "text_config"}
+  flat.update({k: v for k, v in t.items() if k != "rope_parameters"})
+  flat["rope_theta"] = t["rope_parameters"]["rope_theta"]
+  flat["rope_scaling"] = {"type": "mrope", "mrope_section": t["rope_parameters"]["mrope_section"]}
+  flat["vision_config"] = dict(nested["vision_config"], model_type="qwen2_5_vl", in_chans=3,
+                               spatial_patch_size=14)
+  del flat["vision_config"]["rope_parameters"]
+  assert qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(json.loads(json.dumps(flat))) == tiny_cfg
+
+
+def test_tiny_accepts_custom_vocab_and_token_ids():
+  cfg = qwen2_5_vl.tiny(vocab_size=300, image_token_id=5, video_token_id=6,
+                        vision_start_token_id=7, vision_end_token_id=8, eos_token_id=(9, 10),
+                        pad_token_id=0)
+  assert cfg.vocab_size == 300 and cfg.eos_token_id == (9, 10)
+  with pytest.raises(ValueError, match="text_after_vision"):
+    qwen2_5_vl.tiny(text_after_vision="hf4")
