@@ -25,21 +25,52 @@ _CEILING = np.array([235, 235, 235])
 _WALLS = np.array([[214, 200, 182], [190, 205, 214], [205, 214, 190], [214, 190, 205]])
 
 
+def _basis(camera: scene_lib.Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(forward, right, up) unit vectors of the camera in world coordinates."""
+  cy, sy = math.cos(camera.yaw), math.sin(camera.yaw)
+  cp, sp = math.cos(camera.pitch), math.sin(camera.pitch)
+  forward = np.array([cp * cy, cp * sy, sp])
+  right = np.array([sy, -cy, 0.0])
+  return forward, right, np.cross(right, forward)
+
+
+def _focal(width: int, fov_deg: float) -> float:
+  return (width / 2) / math.tan(math.radians(fov_deg) / 2)
+
+
 def camera_rays(camera: scene_lib.Camera, height: int, width: int, fov_deg: float) -> np.ndarray:
   """Unit ray directions float64[height, width, 3] (row 0 = top of the image).
 
   Horizontal field of view fov_deg, square pixels; yaw 0 looks along +x, pitch < 0 looks down.
   """
-  focal = (width / 2) / math.tan(math.radians(fov_deg) / 2)
-  cy, sy = math.cos(camera.yaw), math.sin(camera.yaw)
-  cp, sp = math.cos(camera.pitch), math.sin(camera.pitch)
-  forward = np.array([cp * cy, cp * sy, sp])
-  right = np.array([sy, -cy, 0.0])
-  up = np.cross(right, forward)
+  focal = _focal(width, fov_deg)
+  forward, right, up = _basis(camera)
   u = (np.arange(width) + 0.5 - width / 2) / focal
   v = -(np.arange(height) + 0.5 - height / 2) / focal
   rays = forward + u[None, :, None] * right + v[:, None, None] * up
   return rays / np.linalg.norm(rays, axis=-1, keepdims=True)
+
+
+def _screen_window(obj: scene_lib.Obj, camera: scene_lib.Camera, focal: float, height: int,
+                   width: int) -> tuple[int, int, int, int] | None:
+  """Pixel rectangle (r0, r1, c0, c1) holding the box's projection; None if it is behind the camera.
+
+  With every corner in front of the camera the projection lies in the hull of the projected corners;
+  a box straddling the camera plane gets the whole frame.
+  """
+  forward, right, up = _basis(camera)
+  corners = np.array([[x, y, z] for x in (obj.lo[0], obj.hi[0]) for y in (obj.lo[1], obj.hi[1])
+                      for z in (obj.lo[2], obj.hi[2])]) - np.array(camera.position)
+  depth = corners @ forward
+  if depth.max() <= 0:
+    return None
+  if depth.min() < 1e-3:
+    return 0, height, 0, width
+  cols = focal * (corners @ right) / depth + width / 2
+  rows = height / 2 - focal * (corners @ up) / depth
+  r0, r1 = max(0, math.floor(rows.min()) - 1), min(height, math.ceil(rows.max()) + 1)
+  c0, c1 = max(0, math.floor(cols.min()) - 1), min(width, math.ceil(cols.max()) + 1)
+  return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
 
 
 def render_frame(scene: scene_lib.Scene, camera: scene_lib.Camera, height: int, width: int,
@@ -52,50 +83,50 @@ def render_frame(scene: scene_lib.Scene, camera: scene_lib.Camera, height: int, 
   """
   colors = colors or {c.name: c.color for c in scene_lib.CATEGORIES}
   origin = np.array(camera.position)
-  dirs = camera_rays(camera, height, width, scene.fov_deg).reshape(-1, 3)
+  dirs = camera_rays(camera, height, width, scene.fov_deg)
   # Avoid 0-division in the slab test; a component of 1e-300 behaves as "parallel".
-  safe = np.where(dirs == 0.0, 1e-300, dirs)
-  inv = 1.0 / safe
-  n_pix = dirs.shape[0]
+  inv = 1.0 / np.where(dirs == 0.0, 1e-300, dirs)
 
   # Room seen from inside: the exit point of the room box.
   w, d, h = scene.room
-  t_a = (np.zeros(3) - origin) * inv
-  t_b = (np.array([w, d, h]) - origin) * inv
-  t_far = np.maximum(t_a, t_b)
+  t_far = np.maximum((np.zeros(3) - origin) * inv, (np.array([w, d, h]) - origin) * inv)
   exit_axis = np.argmin(t_far, axis=-1)
-  t_room = t_far[np.arange(n_pix), exit_axis]
-
-  rgb = np.empty((n_pix, 3))
-  hit = origin + t_room[:, None] * dirs
-  floor = (exit_axis == 2) & (dirs[:, 2] < 0)
-  ceiling = (exit_axis == 2) & (dirs[:, 2] >= 0)
-  tile = (np.floor(hit[:, 0]) + np.floor(hit[:, 1])).astype(np.int64) % 2
+  t_room = np.take_along_axis(t_far, exit_axis[..., None], -1)[..., 0]
+  rgb = np.empty((height, width, 3))
+  hit = origin + t_room[..., None] * dirs
+  floor = (exit_axis == 2) & (dirs[..., 2] < 0)
+  tile = (np.floor(hit[..., 0]) + np.floor(hit[..., 1])).astype(np.int64) % 2
   rgb[floor] = np.where(tile[floor, None] == 0, _FLOOR[0], _FLOOR[1])
-  rgb[ceiling] = _CEILING
-  wall_idx = 2 * exit_axis + (dirs[np.arange(n_pix), exit_axis] > 0)
+  rgb[(exit_axis == 2) & (dirs[..., 2] >= 0)] = _CEILING
   walls = exit_axis < 2
+  wall_idx = 2 * exit_axis + (np.take_along_axis(dirs, exit_axis[..., None], -1)[..., 0] > 0)
   rgb[walls] = _WALLS[wall_idx[walls]]
-  ids = np.full(n_pix, -1, np.int32)
 
-  if scene.objects:
-    lo = np.stack([o.lo for o in scene.objects])  # [N, 3]
-    hi = np.stack([o.hi for o in scene.objects])
-    t1 = (lo[None] - origin) * inv[:, None]  # [P, N, 3]
-    t2 = (hi[None] - origin) * inv[:, None]
+  # Objects (all inside the room, so in front of the wall they cover): z-buffer over the boxes, each
+  # tested only on the pixels of its projected bounding rectangle.
+  focal = _focal(width, scene.fov_deg)
+  t_best = np.full((height, width), np.inf)
+  ids = np.full((height, width), -1, np.int32)
+  face = np.zeros((height, width), np.int64)
+  for k, obj in enumerate(scene.objects):
+    window = _screen_window(obj, camera, focal, height, width)
+    if window is None:
+      continue
+    r0, r1, c0, c1 = window
+    inv_w = inv[r0:r1, c0:c1]
+    t1, t2 = (obj.lo - origin) * inv_w, (obj.hi - origin) * inv_w
     t_min = np.minimum(t1, t2)
     t_near = t_min.max(-1)
-    t_exit = np.maximum(t1, t2).min(-1)
-    t_obj = np.where((t_near <= t_exit) & (t_near > 0), t_near, np.inf)  # [P, N]
-    nearest = np.argmin(t_obj, axis=-1)
-    t_best = t_obj[np.arange(n_pix), nearest]
-    seen = t_best < t_room
-    axis = np.argmax(t_min[np.arange(n_pix), nearest], axis=-1)
+    win_t = t_best[r0:r1, c0:c1]  # views: writes land in the full buffers
+    front = (t_near <= np.maximum(t1, t2).min(-1)) & (t_near > 0) & (t_near < win_t)
+    win_t[front] = t_near[front]
+    ids[r0:r1, c0:c1][front] = k
+    face[r0:r1, c0:c1][front] = t_min.argmax(-1)[front]
+  seen = ids >= 0
+  if seen.any():
     obj_rgb = np.array([colors[o.category] for o in scene.objects], np.float64)
-    rgb[seen] = obj_rgb[nearest[seen]] * _FACE_SHADE[axis[seen], None]
-    ids[seen] = nearest[seen]
-  rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-  return rgb.reshape(height, width, 3), ids.reshape(height, width)
+    rgb[seen] = obj_rgb[ids[seen]] * _FACE_SHADE[face[seen], None]
+  return np.clip(np.round(rgb), 0, 255).astype(np.uint8), ids
 
 
 def render_video(scene: scene_lib.Scene, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
