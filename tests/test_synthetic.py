@@ -250,6 +250,7 @@ def test_spacer_record_format(tiny_root):
 
 def test_vsibench_record_format(tiny_root):
   paths = synthetic.dataset_paths(tiny_root)
+  assert sorted(os.listdir(paths.eval_root)) == ["synthetic", "test.jsonl"]  # usable as a VSI data_dir
   for r in _read_jsonl(paths.eval_jsonl):
     assert list(r) == VSI_KEYS
     assert os.path.exists(os.path.join(paths.eval_root, r["dataset"], r["scene_name"] + ".mp4"))

@@ -8,9 +8,11 @@ Layout under `root` (all paths in records are relative to `root`):
   annotation/cognitive_map.jsonl         GT 10x10 maps of the training videos (spec §1.3)
   annotation/scenes.jsonl                full scene descriptions (room, boxes, cameras, first frames)
   annotation/question_types.jsonl        problem_id -> VSI question_type and video_id (for metrics)
-  vsibench/test.jsonl                    held-out questions, VSI-Bench schema (spec §7.2)
-  vsibench/synthetic/synth_eval_00000.mp4  held-out videos ({vsi_root}/{dataset}/{scene_name}.mp4)
-  vsibench/annotation/cognitive_map.jsonl  and scenes.jsonl for the held-out scenes
+  annotation/cognitive_map_heldout.jsonl, annotation/scenes_heldout.jsonl   the same for held-out scenes
+  vsibench_heldout/test.jsonl            held-out questions, VSI-Bench schema (spec §7.2)
+  vsibench_heldout/synthetic/synth_eval_00000.mp4   held-out videos ({vsi_root}/{dataset}/{scene_name}.mp4)
+
+vsibench_heldout/ holds nothing else, so it can be passed as a VSI-Bench data_dir as it is.
 
 Host-only code.
 """
@@ -27,6 +29,7 @@ from spacer_jax.data.synthetic import render
 from spacer_jax.data.synthetic import scene as scene_lib
 
 TRAIN_JSONL = "SpaceR-synthetic.jsonl"
+EVAL_DIR = "vsibench_heldout"  # VSI-Bench-format root of the held-out split
 EVAL_DATASET = "synthetic"  # the VSI-Bench `dataset` field of held-out records
 
 
@@ -47,7 +50,7 @@ class SyntheticPaths:
 
 def dataset_paths(root: str) -> SyntheticPaths:
   root = os.path.abspath(root)
-  ev = os.path.join(root, "vsibench")
+  ev = os.path.join(root, EVAL_DIR)
   return SyntheticPaths(
       root=root,
       manifest=os.path.join(root, "manifest.json"),
@@ -57,8 +60,8 @@ def dataset_paths(root: str) -> SyntheticPaths:
       question_types=os.path.join(root, "annotation", "question_types.jsonl"),
       eval_root=ev,
       eval_jsonl=os.path.join(ev, "test.jsonl"),
-      eval_cognitive_map=os.path.join(ev, "annotation", "cognitive_map.jsonl"),
-      eval_scenes=os.path.join(ev, "annotation", "scenes.jsonl"),
+      eval_cognitive_map=os.path.join(root, "annotation", "cognitive_map_heldout.jsonl"),
+      eval_scenes=os.path.join(root, "annotation", "scenes_heldout.jsonl"),
   )
 
 
@@ -123,11 +126,11 @@ def generate_dataset(root: str, config: scene_lib.SyntheticConfig, *, overwrite:
     raise FileExistsError(f"{paths.manifest}: holds synthetic dataset {other}, not {config.hash()}; "
                           f"pass overwrite=True (--overwrite) or use another directory")
   # Partial (no manifest) or overwritten: start clean so no stale video survives.
-  for sub in ("videos", "annotation", "vsibench"):
+  for sub in ("videos", "annotation", EVAL_DIR):
     shutil.rmtree(os.path.join(paths.root, sub), ignore_errors=True)
   if os.path.exists(paths.manifest):
     os.remove(paths.manifest)
-  for d in ("videos", "annotation", os.path.join("vsibench", EVAL_DATASET), os.path.join("vsibench", "annotation")):
+  for d in ("videos", "annotation", os.path.join(EVAL_DIR, EVAL_DATASET)):
     os.makedirs(os.path.join(paths.root, d), exist_ok=True)
 
   task_counts = {"train": {}, "eval": {}}
