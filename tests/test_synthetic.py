@@ -371,3 +371,28 @@ def test_command_line(tmp_path, capsys):
   assert "num_train_records" in capsys.readouterr().out
   expected = synthetic.SyntheticConfig.demo(num_scenes=2, num_eval_scenes=1, seed=5)
   assert synthetic.is_generated(out, expected)
+
+
+def test_sft_traces_score_full_reward(tiny_root):
+  from spacer_jax import rewards  # the rewards helper's scorer: a trace must earn format 1 and accuracy 2
+  from spacer_jax.data.synthetic import traces
+
+  paths = synthetic.dataset_paths(tiny_root)
+  maps = {m["video_id"]: m["cognitive_map"] for m in _read_jsonl(paths.cognitive_map)}
+  qtypes = {q["problem_id"]: q["question_type"] for q in _read_jsonl(paths.question_types)}
+  records = _read_jsonl(paths.train_jsonl)
+  comps, sols, ptypes, cmaps = [], [], [], []
+  for r in records:
+    cmap = maps[os.path.basename(r["path"])[:-4]]
+    comps.append(traces.sft_completion(qtypes[r["problem_id"]], r["problem"], r["options"],
+                                       r["solution"][8:-9], cmap))
+    sols.append(r["solution"])
+    ptypes.append(r["problem_type"])
+    cmaps.append(cmap)
+  np.testing.assert_array_equal(rewards.format_reward(comps), 1.0)
+  np.testing.assert_allclose(rewards.accuracy_reward(comps, sols, ptypes, cmaps), 2.0)
+  with pytest.raises(ValueError, match="not one of the options"):
+    traces.sft_completion("object_rel_direction_easy", "If I am standing by the bed and facing the sofa, is the "
+                          "chair to the left or the right of the sofa?", ["A. left", "B. right"], "C", {})
+  with pytest.raises(ValueError, match="wording"):
+    traces.sft_completion("object_counting", "How many chairs?", [], "2", {})

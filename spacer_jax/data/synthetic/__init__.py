@@ -5,7 +5,8 @@
 
 Modules: scene.py (config, categories, scene sampling, geometry, cognitive map), render.py (ray
 caster, visibility, mp4 encoding), questions.py (one generator per VSI-Bench task, record formats),
-generate.py (writes the dataset once per config). Command line: `python -m spacer_jax.data.synthetic`.
+generate.py (writes the dataset once per config), traces.py (templated think/map/answer
+completions for SFT). Command line: `python -m spacer_jax.data.synthetic`.
 """
 
 from spacer_jax.data.synthetic.generate import SyntheticPaths, dataset_paths, generate_dataset, is_generated
