@@ -431,8 +431,9 @@ _PRED_CLIP = 8192          # |dx|, |dy| <= 16384 -> d^2 <= 2^29 fits int32 exact
 _FLOAT_MAX = 1.7976931348623157e308
 
 
-def _bucket(n: int) -> int:
-  return 1 << max(0, int(n - 1).bit_length())
+def _bucket(n: int, minimum: int = 4) -> int:
+  """Next power of two >= max(n, minimum): padded shapes take few values, so few compiles."""
+  return 1 << max(0, int(max(n, minimum) - 1).bit_length())
 
 
 def _gt_points(points, where):
@@ -465,7 +466,7 @@ class _MapItem:
 
 def _pack_maps(items, where):
   """Pack maps into padded int32 arrays; host flags for the cases the jnp kernel does not cover."""
-  n = len(items)
+  n = _bucket(len(items), 8)        # rows past len(items) are empty padding
   cats = [sorted(set(it.pred) | set(it.gt)) for it in items]
   c_max = _bucket(max([len(c) for c in cats] + [1]))
   rows = []
@@ -508,7 +509,8 @@ def _pack_maps(items, where):
       gt_xy[i, j, :len(g)], gt_ok[i, j, :len(g)], gt_n[i, j] = g, True, len(g)
   pred_keys = np.array([len(it.pred) > 0 for it in items])
   pred_points = np.array([any(len(v) for v in it.pred.values()) for it in items])
-  return (pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points, overflow
+  return ((pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points,
+          overflow[:len(items)])
 
 
 @functools.partial(jax.jit, static_argnames="grid_size")
@@ -555,7 +557,7 @@ def _map_scores(items, config, where):
     return np.zeros(0, np.float32), np.zeros(0, bool)
   arrays, pred_keys, pred_points, overflow = _pack_maps(items, where)
   num, den = _map_score_kernel(*(jnp.asarray(a) for a in arrays), grid_size=config.grid_size)
-  num, den = np.asarray(num), np.asarray(den)
+  num, den = np.asarray(num)[:len(items)], np.asarray(den)[:len(items)]
   if config.use_empty_gt_map_fix:
     empty_value = np.where(pred_points, 0.0, 1.0)
     empty_error = np.zeros(len(items), bool)
@@ -605,11 +607,14 @@ def _ids(seqs, vocab):
 
 
 def _pad(seqs, min_len=8):
-  width = _bucket(max([len(s) for s in seqs] + [min_len]))
-  out = np.zeros((len(seqs), width), np.int32)
+  """int32[bucket(N), bucket(max len)] ids (0 = padding) and int32 lengths."""
+  width = _bucket(max([len(s) for s in seqs] + [min_len]), 8)
+  out = np.zeros((_bucket(len(seqs), 8), width), np.int32)
   for i, s in enumerate(seqs):
     out[i, :len(s)] = s
-  return out, np.array([len(s) for s in seqs], np.int32)
+  lengths = np.zeros(out.shape[0], np.int32)
+  lengths[:len(seqs)] = [len(s) for s in seqs]
+  return out, lengths
 
 
 @jax.jit
@@ -640,7 +645,7 @@ def _wer_scores(refs, hyps):
   ref, ref_len = _pad(_ids([r.split() for r in refs], vocab))
   hyp, hyp_len = _pad(_ids([h.split() for h in hyps], vocab))
   dist = _edit_distance_kernel(ref, ref_len, hyp, hyp_len)
-  return jnp.clip(1.0 - dist / jnp.maximum(1, ref_len), 0.0, 1.0)
+  return jnp.clip(1.0 - dist / jnp.maximum(1, ref_len), 0.0, 1.0)[:len(refs)]
 
 
 _ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -771,11 +776,14 @@ def _rouge_scores(refs, hyps):
   t_tok = [rouge_tokens(r) for r in refs]
   p_tok = [rouge_tokens(h) for h in hyps]
   bigrams = lambda toks: [list(zip(s, s[1:])) for s in toks]
-  tgt, tgt_len = _pad(_ids(t_tok, vocab))
-  prd, prd_len = _pad(_ids(p_tok, vocab))
-  tgt2, tgt2_len = _pad(_ids(bigrams(t_tok), vocab2))
-  prd2, prd2_len = _pad(_ids(bigrams(p_tok), vocab2))
-  return _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len)
+  # One width for targets and one for predictions (bigrams reuse them): fewer distinct shapes.
+  t_width = max([len(t) for t in t_tok] + [8])
+  p_width = max([len(p) for p in p_tok] + [8])
+  tgt, tgt_len = _pad(_ids(t_tok, vocab), t_width)
+  prd, prd_len = _pad(_ids(p_tok, vocab), p_width)
+  tgt2, tgt2_len = _pad(_ids(bigrams(t_tok), vocab2), t_width)
+  prd2, prd2_len = _pad(_ids(bigrams(p_tok), vocab2), p_width)
+  return _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len)[:len(refs)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -900,6 +908,36 @@ def accuracy_reward(completions, solutions, problem_types, cognitive_maps=None,
 # ------------------------------------------------------------------------------------------------
 # Batch entry point: format + accuracy + temporal + length bonus (SG_RLVR_trainer.py).
 # ------------------------------------------------------------------------------------------------
+def combine(accuracy, format_scores, completion_lengths, group_size, shuffled_accuracy=None,
+            is_video=None, config: RewardConfig = DEFAULT):
+  """Temporal bonus, length bonus and total from per-completion accuracy and format (spec 4.6-4.8).
+
+  Args:
+    accuracy: float[B*G] accuracy rewards incl. map bonus.
+    format_scores: float[B*G].
+    completion_lengths: int[B*G].
+    group_size: G.
+    shuffled_accuracy: None or float[B, S] (or [B*S]) accuracy of the shuffled-frame completions.
+    is_video: bool[B]; the temporal test only runs for video prompts (default: all video).
+  Returns:
+    dict of float32[B*G] arrays: "temporal", "length", "total", "temporal_flag" (1 bonus granted,
+    0 refused, 0.5 not applicable, as the reference logs it).
+  """
+  acc = jnp.asarray(accuracy, jnp.float32).reshape(-1)
+  b = acc.shape[0] // group_size
+  if shuffled_accuracy is None:
+    shuffled, temporal_on = jnp.zeros((b, 1), jnp.float32), jnp.zeros(b, bool)
+  else:
+    shuffled = jnp.asarray(np.asarray(shuffled_accuracy, np.float32).reshape(b, -1))
+    temporal_on = jnp.ones(b, bool) if is_video is None else jnp.asarray(is_video, bool)
+  lengths = jnp.asarray(np.asarray(completion_lengths, np.int32).reshape(-1))
+  if lengths.shape[0] != acc.shape[0]:
+    raise ValueError(f"completion_lengths has {lengths.shape[0]} entries, expected {acc.shape[0]}")
+  out = _bonuses(acc, jnp.asarray(format_scores, jnp.float32).reshape(-1), lengths, shuffled,
+                 temporal_on, group_size=group_size, config=config)
+  return dict(zip(("temporal", "length", "total", "temporal_flag"), out))
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "config"))
 def _bonuses(acc, fmt, lengths, shuffled, temporal_on, group_size, config):
   """Temporal and length bonuses and the total, per group of G. All [B*G] except shuffled [B, S]."""
@@ -963,18 +1001,9 @@ def compute_rewards(completions, examples, completion_lengths, group_size,
            for i in range(len(texts))]
   comps, counts = _accuracy(texts, sols, types, maps, config, where)
   fmt = jnp.asarray(format_reward(texts))
-  lengths = jnp.asarray(np.asarray(completion_lengths, np.int32).reshape(-1))
-  if lengths.shape[0] != len(texts):
-    raise ValueError(f"completion_lengths has {lengths.shape[0]} entries, expected {len(texts)}")
-  if shuffled_accuracy is None:
-    shuffled = jnp.zeros((b, 1), jnp.float32)
-    temporal_on = jnp.zeros(b, bool)
-  else:
-    shuffled = jnp.asarray(np.asarray(shuffled_accuracy, np.float32).reshape(b, -1))
-    temporal_on = jnp.asarray([data_type[i * group_size] == "video" for i in range(b)])
-  temporal, length, total, flag = _bonuses(comps["accuracy"], fmt, lengths, shuffled, temporal_on,
-                                           group_size=group_size, config=config)
-  comps.update(format=fmt, temporal=temporal, length=length, total=total, temporal_flag=flag)
+  is_video = [data_type[i * group_size] == "video" for i in range(b)]
+  comps.update(format=fmt, **combine(comps["accuracy"], fmt, completion_lengths, group_size,
+                                     shuffled_accuracy, is_video, config))
   counts["no_format"] = int((np.asarray(fmt) == 0).sum())
   return {k: np.asarray(v, np.float32) for k, v in comps.items()}, counts
 
