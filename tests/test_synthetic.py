@@ -273,8 +273,10 @@ def test_mp4_decodes_through_pipeline(tiny_root):
 
   scene, rgb, _, _ = generate_lib.build_scene(TINY, "train", 1)
   path = os.path.join(tiny_root, "videos", f"{scene.name}.mp4")
-  frames, _ = video.decode_video(path)  # SpaceR sampling at 2 fps keeps all num_frames frames
+  frames, _ = video.decode_video(path)  # SpaceR sampling (2 fps, <= 16 frames) keeps every frame
   assert frames.shape == (TINY.num_frames, TINY.height, TINY.width, 3) and frames.dtype == np.uint8
+  eval_frames, _ = video.decode_video(path, fps=1.0, max_frames=32)  # SpaceR-Eval's sampling too
+  np.testing.assert_array_equal(eval_frames, frames)
   assert np.abs(frames.astype(np.float64) - rgb).mean() < 6.0  # lossy, but the same pictures
   with av.open(path) as container:
     stream = container.streams.video[0]
@@ -360,6 +362,12 @@ def test_config_validation_and_hash():
   with pytest.raises(ValueError, match="even"):
     synthetic.SyntheticConfig(height=57)
   assert synthetic.SyntheticConfig().hash() == synthetic.SyntheticConfig.default().hash()
+  as_lists = dict(categories=["chair", "bed", "sofa", "table"], categories_per_scene=[2, 3],
+                  task_weights=[["object_counting", 1.0]])  # what a ConfigDict or JSON hands over
+  listed = synthetic.SyntheticConfig(**as_lists)
+  assert listed == synthetic.SyntheticConfig(categories=("chair", "bed", "sofa", "table"),
+                                             categories_per_scene=(2, 3), task_weights=(("object_counting", 1.0),))
+  assert hash(listed) == hash(dataclasses.replace(listed))
   assert synthetic.SyntheticConfig().hash() != synthetic.SyntheticConfig(seed=1).hash()
 
 

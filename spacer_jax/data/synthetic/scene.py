@@ -71,8 +71,9 @@ class SyntheticConfig:
     num_scenes / num_eval_scenes: videos in the training split and in the VSI-format held-out split.
     questions_per_scene / eval_questions_per_scene: questions drawn per video (fewer if the scene
       cannot support the drawn tasks).
-    num_frames: frames per video. With `fps` = 2 the pipeline's smart_nframes keeps every frame
-      (for an even num_frames <= 16), so the model sees exactly what the answers were computed from.
+    num_frames: frames per video (even). At `fps` = 1, SpaceR's sampling (2 fps, at most 16 frames)
+      and SpaceR-Eval's (1 fps, at most 32) both keep every frame of a video of <= 16 frames, so
+      the model sees exactly the frames the answers (appearance order) were computed from.
     height / width: frame size in pixels (even: yuv420p).
     categories: category names used (subset of CATEGORIES).
     categories_per_scene: inclusive range of distinct categories per room.
@@ -101,7 +102,7 @@ class SyntheticConfig:
   num_frames: int = 16
   height: int = 224
   width: int = 224
-  fps: int = 2
+  fps: int = 1
   categories: tuple[str, ...] = tuple(c.name for c in CATEGORIES)
   categories_per_scene: tuple[int, int] = (4, 7)
   max_instances: int = 3
@@ -135,6 +136,11 @@ class SyntheticConfig:
   crf: int = 12
 
   def __post_init__(self):
+    # ml_collections / JSON hand over lists; keep the dataclass hashable and its hash stable.
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if isinstance(v, list):
+        object.__setattr__(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
     unknown = [c for c in self.categories if c not in CATEGORY_BY_NAME]
     if unknown:
       raise ValueError(f"SyntheticConfig.categories: unknown {unknown}; known: {list(CATEGORY_BY_NAME)}")
@@ -150,8 +156,8 @@ class SyntheticConfig:
       raise ValueError(f"SyntheticConfig.task_weights={self.task_weights}: need >= 0 weights, sum > 0")
     if self.height % 2 or self.width % 2:
       raise ValueError(f"SyntheticConfig: height={self.height}, width={self.width} must be even (yuv420p)")
-    if self.num_frames < 2:
-      raise ValueError(f"SyntheticConfig.num_frames={self.num_frames} must be >= 2")
+    if self.num_frames < 2 or self.num_frames % 2:
+      raise ValueError(f"SyntheticConfig.num_frames={self.num_frames} must be even and >= 2 (frame factor 2)")
     if self.camera_travel / 2 >= self.free_radius:
       raise ValueError("SyntheticConfig: camera_travel / 2 must be < free_radius (camera stays off objects)")
     if 2 * (self.free_radius + self.wall_margin) >= self.room_size[0]:
