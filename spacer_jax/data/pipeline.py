@@ -1,0 +1,337 @@
+"""The grain input pipeline: records -> decoded, tokenised, statically shaped batches (host side).
+
+Graph (one process of a multi-host run):
+
+  MapDataset.source(records)          sources.Record list, or a TFDS data source + record_from_example
+    [process_index::process_count]    per-process shard (multi-host ready)
+    .shuffle(seed).repeat(num_epochs) seeded global shuffle, reshuffled each epoch
+    .map_with_index(Preprocess)       decode + sample + resize + patchify + tokenise, in grain worker
+                                      processes; a bad record becomes a marker, never an exception
+    .to_iter_dataset().mp_prefetch()  N worker processes, elements interleaved in index order
+  _BatchIterDataset                   main process: count bad markers (one warning each, strict
+                                      mode raises), collect batch_size good elements, left-pad tokens
+                                      to a length bucket and vision rows to static patch budgets
+  ThreadPrefetchIterDataset           a few batches ahead
+
+Batching runs after mp_prefetch (grain's advice for many-to-one steps): worker k processes elements
+k, k+N, ... and mp_prefetch returns them in index order, so 0 and N workers give identical batches,
+and the iterator state (grain's get_state/set_state: the mp_prefetch state; the batcher buffers
+nothing between batches) restores to the exact next batch. `device_put_batch` places the device
+arrays with jax.make_array_from_process_local_data.
+
+Batch (numpy; B = per-process batch size, L = length bucket, Pv/Pi = per-row video/image patch
+budgets, nv/ni = videos/images in the batch, in row order):
+  input_ids int32[B, L], attention_mask int32[B, L]    left padded, vision spans expanded
+  pixel_values_videos float32[B*Pv, 1176]              videos' patch rows concatenated in row
+                                                       order, then zero rows up to B*Pv
+  pixel_values_videos_shuffled float32[B*Pv, 1176]     (temporal=True) the same clips re-processed
+                                                       with their frames in a seeded random order
+  video_grid_thw int64[nv, 3], second_per_grid_ts float32[nv]
+  pixel_values float32[B*Pi, 1176], image_grid_thw int64[ni, 3]
+  valid bool[B]                                        False on padding rows of a final partial batch
+  host metadata lists (len B): id, problem_type, solution, cognitive_map, categories, data_source,
+  question_type, ground_truth, data_type, media
+  bad_records dict: skipped-record counts so far, by reason (sources.BadRecords.metrics format)
+Grids stay host arrays with only the real rows: they feed host index code (positions.get_rope_index,
+qwen2_5_vl.prepare_vision_inputs with the patch budgets as pad-to sizes), never a jitted function.
+"""
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from spacer_jax.data import prompts
+from spacer_jax.data import sources
+from spacer_jax.data import video
+
+log = logging.getLogger(__name__)
+
+PATCH_DIM = video.PATCH_DIM  # 3 * 2 * 14 * 14 = 1176
+DEVICE_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "pixel_values_videos_shuffled",
+               "pixel_values")
+META_KEYS = ("id", "problem_type", "solution", "cognitive_map", "categories", "data_source",
+             "question_type", "ground_truth", "data_type", "media")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Pipeline settings; defaults are SpaceR's (spec spacer.md §3) unless noted.
+
+  Attributes:
+    batch_size: examples per batch *per process*.
+    buckets: allowed prompt lengths (left padding); a longer prompt is skipped as prompt_too_long.
+    system_prompt: chat system message (the Qwen template default).
+    fps, min_frames, max_frames, frame_factor: frame sampling (video.read_video).
+    video_min_pixels, video_max_pixels, video_total_pixels: per-frame budget (video.preprocess_video).
+    image_min_pixels, image_max_pixels: image budget.
+    second_per_grid_t: fixed seconds per temporal patch (SpaceR's effective 1.0); None = real fps.
+    video_patch_budget, image_patch_budget: pixel rows reserved per batch row (static shapes);
+      None derives the largest a clip can need from the settings above.
+    temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, spec §4.6).
+    num_workers: grain worker processes for decode/preprocess (0 = in the main process).
+    worker_buffer_size: elements each worker prefetches.
+    prefetch_batches: batches prefetched by a thread after batching (0 = none).
+    shuffle, num_epochs: seeded shuffle; None epochs = repeat forever (training).
+    drop_remainder: drop a final partial batch (else it is padded and `valid` marks real rows).
+    strict: raise on the first bad record instead of skipping and counting it.
+    seek: video.read_video seek mode.
+  """
+
+  batch_size: int = 1
+  buckets: tuple = prompts.DEFAULT_BUCKETS
+  system_prompt: str | None = prompts.DEFAULT_SYSTEM_PROMPT
+  fps: float = video.FPS
+  min_frames: int = video.FPS_MIN_FRAMES
+  max_frames: int = video.FPS_MAX_FRAMES
+  frame_factor: int = video.FRAME_FACTOR
+  video_min_pixels: int = video.VIDEO_MIN_PIXELS
+  video_max_pixels: int = video.VIDEO_MAX_PIXELS
+  video_total_pixels: float = video.VIDEO_TOTAL_PIXELS
+  image_min_pixels: int = video.MIN_PIXELS
+  image_max_pixels: int = video.MAX_PIXELS
+  second_per_grid_t: float | None = video.SPACER_SECOND_PER_GRID_T
+  video_patch_budget: int | None = None
+  image_patch_budget: int | None = None
+  temporal: bool = False
+  num_workers: int = 0
+  worker_buffer_size: int = 2
+  prefetch_batches: int = 2
+  shuffle: bool = True
+  num_epochs: int | None = None
+  drop_remainder: bool = True
+  strict: bool = False
+  seek: str = "auto"
+
+
+def _round_down(x: int, m: int) -> int:
+  return x // m * m
+
+
+def patch_budgets(cfg: DataConfig) -> tuple[int, int]:
+  """(video, image) pixel rows per batch row: the most one clip/image can produce under cfg.
+
+  smart_resize keeps h*w <= its max_pixels argument; for videos that argument is
+  video.video_max_pixels(n), largest at the fewest frames, and a clip has at most max_frames frames
+  (grid_t = max_frames / 2 temporal patches).
+  """
+  patch_area = video.PATCH_SIZE ** 2
+  merge2 = video.MERGE_SIZE ** 2
+  if cfg.video_patch_budget is not None:
+    v = cfg.video_patch_budget
+  else:
+    cap = max(video.video_max_pixels(n, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_total_pixels)
+              for n in range(max(cfg.frame_factor, cfg.min_frames), cfg.max_frames + 1))
+    v = _round_down(math.ceil(cfg.max_frames / video.TEMPORAL_PATCH_SIZE) * (int(cap) // patch_area), merge2)
+  i = cfg.image_patch_budget if cfg.image_patch_budget is not None else _round_down(
+      cfg.image_max_pixels // patch_area, merge2)
+  return int(v), int(i)
+
+
+class Preprocess:
+  """Record -> model-ready element (runs in grain workers; picklable).
+
+  Input: sources.Record (media path or media_bytes). Output dict:
+    input_ids int32[T] (vision span expanded), pixels float32[P, 1176], grid_thw int64[3],
+    second_per_grid_t float (videos), pixels_shuffled float32[P, 1176] (videos, temporal=True),
+    plus the record's metadata fields. A bad record gives {"bad": (reason, id, file, detail)} instead.
+  """
+
+  def __init__(self, tokenizer, cfg: DataConfig, seed: int):
+    self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
+    self.video_budget, self.image_budget = patch_budgets(cfg)
+
+  def __call__(self, index: int, rec: sources.Record) -> dict:
+    try:
+      return self._process(index, rec)
+    except video.MediaError as e:
+      return {"bad": ("media", rec.id, rec.source_file, str(e))}
+    except prompts.PromptTooLongError as e:
+      return {"bad": ("prompt_too_long", rec.id, rec.source_file, str(e))}
+    except _OverBudget as e:
+      return {"bad": ("over_budget", rec.id, rec.source_file, str(e))}
+
+  def _process(self, index, rec):
+    cfg = self.cfg
+    src = rec.media_bytes if rec.media_bytes is not None else rec.media
+    out = {k: getattr(rec, k) for k in META_KEYS}
+    if rec.data_type == "video":
+      clip = video.read_video(src, name=rec.media, fps=cfg.fps, min_frames=cfg.min_frames,
+                              max_frames=cfg.max_frames, frame_factor=cfg.frame_factor, seek=cfg.seek)
+      kw = dict(sample_fps=clip.sample_fps, name=rec.media, min_pixels=cfg.video_min_pixels,
+                max_pixels=cfg.video_max_pixels, total_pixels=cfg.video_total_pixels,
+                second_per_grid_t=cfg.second_per_grid_t)
+      vis = video.preprocess_video(clip.frames, **kw)
+      budget = self.video_budget
+      if cfg.temporal:
+        # Seeded by (pipeline seed, element index): the same permutation whatever the worker count.
+        rng = np.random.default_rng([self.seed, index])
+        shuffled, _ = video.shuffle_frames(clip.frames, rng)
+        out["pixels_shuffled"] = video.preprocess_video(shuffled, **kw).pixel_values
+      ids = prompts.encode_prompt(self.tokenizer, rec.prompt, "video", video_grid_thw=[vis.grid_thw],
+                                  system_prompt=cfg.system_prompt, max_length=max(cfg.buckets),
+                                  record_id=rec.id)
+    elif rec.data_type == "image":
+      vis = video.preprocess_image(src, name=rec.media, min_pixels=cfg.image_min_pixels,
+                                   max_pixels=cfg.image_max_pixels)
+      budget = self.image_budget
+      ids = prompts.encode_prompt(self.tokenizer, rec.prompt, "image", image_grid_thw=[vis.grid_thw],
+                                  system_prompt=cfg.system_prompt, max_length=max(cfg.buckets),
+                                  record_id=rec.id)
+    else:
+      raise ValueError(f"record {rec.id!r} in {rec.source_file}: data_type {rec.data_type!r}")
+    if vis.pixel_values.shape[0] > budget:
+      raise _OverBudget(f"{rec.media}: {vis.pixel_values.shape[0]} patch rows > budget {budget} "
+                        f"(grid_thw {vis.grid_thw.tolist()})")
+    out.update(input_ids=ids, pixels=vis.pixel_values.astype(np.float32, copy=False),
+               grid_thw=np.asarray(vis.grid_thw, np.int64), second_per_grid_t=vis.second_per_grid_t)
+    return out
+
+
+class _OverBudget(Exception):
+  """A clip/image needs more pixel rows than its static budget."""
+
+
+def collate(elements: Sequence[dict], cfg: DataConfig, pad_token_id: int, batch_size: int | None = None,
+            budgets: tuple[int, int] | None = None) -> dict:
+  """Good elements (Preprocess outputs) -> one statically shaped batch (see the module docstring).
+
+  Fewer than batch_size elements (final partial batch) get padding rows with valid=False.
+  """
+  b = batch_size or cfg.batch_size
+  pv, pi = budgets or patch_budgets(cfg)
+  n = len(elements)
+  ids, mask = prompts.left_pad([e["input_ids"] for e in elements] + [[]] * (b - n), pad_token_id,
+                               buckets=cfg.buckets, record_ids=[e["id"] for e in elements] + [None] * (b - n))
+  batch = {"input_ids": ids, "attention_mask": mask, "valid": np.arange(b) < n}
+  vids = [e for e in elements if e["data_type"] == "video"]
+  imgs = [e for e in elements if e["data_type"] == "image"]
+  batch["pixel_values_videos"] = _stack_rows([e["pixels"] for e in vids], b * pv)
+  if cfg.temporal:
+    batch["pixel_values_videos_shuffled"] = _stack_rows([e["pixels_shuffled"] for e in vids], b * pv)
+  batch["video_grid_thw"] = np.asarray([e["grid_thw"] for e in vids], np.int64).reshape(-1, 3)
+  batch["second_per_grid_ts"] = np.asarray([e["second_per_grid_t"] for e in vids], np.float32)
+  batch["pixel_values"] = _stack_rows([e["pixels"] for e in imgs], b * pi)
+  batch["image_grid_thw"] = np.asarray([e["grid_thw"] for e in imgs], np.int64).reshape(-1, 3)
+  for k in META_KEYS:
+    batch[k] = [e[k] for e in elements] + [None] * (b - n)
+  return batch
+
+
+def _stack_rows(arrays, rows):
+  out = np.zeros((rows, PATCH_DIM), np.float32)
+  offset = 0
+  for a in arrays:
+    out[offset:offset + a.shape[0]] = a
+    offset += a.shape[0]
+  return out
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Counts bad markers and batches good elements (main process). State = parent state + counts."""
+
+  def __init__(self, parent, cfg: DataConfig, pad_token_id: int):
+    super().__init__(parent)
+    self._cfg, self._pad = cfg, pad_token_id
+    self._budgets = patch_budgets(cfg)
+    self.bad = sources.BadRecords(cfg.strict)
+
+  def __next__(self):
+    good = []
+    while len(good) < self._cfg.batch_size:
+      try:
+        e = next(self._parent)
+      except StopIteration:
+        break
+      if "bad" in e:
+        self.bad.report(*e["bad"])
+      else:
+        good.append(e)
+    if not good or (len(good) < self._cfg.batch_size and self._cfg.drop_remainder):
+      raise StopIteration
+    batch = collate(good, self._cfg, self._pad, budgets=self._budgets)
+    batch["bad_records"] = self.bad.metrics()
+    return batch
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "bad_records": dict(self.bad.counts)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.bad.counts.clear()
+    self.bad.counts.update(state["bad_records"])
+
+
+class _BatchIterDataset(grain.IterDataset):
+
+  def __init__(self, parent, cfg: DataConfig, pad_token_id: int):
+    super().__init__(parent)
+    self._cfg, self._pad = cfg, pad_token_id
+
+  def __iter__(self):
+    return _BatchIterator(self._parent.__iter__(), self._cfg, self._pad)
+
+
+def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """The pipeline as a grain IterDataset of batches (iterate it for a checkpointable iterator).
+
+  Args:
+    records: sequence of sources.Record, or a random-access source (e.g. tfds_builders.data_source)
+      whose elements are TFDS example dicts (converted with tfds_builders.record_from_example).
+    tokenizer: spacer_jax.data.tokenizer.Tokenizer.
+    cfg: DataConfig.
+    seed: shuffle seed, also seeds the temporal frame permutations.
+    process_index, process_count: this host's shard (default jax.process_index()/process_count()).
+  """
+  if process_index is None or process_count is None:
+    import jax  # Only for the default shard.
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  ds = grain.MapDataset.source(records)
+  if not isinstance(records, (list, tuple)):
+    from spacer_jax.data import tfds_builders  # TFDS is only needed for this kind of source.
+
+    ds = ds.map(tfds_builders.record_from_example)
+  ds = ds[process_index::process_count]
+  if cfg.shuffle:
+    ds = ds.shuffle(seed)
+  ds = ds.repeat(cfg.num_epochs)
+  ds = ds.map_with_index(Preprocess(tokenizer, cfg, seed))
+  it = ds.to_iter_dataset()
+  if cfg.num_workers > 0:
+    # grain 0.2.18 reads absl flags in its worker setup (google/grain#1355).
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+  it = _BatchIterDataset(it, cfg, tokenizer.pad_token_id)
+  if cfg.prefetch_batches > 0:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
+  return it
+
+
+def make_iterator(records, tokenizer, cfg: DataConfig, seed: int = 0, **shard) -> grain.DatasetIterator:
+  """iter(make_dataset(...)): yields batch dicts; get_state()/set_state() for checkpoints."""
+  return iter(make_dataset(records, tokenizer, cfg, seed, **shard))
+
+
+def device_put_batch(batch: dict, sharding, keys: Sequence[str] = DEVICE_KEYS) -> dict:
+  """Places the device arrays of a process-local batch as global jax.Arrays (batch-sharded dim 0).
+
+  Every process passes its own slice and the global array stacks the processes' slices along dim 0:
+  for input_ids that is the global batch, for the pixel arrays each process's block of concatenated
+  patch rows (in the same process order, so the global grids are the processes' grids concatenated).
+  Keys not listed (grids, metadata) stay host values.
+  """
+  import jax
+
+  out = dict(batch)
+  for k in keys:
+    if k in batch:
+      out[k] = jax.make_array_from_process_local_data(sharding, batch[k])
+  return out
