@@ -90,7 +90,11 @@ def compute_advantages(rewards, group_size: int, scaling: str = "group", eps: fl
     raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, got "
                      f"shape {r.shape}")
   g = r.reshape(-1, group_size)
-  centred = g - g.mean(1, keepdims=True)
+  # Centre on the first reward before averaging so that a group of identical rewards gives exactly
+  # 0 (a float32 mean of 8 x 1.7 is not exactly 1.7, and dividing that residue by std + 1e-4 ~ 1e-4
+  # would leave advantages of ~1e-3).
+  shifted = g - g[:, :1]
+  centred = shifted - shifted.mean(1, keepdims=True)
   if group_size == 1:
     return jnp.zeros_like(r)
   if scaling == "group":
