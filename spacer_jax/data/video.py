@@ -254,8 +254,9 @@ def read_video(src, *, name: str | None = None, fps: float = FPS, min_frames: in
   count T and locate keyframes; frame k is the k-th frame in presentation (pts) order, which equals
   the decode-everything order of torchvision.io.read_video. seek="auto" decodes from the keyframe
   before each needed frame when that decodes fewer than 70% of the frames, "always"/"never" force it.
-  Any frame not recovered by the keyframe path falls back to a full decode. `threads` = codec threads
-  (1 = none; grain workers give the parallelism).
+  Only wanted frames are converted to RGB; with threads=1 the decoder also skips unwanted
+  non-reference frames. Any wanted frame not recovered this way falls back to a full decode that
+  counts frames. `threads` = codec threads (1 = none; grain workers give the parallelism).
   Raises MediaError for a missing/unopenable/truncated/corrupt file, no video stream, zero
   decodable frames or too few frames.
   """
@@ -291,10 +292,8 @@ def read_video(src, *, name: str | None = None, fps: float = FPS, min_frames: in
                                      frame_factor=frame_factor, nframes=nframes)
     except ValueError as e:
       raise MediaError(name, f"cannot sample frames: {e}") from e
-    frames = None
-    if seek != "never":
-      frames = _decode_by_keyframes(ctx, packets, indices, force=seek == "always")
-    if frames is None:
+    frames = _decode_by_pts(ctx, packets, indices, seek, skip_nonref=threads <= 1)
+    if frames is None:  # no usable pts, or a wanted frame did not come out: count frames instead
       frames = _decode_sequential(ctx, packets, indices, name)
   except av.FFmpegError as e:
     raise MediaError(name, f"corrupt video ({type(e).__name__}: {e})") from e
@@ -341,45 +340,53 @@ def _decode_sequential(ctx, packets, indices, name) -> list[np.ndarray]:
   return out
 
 
-def _decode_by_keyframes(ctx, packets, indices, force) -> list[np.ndarray] | None:
-  """Decode from the keyframe before each wanted frame; None when not applicable or not cheaper."""
+def _decode_by_pts(ctx, packets, indices, seek: str, skip_nonref: bool) -> list[np.ndarray] | None:
+  """Decode the wanted frames, matched by pts; None when pts are missing or a frame was not found.
+
+  Frame k is the packet with the k-th smallest pts. With jumps (seek), decoding restarts at the
+  keyframe before a wanted frame whenever that keyframe lies ahead of the decoder; without, every
+  packet from the first is decoded. skip_nonref tells the decoder to drop non-reference frames that
+  are not wanted (nothing references them, so the wanted frames are unchanged).
+  """
   pts = [p.pts for p in packets]
-  if any(t is None for t in pts):
+  if any(t is None for t in pts) or len(set(pts)) != len(pts):
     return None
   order = sorted(range(len(pts)), key=lambda i: pts[i])  # presentation rank -> decode position
   keyframes = [i for i, p in enumerate(packets) if p.is_keyframe]
   if not keyframes or keyframes[0] != 0:
     return None
   targets = sorted(set(indices.tolist()))
-  # Plan: decode positions needed for each target = [keyframe before it, its packet]; union of ranges.
-  plan = []  # (start, stop_pos, target_pts)
+  plan = []  # (first packet to decode from, target pts), by target position in decode order
   for k in targets:
     pos = order[k]
-    start = keyframes[bisect.bisect_right(keyframes, pos) - 1]
-    plan.append((start, pos, pts[pos]))
-  cost, covered = 0, -1
-  for start, pos, _ in sorted(plan):
-    lo = max(start, covered + 1)
-    if pos >= lo:
-      cost += pos - lo + 1
-    covered = max(covered, pos)
-  if not force and cost >= 0.7 * len(packets):
-    return None
-  got = {}
+    plan.append((keyframes[bisect.bisect_right(keyframes, pos) - 1], pos, pts[pos]))
+  plan.sort()
+  if seek == "auto":  # jump only when it decodes < 70% of the packets
+    cost, covered = 0, -1
+    for start, pos, _ in plan:
+      lo = max(start, covered + 1)
+      cost += max(0, pos - lo + 1)
+      covered = max(covered, pos)
+    seek = "always" if cost < 0.7 * len(packets) else "never"
   want_pts = {t for _, _, t in plan}
-  next_pos = 0
-  drained = False
+  got = {}
+  next_pos, drained = 0, False
+  ctx.flush_buffers()
   for start, _, target in plan:
     if target in got:
       continue
-    if start > next_pos or drained:
+    if seek == "always" and (start > next_pos or drained):
       ctx.flush_buffers()
       next_pos, drained = start, False
     while target not in got:
       if next_pos < len(packets):
-        frames = ctx.decode(packets[next_pos])
+        packet = packets[next_pos]
+        if skip_nonref:
+          ctx.skip_frame = "DEFAULT" if packet.pts in want_pts else "NONREF"
+        frames = ctx.decode(packet)
         next_pos += 1
       elif not drained:
+        ctx.skip_frame = "DEFAULT"
         frames, drained = ctx.decode(None), True
       else:
         break
@@ -387,7 +394,9 @@ def _decode_by_keyframes(ctx, packets, indices, force) -> list[np.ndarray] | Non
         if frame.pts in want_pts and frame.pts not in got:
           got[frame.pts] = _rgb(frame)
     if target not in got:
+      ctx.skip_frame = "DEFAULT"
       return None
+  ctx.skip_frame = "DEFAULT"
   ctx.flush_buffers()
   by_rank = {k: got[pts[order[k]]] for k in targets}
   return [by_rank[k] for k in indices.tolist()]
