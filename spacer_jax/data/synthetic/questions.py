@@ -225,24 +225,25 @@ GENERATORS: dict[str, Callable] = {
 
 def scene_questions(scene: scene_lib.Scene, first_frames: list[int | None], config: scene_lib.SyntheticConfig,
                     rng: np.random.Generator, num_questions: int) -> list[Question]:
-  """Draws up to num_questions distinct questions, tasks drawn by config.task_weights.
+  """Draws up to num_questions distinct questions, one task per slot drawn by config.task_weights.
 
-  A task the scene cannot support is redrawn; after 20 * num_questions draws it stops short.
+  A slot whose task the scene cannot support (or that only repeats earlier questions) after 5 tries
+  stays empty rather than falling back to another task, so the task mix follows the weights among
+  the scenes that support each task instead of drifting to the always-possible tasks (counting).
   """
   tasks = [t for t, _ in config.task_weights]
   weights = np.array([w for _, w in config.task_weights], np.float64)
   weights /= weights.sum()
   out: list[Question] = []
   seen = set()
-  for _ in range(20 * num_questions):
-    if len(out) == num_questions:
-      break
+  for _ in range(num_questions):
     task = tasks[int(rng.choice(len(tasks), p=weights))]
-    q = GENERATORS[task](scene, first_frames, config, rng)
-    if q is None or q.problem in seen:
-      continue
-    seen.add(q.problem)
-    out.append(q)
+    for _ in range(5):
+      q = GENERATORS[task](scene, first_frames, config, rng)
+      if q is not None and q.problem not in seen:
+        seen.add(q.problem)
+        out.append(q)
+        break
   return out
 
 
