@@ -1,0 +1,254 @@
+"""grain pipeline: batch shapes/dtypes, determinism, checkpoint/restore, bad input counting, workers."""
+
+import json
+
+import av
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from spacer_jax.data import pipeline
+from spacer_jax.data import prompts
+from spacer_jax.data import sources
+from spacer_jax.data import tokenizer as tokenizer_lib
+from spacer_jax.data import video
+
+# Tiny budgets: 56x84 clips resize to 56x84 (4x6 patches), images to <= 8 patches per side.
+CFG = pipeline.DataConfig(
+    batch_size=2, buckets=(128, 256, 512), video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 8,
+    image_min_pixels=28 * 28, image_max_pixels=28 * 28 * 16, max_frames=8, prefetch_batches=0)
+
+
+def make_mp4(path, frames=8, height=56, width=84, fps=4, seed=0, colors=None):
+  """A tiny h264 clip (random content, or one flat colour per frame)."""
+  rng = np.random.default_rng(seed)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), "w") as c:
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+    for k in range(frames):
+      img = (np.full((height, width, 3), colors[k], np.uint8) if colors is not None
+             else rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+      for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  return path
+
+
+def _row(pid, path, **kw):
+  return {"problem_id": pid, "problem": f"How many chair(s) are in room {pid}?", "data_type": "video",
+          "problem_type": "numerical", "options": [], "solution": "<answer>2</answer>", "path": path,
+          "data_source": "LLaVA-Video", **kw}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  d = tmp_path_factory.mktemp("pipe")
+  good = []
+  for i in range(6):
+    make_mp4(d / "v" / f"clip{i}.mp4", frames=6 + 2 * i, seed=i)
+    good.append(_row(i, f"v/clip{i}.mp4"))
+  PIL.Image.fromarray(np.random.default_rng(9).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(d / "img.png")
+  good.append(_row(6, "img.png", data_type="image", problem_type="multiple choice", options=["A. 1", "B. 2"],
+                   solution="<answer>B</answer>"))
+  blob = (d / "v" / "clip5.mp4").read_bytes()
+  (d / "v" / "truncated.mp4").write_bytes(blob[: len(blob) // 3])
+  (d / "v" / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+  (d / "bad.png").write_bytes(b"not an image at all")
+  PIL.Image.fromarray(np.zeros((2, 500, 3), np.uint8)).save(d / "thin.png")
+  bad = [
+      _row(100, "v/missing.mp4"),
+      _row(101, "v/truncated.mp4"),
+      _row(102, "v/garbage.mp4"),
+      _row(103, "bad.png", data_type="image"),
+      _row(104, "thin.png", data_type="image"),  # aspect ratio 250 > 200
+      _row(105, "v/clip0.mp4", problem="word " * 600),  # > largest bucket (512)
+  ]
+  lines = [json.dumps(r) for r in good[:3] + bad[:3]] + ["{broken json"] + [json.dumps(r) for r in good[3:] + bad[3:]]
+  (d / "d.jsonl").write_text("\n".join(lines) + "\n")
+  return d
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.build_offline_tokenizer()
+
+
+def _records(data, bad=None):
+  return sources.load_spacer(data / "d.jsonl", bad=bad)
+
+
+def _take(it, n):
+  out = [next(it) for _ in range(n)]
+  return out
+
+
+def _same_batch(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    if isinstance(a[k], np.ndarray):
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    else:
+      assert a[k] == b[k], k
+
+
+def _iter(records, tok, seed=0, **kw):
+  cfg = pipeline.DataConfig(**{**CFG.__dict__, **kw})
+  return pipeline.make_iterator(records, tok, cfg, seed=seed, process_index=0, process_count=1)
+
+
+def test_batch_shapes_dtypes_and_content(data, tok):
+  recs = [r for r in _records(data) if int(r.id) < 7]
+  it = _iter(recs, tok, num_epochs=1, shuffle=False, drop_remainder=False)
+  batches = list(it)
+  assert len(batches) == 4  # 7 records, batch 2, last one padded
+  pv, pi = pipeline.patch_budgets(pipeline.DataConfig(**{**CFG.__dict__}))
+  # Video: 8 frames -> 4 temporal patches x (6272 px / 14^2 = 32) patches; image: 12544 / 14^2 = 64.
+  assert (pv, pi) == (4 * 32, 64)
+  for b in batches:
+    assert b["input_ids"].dtype == np.int32 and b["attention_mask"].dtype == np.int32
+    assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[1] in CFG.buckets
+    assert b["pixel_values_videos"].shape == (2 * pv, 1176) and b["pixel_values_videos"].dtype == np.float32
+    assert b["pixel_values"].shape == (2 * pi, 1176)
+    assert b["video_grid_thw"].dtype == np.int64 and b["second_per_grid_ts"].dtype == np.float32
+    assert b["valid"].dtype == bool
+    for row, ok in enumerate(b["valid"]):
+      if not ok:
+        assert b["attention_mask"][row].sum() == 0 and b["id"][row] is None
+        continue
+      mask = b["attention_mask"][row]
+      assert mask[-1] == 1 and np.all(np.diff(mask) >= 0)  # left padded
+      assert np.all(b["input_ids"][row][mask == 0] == tok.pad_token_id)
+    n_vid = int((b["input_ids"] == tok.video_token_id).sum())
+    assert n_vid == int(np.prod(b["video_grid_thw"], axis=-1).sum()) // 4
+    n_img = int((b["input_ids"] == tok.image_token_id).sum())
+    assert n_img == int(np.prod(b["image_grid_thw"], axis=-1).sum()) // 4
+    np.testing.assert_array_equal(b["second_per_grid_ts"], np.ones(len(b["video_grid_thw"])))
+  first = batches[0]
+  assert first["id"] == ["0", "1"] and first["problem_type"] == ["numerical", "numerical"]
+  assert first["solution"] == ["<answer>2</answer>"] * 2 and first["data_source"] == ["LLaVA-Video"] * 2
+  # Rows are the video module's output for each clip, concatenated, then zeros.
+  v0 = video.load_video(recs[0].media, read_kwargs=dict(max_frames=8),
+                        min_pixels=CFG.video_min_pixels, max_pixels=CFG.video_max_pixels)
+  v1 = video.load_video(recs[1].media, read_kwargs=dict(max_frames=8),
+                        min_pixels=CFG.video_min_pixels, max_pixels=CFG.video_max_pixels)
+  n0, n1 = len(v0.pixel_values), len(v1.pixel_values)
+  np.testing.assert_array_equal(first["pixel_values_videos"][:n0], v0.pixel_values)
+  np.testing.assert_array_equal(first["pixel_values_videos"][n0:n0 + n1], v1.pixel_values)
+  assert not first["pixel_values_videos"][n0 + n1:].any()
+  np.testing.assert_array_equal(first["video_grid_thw"], [v0.grid_thw, v1.grid_thw])
+  # Tokens are the chat-templated prompt with the span expanded.
+  want = prompts.encode_prompt(tok, recs[0].prompt, "video", video_grid_thw=[v0.grid_thw])
+  np.testing.assert_array_equal(first["input_ids"][0][first["attention_mask"][0] == 1], want)
+  img_batch = [b for b in batches if "image" in b["data_type"]][0]
+  assert len(img_batch["image_grid_thw"]) == 1 and img_batch["pixel_values"].any()
+
+
+def test_same_seed_same_batches(data, tok):
+  recs = _records(data)
+  a = _take(_iter(recs, tok, seed=3), 4)
+  b = _take(_iter(recs, tok, seed=3), 4)
+  for x, y in zip(a, b):
+    _same_batch(x, y)
+  c = _take(_iter(recs, tok, seed=4), 4)
+  assert [x["id"] for x in a] != [x["id"] for x in c]
+
+
+def test_checkpoint_restore_resumes_at_same_element(data, tok):
+  recs = _records(data)
+  it = _iter(recs, tok, seed=1)
+  _take(it, 2)
+  state = it.get_state()
+  json.dumps(state)  # plain, serialisable (orbax stores it as JSON)
+  want = _take(it, 4)  # crosses an epoch boundary (13 records, 7 good per epoch)
+  fresh = _iter(recs, tok, seed=1)
+  fresh.set_state(state)
+  got = _take(fresh, 4)
+  for x, y in zip(want, got):
+    _same_batch(x, y)
+
+
+def test_bad_input_skipped_and_counted(data, tok, caplog):
+  load_bad = sources.BadRecords()
+  recs = _records(data, load_bad)
+  assert load_bad.counts == {"malformed_json": 1}
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="spacer_jax.data.sources"):
+    batches = list(_iter(recs, tok, num_epochs=1, shuffle=False, drop_remainder=False))
+  ids = [i for b in batches for i in b["id"] if i is not None]
+  assert sorted(ids, key=int) == [str(i) for i in range(7)]  # every good record, exactly once
+  counts = batches[-1]["bad_records"]
+  assert counts == {"data/bad_records": 6, "data/bad_records/media": 5, "data/bad_records/prompt_too_long": 1}
+  msgs = [r.getMessage() for r in caplog.records]
+  assert len(msgs) == 6
+  for rid, what in (("100", "missing.mp4"), ("101", "truncated.mp4"), ("102", "garbage.mp4"), ("103", "bad.png"),
+                    ("104", "thin.png"), ("105", "prompt has")):
+    assert any(f"record '{rid}' in {data / 'd.jsonl'}" in m and what in m for m in msgs), (rid, msgs)
+  assert any("aspect ratio" in m for m in msgs)
+
+
+def test_strict_mode_raises(data, tok):
+  with pytest.raises(sources.BadRecordError, match=r"record '100' in .*d.jsonl: media: .*missing.mp4"):
+    list(_iter(_records(data), tok, num_epochs=1, shuffle=False, strict=True))
+
+
+def test_temporal_copy_is_seeded_frame_permutation(data, tok):
+  colors = [(10 * k, 255 - 20 * k, 60) for k in range(8)]
+  path = make_mp4(data / "colors.mp4", frames=8, colors=colors)
+  rec = sources.Record(id="c", source_file="mem", data_type="video", media=str(path), prompt="Q",
+                       problem="Q", problem_type="numerical")
+  b = next(_iter([rec, rec], tok, seed=7, temporal=True, shuffle=False))
+  clip = video.read_video(str(path), max_frames=8)
+  kw = dict(min_pixels=CFG.video_min_pixels, max_pixels=CFG.video_max_pixels)
+  for index in (0, 1):  # element index seeds the permutation
+    perm = np.random.default_rng([7, index]).permutation(len(clip.frames))
+    want = video.preprocess_video(clip.frames[perm], **kw).pixel_values
+    n = len(want)
+    np.testing.assert_array_equal(b["pixel_values_videos_shuffled"][index * n:(index + 1) * n], want)
+  n = len(want)
+  assert not np.array_equal(b["pixel_values_videos_shuffled"][:n], b["pixel_values_videos"][:n])
+
+
+def test_device_put_batch(data, tok):
+  recs = [r for r in _records(data) if int(r.id) < 6]
+  b = next(_iter(recs, tok, shuffle=False))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  out = pipeline.device_put_batch(b, sharding)
+  for k in ("input_ids", "attention_mask", "pixel_values_videos", "pixel_values"):
+    assert isinstance(out[k], jax.Array) and out[k].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out[k]), b[k])
+  assert isinstance(out["video_grid_thw"], np.ndarray) and out["id"] == b["id"]
+
+
+def test_two_workers_same_batches(data, tok):
+  recs = _records(data)
+  ref = _take(_iter(recs, tok, seed=5, num_workers=0), 3)
+  it = _iter(recs, tok, seed=5, num_workers=2)
+  try:
+    got = _take(it, 3)
+  finally:
+    it.close()
+  for x, y in zip(ref, got):
+    _same_batch(x, y)
+
+
+@pytest.mark.slow
+def test_two_workers_restore(data, tok):
+  recs = _records(data)
+  ref = _take(_iter(recs, tok, seed=5, num_workers=0), 5)
+  it = _iter(recs, tok, seed=5, num_workers=2)
+  try:
+    _take(it, 2)
+    state = it.get_state()
+  finally:
+    it.close()
+  it = _iter(recs, tok, seed=5, num_workers=2)
+  try:
+    it.set_state(state)
+    for x, y in zip(ref[2:], _take(it, 3)):
+      _same_batch(x, y)
+  finally:
+    it.close()
