@@ -106,3 +106,24 @@ def test_vsibench_round_trip(tmp_path):
 def test_prepare_strict_raises(spacer_manual, tmp_path):
   with pytest.raises(sources.BadRecordError, match=r"record '5' in .*SpaceR-151k.jsonl: unknown_problem_type"):
     tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds", strict=True)
+
+
+def test_pipeline_reads_tfds_source(spacer_manual, tmp_path):
+  """grain over tfds.data_source gives the same batches' content as over the JSONL records."""
+  from spacer_jax.data import pipeline
+  from spacer_jax.data import tokenizer as tokenizer_lib
+
+  tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds")
+  src = tfds_builders.data_source("spacer151k", tmp_path / "tfds")
+  tok = tokenizer_lib.build_offline_tokenizer()
+  cfg = pipeline.DataConfig(batch_size=3, buckets=(512, 1024, 2048), video_min_pixels=28 * 28 * 4,
+                            video_max_pixels=28 * 28 * 8, image_max_pixels=28 * 28 * 16, num_epochs=1,
+                            shuffle=False, prefetch_batches=0)
+  (b,) = list(pipeline.make_iterator(src, tok, cfg, process_index=0, process_count=1))
+  assert sorted(b["id"]) == ["1", "2", "3"] and b["bad_records"] == {"data/bad_records": 0}
+  recs = {r.id: r for r in sources.load_spacer(spacer_manual / "SpaceR-151k.jsonl")}
+  for row, rid in enumerate(b["id"]):
+    want = pipeline.Preprocess(tok, cfg, 0)(0, recs[rid])
+    np.testing.assert_array_equal(b["input_ids"][row][b["attention_mask"][row] == 1], want["input_ids"])
+  assert b["cognitive_map"][b["id"].index("1")] == {"sofa": [[1, 2]], "tv": [[3, 4]]}
+  assert len(b["video_grid_thw"]) == 2 and len(b["image_grid_thw"]) == 1
