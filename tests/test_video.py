@@ -295,6 +295,16 @@ def test_read_video_matches_full_decode(vids, key):
     assert clip.sample_fps == pytest.approx(len(idx) / len(ref) * fps)
 
 
+@pytest.mark.parametrize("key", ["long_gop", "mpeg4"])
+def test_counting_fallback_and_threads_match_full_decode(vids, key, monkeypatch):
+  path = vids[key]
+  ref, fps = decode_all_reference(path)
+  idx = video.sample_frame_indices(len(ref), fps)
+  np.testing.assert_array_equal(video.read_video(path, threads=2).frames, ref[idx])  # no non-ref skipping
+  monkeypatch.setattr(video, "_decode_by_pts", lambda *a, **k: None)  # force the frame-counting path
+  np.testing.assert_array_equal(video.read_video(path).frames, ref[idx])
+
+
 def test_read_video_counts(vids):
   clip = video.read_video(vids["long_gop"])
   assert clip.frames.shape == (16, 64, 96, 3) and clip.total_frames == 300

@@ -299,6 +299,8 @@ def read_video(src, *, name: str | None = None, fps: float = FPS, min_frames: in
     raise MediaError(name, f"corrupt video ({type(e).__name__}: {e})") from e
   finally:
     container.close()
+  if len({f.shape for f in frames}) != 1:
+    raise MediaError(name, f"frame size changes mid-stream: {sorted({f.shape for f in frames})}")
   sample_fps = len(indices) / max(total, 1e-6) * video_fps
   return VideoClip(np.stack(frames), sample_fps, indices, total, video_fps)
 
