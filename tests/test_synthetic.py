@@ -379,6 +379,15 @@ def test_command_line(tmp_path, capsys):
   assert "num_train_records" in capsys.readouterr().out
   expected = synthetic.SyntheticConfig.demo(num_scenes=2, num_eval_scenes=1, seed=5)
   assert synthetic.is_generated(out, expected)
+  out2 = str(tmp_path / "cli2")
+  cli.main(["--out", out2, "--num_scenes", "1", "--num_eval_scenes", "1", "--height", "28", "--width", "28",
+            "--num_frames", "4", "--categories", "chair,table,bed,sofa", "--categories_per_scene", "2,4",
+            "--task_weights", "object_counting=1,room_size_estimation=0.5"])
+  with open(os.path.join(out2, "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["config"]["task_weights"] == [["object_counting", 1.0], ["room_size_estimation", 0.5]]
+  assert set(manifest["task_counts"]["train"]) <= {"object_counting", "room_size_estimation"}
+  assert manifest["config"]["categories_per_scene"] == [2, 4] and manifest["config"]["height"] == 28
 
 
 def test_sft_traces_score_full_reward(tiny_root):
