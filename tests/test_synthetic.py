@@ -413,3 +413,20 @@ def test_sft_traces_score_full_reward(tiny_root):
                           "chair to the left or the right of the sofa?", ["A. left", "B. right"], "C", {})
   with pytest.raises(ValueError, match="wording"):
     traces.sft_completion("object_counting", "How many chairs?", [], "2", {})
+
+
+def test_concurrent_callers_generate_once(tmp_path, monkeypatch):
+  import threading
+
+  config = dataclasses.replace(TINY, num_scenes=2, num_eval_scenes=1, questions_per_scene=3)
+  calls = []
+  build = generate_lib.build_scene
+  monkeypatch.setattr(generate_lib, "build_scene", lambda *a: calls.append(a) or build(*a))
+  root = str(tmp_path / "shared")
+  threads = [threading.Thread(target=synthetic.generate_dataset, args=(root, config), kwargs={"progress": False})
+             for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(calls) == 3 and synthetic.is_generated(root, config)  # 2 train + 1 eval scene, once

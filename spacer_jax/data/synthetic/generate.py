@@ -18,6 +18,7 @@ Host-only code.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -120,6 +121,23 @@ def generate_dataset(root: str, config: scene_lib.SyntheticConfig, *, overwrite:
   paths = dataset_paths(root)
   if is_generated(root, config):
     return paths
+  os.makedirs(paths.root, exist_ok=True)
+  # Several processes (e.g. one per host on a shared disk) may ask at once: one generates, the
+  # others wait on the lock and then find the manifest.
+  with open(os.path.join(paths.root, ".generate.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if is_generated(root, config):
+        return paths
+      _generate_locked(paths, config, overwrite, progress)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return paths
+
+
+def _generate_locked(paths: SyntheticPaths, config: scene_lib.SyntheticConfig, overwrite: bool,
+                     progress: bool) -> None:
+  """generate_dataset's body, run under the directory lock."""
   if os.path.exists(paths.manifest) and not overwrite:
     with open(paths.manifest) as f:
       other = json.load(f).get("config_hash")
@@ -183,4 +201,3 @@ def generate_dataset(root: str, config: scene_lib.SyntheticConfig, *, overwrite:
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=1)
   os.replace(tmp, paths.manifest)
-  return paths
