@@ -55,13 +55,15 @@ def frame_pattern(i, h, w):
                   -1).astype(np.uint8)
 
 
-def make_video(path, n=60, fps=30, w=96, h=64, codec="libx264", gop=None, faststart=False):
+def make_video(path, n=60, fps=30, w=96, h=64, codec="libx264", gop=None, faststart=False, x264_params=None):
   options = {"movflags": "faststart"} if faststart else {}
   with av.open(str(path), "w", options=options) as c:
     s = c.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = w, h, "yuv420p"
     if gop:
       s.codec_context.gop_size = gop
+    if x264_params:
+      s.codec_context.options = {"x264-params": x264_params}
     for i in range(n):
       for p in s.encode(av.VideoFrame.from_ndarray(frame_pattern(i, h, w), format="rgb24")):
         c.mux(p)
@@ -90,6 +92,10 @@ def vids(tmp_path_factory):
       "long_gop": make_video(d / "long_gop.mp4", n=300, gop=12),  # 10 s -> 16 frames, seekable
       "long": make_video(d / "long.mp4", n=300),  # default GOP: keyframe path not cheaper
       "mpeg4": make_video(d / "mpeg4.mp4", n=45, fps=15, codec="mpeg4", gop=5),
+      # Open GOPs: B-frames after a keyframe in decode order that display before it and reference the
+      # previous GOP (keyframe jumps must start one keyframe earlier for them).
+      "open_gop": make_video(d / "open_gop.mp4", n=150, x264_params="open-gop=1:keyint=12:min-keyint=12:"
+                             "scenecut=0:bframes=3") if CODEC == "libx264" else None,
       "dir": str(d),
   }
 
@@ -282,13 +288,17 @@ def test_video_budget_shrinks_large_frames():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["short", "long_gop", "long", "mpeg4"])
-def test_read_video_matches_full_decode(vids, key):
+@pytest.mark.parametrize("key", ["short", "long_gop", "long", "mpeg4", "open_gop"])
+@pytest.mark.parametrize("every_frame", [False, True])
+def test_read_video_matches_full_decode(vids, key, every_frame):
   path = vids[key]
+  if path is None:
+    pytest.skip("libx264 not available")
   ref, fps = decode_all_reference(path)
-  idx = video.sample_frame_indices(len(ref), fps)
+  kw = {"fps": fps, "max_frames": len(ref)} if every_frame else {}  # every frame: every B-frame case
+  idx = video.sample_frame_indices(len(ref), fps, **kw)
   for seek in ("never", "always", "auto"):
-    clip = video.read_video(path, seek=seek)
+    clip = video.read_video(path, seek=seek, **kw)
     assert clip.total_frames == len(ref) and clip.video_fps == fps
     np.testing.assert_array_equal(clip.indices, idx)
     np.testing.assert_array_equal(clip.frames, ref[idx], err_msg=f"{key} seek={seek}")

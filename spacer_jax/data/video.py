@@ -361,7 +361,10 @@ def _decode_by_pts(ctx, packets, indices, seek: str, skip_nonref: bool) -> list[
   plan = []  # (first packet to decode from, target pts), by target position in decode order
   for k in targets:
     pos = order[k]
-    plan.append((keyframes[bisect.bisect_right(keyframes, pos) - 1], pos, pts[pos]))
+    j = bisect.bisect_right(keyframes, pos) - 1
+    if pts[pos] < pts[keyframes[j]] and j > 0:
+      j -= 1  # a leading picture of an open GOP references the previous GOP: start one keyframe earlier
+    plan.append((keyframes[j], pos, pts[pos]))
   plan.sort()
   if seek == "auto":  # jump only when it decodes < 70% of the packets
     cost, covered = 0, -1
