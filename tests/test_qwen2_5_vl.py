@@ -120,9 +120,16 @@ def test_decoder_layer_matches_hf(tiny_hf):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL_LAYER, rtol=0)
 
 
+@nnx.jit
+def _cached_step(model, ids, pos, kv_mask, cache, cache_index):
+  h, cache = model.forward_embeds(model.embed(ids), pos, kv_mask, cache=cache,
+                                  cache_index=cache_index)
+  return model.logits(h), cache
+
+
 def test_kv_cache_matches_full_forward():
   cfg = qwen2_5_vl.tiny()
-  model = qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(3))
+  model = qwen2_5_vl.init_model(cfg, seed=3, init_std=0.2)
   rng = np.random.default_rng(2)
   b, t, extra = 2, 9, 4
   ids = text_ids(rng, cfg, b, t + extra)
@@ -130,25 +137,21 @@ def test_kv_cache_matches_full_forward():
   mask[0, :3] = False
   pos, _ = positions.get_rope_index(ids, mask, image_token_id=cfg.image_token_id,
                                     video_token_id=cfg.video_token_id)
+  pos = pos.astype(np.int32)
   with jax.default_matmul_precision("highest"):
-    full, _ = model.forward_embeds(model.embed(jnp.asarray(ids)), jnp.asarray(pos),
-                                   jnp.asarray(mask))
-    full = model.logits(full)
-    cache_len = t + extra + 3
+    full = np.asarray(model(ids, attention_mask=mask))
+    cache_len = t + extra + 3  # a few never-written slots, masked by kv_mask
     kv_mask = np.zeros((b, cache_len), bool)
     kv_mask[:, :t + extra] = mask
     cache = text.init_cache(cfg, b, cache_len, jnp.float32)
-    h, cache = model.forward_embeds(model.embed(jnp.asarray(ids[:, :t])), jnp.asarray(pos[:, :, :t]),
-                                    jnp.asarray(kv_mask), cache=cache,
-                                    cache_index=jnp.int32(0))
-    steps = [model.logits(h)]
+    logits, cache = _cached_step(model, ids[:, :t], pos[:, :, :t], kv_mask, cache, jnp.int32(0))
+    steps = [logits]
     for k in range(t, t + extra):
-      h, cache = model.forward_embeds(model.embed(jnp.asarray(ids[:, k:k + 1])),
-                                      jnp.asarray(pos[:, :, k:k + 1]), jnp.asarray(kv_mask),
-                                      cache=cache, cache_index=jnp.int32(k))
-      steps.append(model.logits(h))
+      logits, cache = _cached_step(model, ids[:, k:k + 1], pos[:, :, k:k + 1], kv_mask, cache,
+                                   jnp.int32(k))
+      steps.append(logits)
   got = np.concatenate([np.asarray(s) for s in steps], axis=1)
-  np.testing.assert_allclose(got[mask], np.asarray(full)[mask], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got[mask], full[mask], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Q merged vision tokens, C cache length.
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -354,16 +355,46 @@ class Qwen2_5_VL(nnx.Module):
         spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
         image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
         vision_start_token_id=cfg.vision_start_token_id, text_after_vision=cfg.text_after_vision)
-    img = vid = None
-    if pixel_values is not None:
-      img = self.get_vision_features(jnp.asarray(pixel_values),
-                                     prepare_vision_inputs(cfg, image_grid_thw))
-    if pixel_values_videos is not None:
-      vid = self.get_vision_features(jnp.asarray(pixel_values_videos),
-                                     prepare_vision_inputs(cfg, video_grid_thw))
-    embeds = self.embed(jnp.asarray(ids), img, vid)
-    hidden, _ = self.forward_embeds(embeds, jnp.asarray(pos, jnp.int32), jnp.asarray(mask))
-    return self.logits(hidden)
+    vis_img = None if pixel_values is None else prepare_vision_inputs(cfg, image_grid_thw)
+    vis_vid = None if pixel_values_videos is None else prepare_vision_inputs(cfg, video_grid_thw)
+    graphdef, state = nnx.split(self)
+    return _forward(graphdef, state, ids, pos.astype(np.int32), mask, pixel_values, vis_img,
+                    pixel_values_videos, vis_vid)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, pos, mask, pixel_values, vis_img, pixel_values_videos, vis_vid):
+  """Jitted body of `Qwen2_5_VL.__call__` (compiled once per shape set)."""
+  model = nnx.merge(graphdef, state)
+  img = None if pixel_values is None else model.get_vision_features(pixel_values, vis_img)
+  vid = None if pixel_values_videos is None else model.get_vision_features(pixel_values_videos,
+                                                                            vis_vid)
+  hidden, _ = model.forward_embeds(model.embed(ids, img, vid), pos, mask)
+  return model.logits(hidden)
+
+
+def init_model(cfg: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+               init_std: float = 0.02):
+  """Random model with host (numpy) init: N(0, init_std) weights, unit norms, zero biases.
+
+  Same distribution as the module initialisers but without compiling a random-number program
+  (an XLA threefry init of even the tiny model takes tens of seconds to compile on CPU).
+  For tests and smoke runs; real runs load checkpoints.
+  """
+  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                               param_dtype=param_dtype))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+  for path, var in sorted(nnx.to_flat_state(state), key=lambda kv: [str(p) for p in kv[0]]):
+    shape, name = var.get_value().shape, ".".join(str(p) for p in path)
+    if var.get_metadata().get("out_sharding") == ("norm",):
+      value = np.ones(shape, np.float32)
+    elif name.endswith(".bias"):
+      value = np.zeros(shape, np.float32)
+    else:
+      value = init_std * rng.standard_normal(shape, np.float32)
+    var.set_value(jnp.asarray(value, param_dtype))
+  return nnx.merge(graphdef, state)
 
 
 # ------------------------------------------------------------------------------------------------
