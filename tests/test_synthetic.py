@@ -119,12 +119,18 @@ def _expected_answer(question_type, question, options, scene, first):
   by_cat = {}
   for o in objs:
     by_cat.setdefault(o["category"], []).append(o)
-  one = lambda name: (by_cat[name][0] if len(by_cat[name]) == 1 else pytest.fail(f"{name} not unique"))
+  visible = lambda o: first[objs.index(o)] is not None
+
+  def one(name):  # the single, visible instance a question about "the {name}" refers to
+    assert len(by_cat[name]) == 1 and visible(by_cat[name][0]), f"{name}: not unique or never visible"
+    return by_cat[name][0]
+
   labels = [o.split(". ", 1)[1] for o in options or []]
   letter = lambda label: options[labels.index(label)].split(".")[0]
   if question_type == "object_counting":
     (cat,) = re.fullmatch(r"How many (.+)\(s\) are in this room\?", question).groups()
-    return str(len(by_cat.get(cat, [])))
+    assert all(visible(o) for o in by_cat[cat]), f"an instance of {cat} is never visible"
+    return str(len(by_cat[cat]))
   if question_type == "object_abs_distance":
     a, b = re.search(r"between the (.+) and the (.+) \(in meters\)", question).groups()
     return f"{round(_closest_distance(one(a), one(b)), 1):.1f}"

@@ -3,7 +3,8 @@
 Each generator takes (scene, first_frames, config, rng) and returns a Question or None when the
 scene cannot support that task (too few single-instance categories, an ambiguous geometry...).
 Wording follows VSI-Bench / SR-91k (spec spacer.md §1.1). Questions about one object ("the chair")
-only use categories with a single instance in the room, as VSI-Bench does. Multiple-choice options
+only use categories with a single instance in the room, as VSI-Bench does, and only objects that are
+visible in some frame; counting only asks about categories whose every instance is visible. Multiple-choice options
 are shuffled and written "A. ..."; numerical answers are rounded (distances and areas to 0.1,
 sizes to whole centimetres).
 
@@ -54,10 +55,10 @@ def _multiple_choice(question_type: str, problem: str, correct: str, distractors
   return Question(question_type, problem, options, letters[shuffled.index(correct)])
 
 
-def _singletons(scene: scene_lib.Scene) -> list[int]:
-  """Indices of objects whose category has exactly one instance in the room."""
+def _singletons(scene: scene_lib.Scene, first_frames: list[int | None]) -> list[int]:
+  """Indices of visible objects whose category has exactly one instance in the room."""
   counts = scene.counts()
-  return [i for i, o in enumerate(scene.objects) if counts[o.category] == 1]
+  return [i for i, o in enumerate(scene.objects) if counts[o.category] == 1 and first_frames[i] is not None]
 
 
 def _fmt1(x: float) -> str:
@@ -65,18 +66,20 @@ def _fmt1(x: float) -> str:
 
 
 def object_counting(scene, first_frames, config, rng):
-  del first_frames, config
+  """Only categories whose every instance shows up in some frame: the answer is in the video."""
+  del config
   counts = scene.counts()
-  if not counts:
+  hidden = {o.category for o, f in zip(scene.objects, first_frames) if f is None}
+  cats = sorted(set(counts) - hidden)
+  if not cats:
     return None
-  cats = sorted(counts)
   cat = cats[int(rng.integers(len(cats)))]
   return Question("object_counting", f"How many {cat}(s) are in this room?", (), str(counts[cat]))
 
 
 def object_abs_distance(scene, first_frames, config, rng):
-  del first_frames, config
-  single = _singletons(scene)
+  del config
+  single = _singletons(scene, first_frames)
   if len(single) < 2:
     return None
   i, j = (single[k] for k in rng.choice(len(single), 2, replace=False))
@@ -90,8 +93,8 @@ def object_abs_distance(scene, first_frames, config, rng):
 
 
 def object_size_estimation(scene, first_frames, config, rng):
-  del first_frames, config
-  single = _singletons(scene)
+  del config
+  single = _singletons(scene, first_frames)
   if not single:
     return None
   o = scene.objects[single[int(rng.integers(len(single)))]]
@@ -109,8 +112,7 @@ def room_size_estimation(scene, first_frames, config, rng):
 
 
 def object_rel_distance(scene, first_frames, config, rng):
-  del first_frames
-  single = _singletons(scene)
+  single = _singletons(scene, first_frames)
   if len(single) < 5:
     return None
   target = single[int(rng.integers(len(single)))]
@@ -157,10 +159,9 @@ _DIRECTION_LABELS = {"easy": ["left", "right"], "medium": ["left", "right", "bac
 
 def _rel_direction(level: str):
   def generate(scene, first_frames, config, rng):
-    del first_frames
     # Balance the answers: draw a label uniformly among those the room can produce, then a triple.
     by_label: dict[str, list[tuple[int, int, int]]] = {}
-    for a, b, c in itertools.permutations(_singletons(scene), 3):
+    for a, b, c in itertools.permutations(_singletons(scene, first_frames), 3):
       label = _direction_label(level, _direction_angle(scene, a, b, c), config.direction_margin_deg)
       if label is not None:
         by_label.setdefault(label, []).append((a, b, c))
