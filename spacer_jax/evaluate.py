@@ -36,9 +36,13 @@ import tqdm
 from absl import app
 from absl import flags
 from absl import logging
+from flax import nnx
 from ml_collections import config_flags
 
+from spacer_jax import config_lib
 from spacer_jax import sampling
+from spacer_jax import sharding
+from spacer_jax import tree_utils
 from spacer_jax import vsibench
 from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
@@ -79,14 +83,25 @@ def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
   HF: a directory with config.json + *.safetensors (qwen2_5_vl.load_hf, strict key/shape check).
   Trainer: a `train.py` workdir or checkpoint directory (spacer_jax.checkpoint.load_model).
   """
+  from spacer_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
   from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"config.model_dir={model_dir!r} is not a directory")
   dtype = jnp.dtype(dtype)
   if os.path.exists(os.path.join(model_dir, "config.json")):
     check_architecture(model_dir)
-    kwargs = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    return qwen2_5_vl.load_hf(model_dir, dtype=dtype, **kwargs)
+    if mesh is None:
+      return qwen2_5_vl.load_hf(model_dir, dtype=dtype)
+    # As qwen2_5_vl.load_hf, but with sharding.tree_shardings, which replicates a dimension that a
+    # mesh axis does not divide (load_hf's nnx.get_partition_spec raises there, e.g. tiny models).
+    cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(model_dir)
+    abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                            param_dtype=dtype))
+    graphdef, abs_state = nnx.split(abstract)
+    flat = sharding.tree_shardings(abs_state, mesh, rules)
+    shardings = nnx.from_flat_state(
+        [(path, flat[tree_utils.key_of(path)]) for path, _ in nnx.to_flat_state(abs_state)])
+    return nnx.merge(graphdef, hf_weights.load_state(model_dir, abs_state, shardings))
   try:
     from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -132,6 +147,33 @@ def make_batch(items, tokenizer, protocol, batch_size, buckets):
       second_per_grid_ts=np.asarray([vis.second_per_grid_t for _, vis in items], np.float32))
 
 
+def find_videos(data_dir, records, allow_missing_videos=True):
+  """Splits records by whether their video exists -> (present records, {missing path: "missing"}).
+
+  Raises FileNotFoundError when no video exists at all (wrong layout or wrong data_dir), or on the
+  first missing one when allow_missing_videos is False. Cheap (os.path.exists), so it runs before the
+  model is loaded.
+  """
+  present, skipped = [], {}
+  for rec in records:
+    path = vsibench.video_path(data_dir, rec)
+    if os.path.exists(path):
+      present.append(rec)
+    elif not allow_missing_videos:
+      raise FileNotFoundError(f"record id={rec['id']}: video {path} is missing")
+    else:
+      skipped[path] = "missing"
+  if records and not present:
+    example = vsibench.video_path(data_dir, records[0])
+    raise FileNotFoundError(
+        f"none of the {len(records)} videos exist under data_dir={data_dir!r} (expected the layout"
+        f" {{data_dir}}/{{dataset}}/{{scene_name}}.mp4, e.g. {example})")
+  if skipped:
+    logging.warning("VSI-Bench: %d of %d questions skipped: %d video(s) missing (e.g. %s)",
+                    len(records) - len(present), len(records), len(skipped), next(iter(skipped)))
+  return present, skipped
+
+
 # ---------------------------------------------------------------------------------------------------
 # The evaluation loop.
 # ---------------------------------------------------------------------------------------------------
@@ -175,6 +217,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   Returns:
     dict with "overall" (float x100 or None), "tasks" {task: x100}, "per_type" {question_type: x100},
     "counts" {question_type: n}, "num_scored", "num_records", "skipped" {video path: reason},
+    "num_skipped" (questions on skipped videos),
     "protocol", "max_new_tokens", "seconds".
   """
   if protocol not in vsibench.PROTOCOLS:
@@ -186,25 +229,8 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   if max_items:
     records = records[:max_items]
 
-  # Missing videos: decided before any model work, so a wrong layout fails fast.
-  skipped = {}
-  present = []
-  for rec in records:
-    path = vsibench.video_path(data_dir, rec)
-    if os.path.exists(path):
-      present.append(rec)
-    elif not allow_missing_videos:
-      raise FileNotFoundError(f"record id={rec['id']}: video {path} is missing")
-    else:
-      skipped[path] = "missing"
-  if records and not present:
-    example = vsibench.video_path(data_dir, records[0])
-    raise FileNotFoundError(
-        f"none of the {len(records)} videos exist under data_dir={data_dir!r} (expected the layout"
-        f" {{data_dir}}/{{dataset}}/{{scene_name}}.mp4, e.g. {example})")
-  if skipped:
-    logging.warning("VSI-Bench: %d of %d questions skipped, video missing (e.g. %s)", len(skipped),
-                    len(records), next(iter(skipped)))
+  present, skipped = find_videos(data_dir, records, allow_missing_videos)
+  num_skipped = len(records) - len(present)  # questions on skipped videos
 
   preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
            if workdir else None)
@@ -232,6 +258,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
         for rec, path, vis, reason in loaded:
           if vis is None:
             skipped[path] = reason
+            num_skipped += 1
             bar.update(1)
           else:
             items.append((rec, vis))
@@ -261,7 +288,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
       preds.close()
 
   ids = {rec["id"] for rec in records}
-  scored = [done[i] for i in (rec["id"] for rec in records) if i in done]
+  scored = [done[rec["id"]] for rec in present if rec["id"] in done]
   extra = len(set(done) - ids)
   if extra:
     logging.warning("VSI-Bench: %d predictions in %s belong to no record of %s; ignored", extra,
@@ -275,13 +302,15 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
       "num_scored": agg["num_scored"],
       "num_records": len(records),
       "skipped": dict(sorted(skipped.items())),
+      "num_skipped": num_skipped,
       "protocol": protocol,
       "max_new_tokens": max_new_tokens,
       "seconds": time.time() - t0,
   }
   if workdir:
     table = vsibench.render_table(agg, name=name, num_records=len(records), protocol=protocol,
-                                  missing_videos=[f"{p} ({r})" for p, r in sorted(skipped.items())])
+                                  skipped_videos=[f"{p} ({r})" for p, r in sorted(skipped.items())],
+                                  num_skipped=num_skipped)
     with open(os.path.join(workdir, "table.md"), "w") as f:
       f.write(table)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -294,7 +323,7 @@ def scalars(result, prefix="vsibench/"):
   out = {f"{prefix}{k}": v for k, v in result["tasks"].items()}
   if result["overall"] is not None:
     out[f"{prefix}overall"] = result["overall"]
-  out[f"{prefix}num_skipped"] = float(len(result["skipped"]))
+  out[f"{prefix}num_skipped"] = float(result["num_skipped"])
   return out
 
 
@@ -311,13 +340,18 @@ def evaluate(config, workdir):
     raise ValueError("set --config.model_dir (HF or trainer checkpoint directory)")
   # Records and videos are checked before the (slow) model load.
   records = vsibench.load_records(config.data_dir)
-  from spacer_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from spacer_jax import sharding  # pylint: disable=g-import-not-at-top
+  if config.max_items:
+    records = records[:config.max_items]
+  find_videos(config.data_dir, records, config.allow_missing_videos)
   mesh = sharding.make_mesh(config_lib.MESH_PRESETS[config.mesh])
   rules = config_lib.SHARDING_PRESETS[config.mesh]
+  # load_hf places every tensor on the mesh itself (outside set_mesh: its eval_shape would read the
+  # logical names as mesh axes). Generation runs under the mesh; rows are sharded by the sampler and
+  # XLA gathers the FSDP-sharded weights. No logical rules for activations: layers.constrain does
+  # not drop a mesh axis used twice (batch->(data, fsdp) and embed->fsdp in FSDP_RULES).
+  model = load_model(config.model_dir, dtype=config.dtype, mesh=mesh, rules=rules)
+  tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_dir or config.model_dir)
   with jax.set_mesh(mesh):
-    model = load_model(config.model_dir, dtype=config.dtype, mesh=mesh, rules=rules)
-    tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_dir or config.model_dir)
     result = run(model, tokenizer, data_dir=config.data_dir, records=records,
                  protocol=config.protocol, max_new_tokens=config.max_new_tokens,
                  batch_size=config.batch_size, workdir=workdir,

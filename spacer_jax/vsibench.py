@@ -273,10 +273,12 @@ def _cell(x):
   return "-" if x is None else f"{100.0 * x:.1f}"
 
 
-def render_table(metrics, *, name="model", missing_videos=(), num_records=None, protocol=None):
+def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num_records=None,
+                 protocol=None):
   """Markdown table in the paper's column order (x100, one decimal), with a footer.
 
-  metrics: the output of aggregate(). missing_videos: paths of videos that were skipped.
+  metrics: the output of aggregate(). skipped_videos: the videos that were missing or unreadable
+  (shown in the footer, first five); num_skipped: how many questions they held.
   """
   titles = ["Avg"] + [title for _, title in TASKS]
   values = [metrics["overall"]] + [metrics["tasks"].get(t) for t in TASK_NAMES]
@@ -292,10 +294,12 @@ def render_table(metrics, *, name="model", missing_videos=(), num_records=None, 
   proto = f" Protocol: {protocol}." if protocol else ""
   lines.append(f"Scored {metrics['num_scored']}{total} questions ({scored or 'none'}).{proto}"
                " Avg = mean of the task columns shown; Rel.Dir = mean of its easy/medium/hard levels.")
-  if missing_videos:
-    shown = ", ".join(missing_videos[:5]) + (", ..." if len(missing_videos) > 5 else "")
+  skipped_videos = list(skipped_videos)
+  if skipped_videos or num_skipped:
+    shown = ", ".join(skipped_videos[:5]) + (", ..." if len(skipped_videos) > 5 else "")
     lines.append("")
-    lines.append(f"Skipped {len(missing_videos)} question(s) whose video is missing: {shown}")
+    lines.append(f"Skipped {num_skipped} question(s) on {len(skipped_videos)} missing or unreadable"
+                 f" video(s): {shown}")
   else:
     lines.append("")
     lines.append("Missing videos: 0.")

@@ -140,15 +140,15 @@ def test_aggregate_missing_tasks_and_levels():
 
 def test_render_table():
   m = vsibench.aggregate(_preds(_SCORES))
-  table = vsibench.render_table(m, name="tiny", missing_videos=["d/a.mp4", "d/b.mp4"],
-                                num_records=23, protocol="spacer")
+  table = vsibench.render_table(m, name="tiny", skipped_videos=["d/a.mp4", "d/b.mp4"],
+                                num_skipped=2, num_records=23, protocol="spacer")
   lines = table.splitlines()
   assert lines[0] == ("| Model | Avg | Obj.Count | Abs.Dist | Obj.Size | Room Size | Rel.Dist | Rel.Dir"
                       " | Route Plan | Appr.Order |")
   assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|"
   assert lines[2] == "| tiny | 57.5 | 80.0 | 0.0 | 75.0 | 30.0 | 50.0 | 50.0 | 100.0 | 75.0 |"
   assert "Scored 21 of 23 questions" in table
-  assert "Skipped 2 question(s) whose video is missing: d/a.mp4, d/b.mp4" in table
+  assert "Skipped 2 question(s) on 2 missing or unreadable video(s): d/a.mp4, d/b.mp4" in table
   m2 = vsibench.aggregate(_preds({"object_counting": [0.5]}))
   row = vsibench.render_table(m2).splitlines()[2]
   assert row == "| model | 50.0 | 50.0 | - | - | - | - | - | - | - |"
@@ -242,3 +242,146 @@ def test_wrong_layout(tmp_path):
   _write_jsonl(tmp_path, [_record(0)], "b.jsonl")
   with pytest.raises(FileNotFoundError, match=r"found \['a.jsonl', 'b.jsonl'\]"):
     vsibench.load_records(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: tiny random model + offline tokenizer saved as an HF checkpoint, synthetic VSI split.
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from spacer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from spacer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("eval_e2e")
+  cfg = synthetic.SyntheticConfig(num_scenes=1, num_eval_scenes=3, questions_per_scene=1,
+                                  eval_questions_per_scene=6, num_frames=4, height=56, width=56)
+  paths = synthetic.generate_dataset(str(root / "data"), cfg, progress=False)
+  model_dir = str(root / "model")
+  ids = tokenizer_lib.build_offline_tokenizer(model_dir).special_ids()
+  ids["eos_token_id"] = (ids["eos_token_id"],)
+  model = qwen2_5_vl.Qwen2_5_VL(qwen2_5_vl.tiny(**ids), rngs=nnx.Rngs(0))
+  qwen2_5_vl.save_hf(model, model_dir)
+  return root, model_dir, paths.eval_root
+
+
+def _eval_config(model_dir, data_dir, protocol="spacer"):
+  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  c = eval_vsibench.get_config(f"protocol={protocol}")
+  c.model_dir, c.data_dir, c.dtype = model_dir, data_dir, "float32"
+  c.max_new_tokens, c.batch_size, c.prompt_buckets = 6, 8, (1024,)
+  c.video.max_frames, c.video.min_pixels, c.video.max_pixels = 4, 56 * 56, 56 * 56
+  c.progress = False
+  return c
+
+
+def _check_outputs(workdir, protocol, num_records, skipped):
+  preds = [json.loads(l) for l in open(os.path.join(workdir, "predictions.jsonl"))]
+  metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+  table = open(os.path.join(workdir, "table.md")).read()
+  assert len(preds) == len({p["id"] for p in preds}) == num_records - skipped
+  for p in preds:  # every stored score is what the parser gives for the stored output
+    assert p["protocol"] == protocol and 0 < p["num_tokens"] <= 6
+    assert vsibench.parse_and_score(protocol, p["question_type"], p["output"], p["ground_truth"]) == (
+        p["answer"], p["score"])
+  agg = vsibench.aggregate(preds)
+  assert metrics["overall"] == pytest.approx(100 * agg["overall"])
+  assert metrics["tasks"] == pytest.approx({k: 100 * v for k, v in agg["tasks"].items()})
+  assert metrics["num_scored"] == len(preds) and metrics["num_records"] == num_records
+  assert len(metrics["skipped"]) == (1 if skipped else 0) and metrics["num_skipped"] == skipped
+  assert table.startswith("| Model | Avg | Obj.Count |")
+  return preds, metrics, table
+
+
+@pytest.mark.slow
+def test_end_to_end_resume_and_missing_video(tiny_setup):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  root, model_dir, data_dir = tiny_setup
+  records = vsibench.load_records(data_dir)
+  n = len(records)
+
+  # 1. Full run in-process.
+  full = str(root / "full")
+  result = evaluate.evaluate(_eval_config(model_dir, data_dir), full)
+  preds, metrics, _ = _check_outputs(full, "spacer", n, 0)
+  assert result["overall"] == metrics["overall"]
+
+  # 2. A killed run: 5 finished lines and a torn one. The command line resumes it and computes only the
+  #    missing items; the outputs (greedy) and the metrics equal the uninterrupted run's.
+  resumed = root / "resumed"
+  resumed.mkdir()
+  lines = open(os.path.join(full, "predictions.jsonl")).read().splitlines(keepends=True)
+  (resumed / "predictions.jsonl").write_text("".join(lines[:5]) + lines[5][:20])
+  cmd = [sys.executable, "-m", "spacer_jax.evaluate", "--config=configs/eval_vsibench.py",
+         f"--config.model_dir={model_dir}", f"--config.data_dir={data_dir}",
+         "--config.dtype=float32", "--config.max_new_tokens=6", "--config.prompt_buckets=(1024,)",
+         "--config.video.max_frames=4", f"--config.video.min_pixels={56 * 56}",
+         f"--config.video.max_pixels={56 * 56}", f"--workdir={resumed}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| Model | Avg |" in proc.stdout
+  preds2, metrics2, _ = _check_outputs(str(resumed), "spacer", n, 0)
+  assert metrics2["overall"] == metrics["overall"] and metrics2["tasks"] == metrics["tasks"]
+  assert {p["id"]: p["output"] for p in preds2} == {p["id"]: p["output"] for p in preds}
+
+  # 3. Rerun with nothing left to do: same metrics, file untouched.
+  before = open(os.path.join(full, "predictions.jsonl")).read()
+  again = evaluate.evaluate(_eval_config(model_dir, data_dir), full)
+  assert again["overall"] == result["overall"] and again["tasks"] == result["tasks"]
+  assert open(os.path.join(full, "predictions.jsonl")).read() == before
+
+  # 4. A missing video: its questions are skipped, counted and named in the table's footer.
+  data2 = str(root / "data_missing")
+  shutil.copytree(data_dir, data2)
+  gone = vsibench.video_path(data2, records[0])
+  os.remove(gone)
+  lost = sum(r["scene_name"] == records[0]["scene_name"] for r in records)
+  out = str(root / "missing")
+  res = evaluate.evaluate(_eval_config(model_dir, data2, "official"), out)
+  _, _, table = _check_outputs(out, "official", n, lost)
+  assert res["skipped"] == {gone: "missing"} and res["num_skipped"] == lost
+  assert f"Skipped {lost} question(s) on 1 missing or unreadable video(s): {gone} (missing)" in table
+  assert f"Scored {n - lost} of {n} questions" in table
+
+  # 5. A Qwen2.5-VL config.json whose weights have other shapes: the strict loader names the keys.
+  wrong = root / "wrong_shapes"
+  shutil.copytree(model_dir, wrong)
+  cfg = json.load(open(wrong / "config.json"))
+  cfg.get("text_config", cfg)["intermediate_size"] += 4
+  (wrong / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(KeyError, match="wrong shape"):
+    evaluate.load_model(str(wrong), dtype="float32")
+
+
+def test_clear_errors(tmp_path):
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  # Wrong architecture: refused before any weight is read.
+  bad = tmp_path / "llava"
+  bad.mkdir()
+  (bad / "config.json").write_text(json.dumps({"model_type": "llava",
+                                               "architectures": ["LlavaForConditionalGeneration"]}))
+  with pytest.raises(ValueError, match=r"model_type='llava'.*Qwen2.5-VL"):
+    evaluate.load_model(str(bad), dtype="float32")
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    evaluate.load_model(str(tmp_path / "absent"))
+  # Wrong data layout (no annotation file) and no video where the layout says: both fail before the
+  # model directory is even looked at.
+  data = tmp_path / "data"
+  data.mkdir()
+  with pytest.raises(FileNotFoundError, match="exactly one annotation file"):
+    evaluate.evaluate(_eval_config(str(bad), str(data)), str(tmp_path / "o1"))
+  _write_jsonl(data, [_record(0), _record(1)])
+  (data / "scannet").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"none of the 2 videos exist.*scannet/scene0.mp4"):
+    evaluate.evaluate(_eval_config(str(bad), str(data)), str(tmp_path / "o2"))
+  (data / "scannet" / "scene0.mp4").write_bytes(b"")
+  present, skipped = evaluate.find_videos(str(data), vsibench.load_records(str(data)))
+  assert [r["id"] for r in present] == ["0"]
+  assert skipped == {str(data / "scannet" / "scene1.mp4"): "missing"}
+  with pytest.raises(FileNotFoundError, match=r"id=1: video .*scene1.mp4 is missing"):
+    evaluate.find_videos(str(data), vsibench.load_records(str(data)), allow_missing_videos=False)
