@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -166,10 +167,20 @@ _NUMBER_WORDS = (
     ("eighty", "80"), ("ninety", "90"), ("zero", "0"), ("a", "1"), ("an", "1"))
 _WORD_RES = tuple((re.compile(r"\b" + w + r"\b"), d) for w, d in _NUMBER_WORDS)
 _DIGITS = re.compile(r"\d+(\.\d+)?")
+_TENS = "twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety"
+_UNITS = "one|two|three|four|five|six|seven|eight|nine"
 _FIRST_NUMBER = re.compile(
-    r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|\b(?:"
-    + "|".join(w for w, _ in _NUMBER_WORDS[:-2]) + r")\b")
+    r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?"
+    rf"|\b(?:{_TENS})[- ](?:{_UNITS})\b|\b(?:" + "|".join(w for w, _ in _NUMBER_WORDS[:-2]) + r")\b")
 _WORD_VALUE = dict(_NUMBER_WORDS)
+
+
+def _number_text(s: str) -> str:
+  """Digits for a match of _FIRST_NUMBER: "1,234" -> "1234", "twenty-one" -> "21", "six" -> "6"."""
+  parts = re.split(r"[- ]", s) if s[0].isalpha() else [s]
+  if len(parts) == 2:
+    return str(int(_WORD_VALUE[parts[0]]) + int(_WORD_VALUE[parts[1]]))
+  return _WORD_VALUE.get(s, s.replace(",", ""))
 
 
 def _py_float(text: str):
@@ -190,8 +201,7 @@ def fuzzy_number(text: str, config: RewardConfig = DEFAULT) -> str:
     m = _FIRST_NUMBER.search(t)
     if not m:
       return "None"
-    s = m.group(0)
-    return _WORD_VALUE.get(s, s.replace(",", ""))
+    return _number_text(m.group(0))
   words = _WORD_RES[:-2] if config.use_article_fix else _WORD_RES
   for pattern, digit in words:
     if pattern.search(t):
@@ -325,7 +335,10 @@ def _safe_literal(text: str, config: RewardConfig):
   if max_depth > config.max_literal_depth:
     return None, False
   try:
-    tree = ast.parse(text, mode="eval")
+    with warnings.catch_warnings():      # model output is full of "invalid decimal literal" etc.
+      warnings.simplefilter("ignore", SyntaxWarning)
+      warnings.simplefilter("ignore", DeprecationWarning)
+      tree = ast.parse(text, mode="eval")
   except (SyntaxError, ValueError, MemoryError, RecursionError):
     return None, False
   if sum(1 for _ in ast.walk(tree)) > config.max_literal_nodes:

@@ -210,7 +210,8 @@ def test_switch_article_fix():
 
 
 @pytest.mark.parametrize("text,original,fixed", [
-    ("3 chairs and one table", 1.0, 3.0), ("twenty-one", 1.0, 20.0), ("-2.5", 2.5, -2.5),
+    ("3 chairs and one table", 1.0, 3.0), ("twenty-one", 1.0, 21.0), ("forty two", 2.0, 42.0),
+    ("-2.5", 2.5, -2.5), ("zero", 0.0, 0.0), ("no idea", None, None),
     ("1,234", 1.0, 1234.0), ("three or two", 2.0, 3.0), ("about 3.5 m", 3.5, 3.5)])
 def test_switch_first_number_fix(text, original, fixed):
   assert rewards.parse_number(text) == original
