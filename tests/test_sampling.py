@@ -5,13 +5,16 @@ Tiny random Qwen2.5-VL models are built with transformers + save_pretrained and 
 qwen2_5_vl.load_hf, so both sides share the same weights.
 """
 
-import numpy as np
-import pytest
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
 from spacer_jax import sampling
+from spacer_jax.models import positions
 from spacer_jax.models import qwen2_5_vl
 
 torch = pytest.importorskip("torch")
@@ -82,6 +85,39 @@ def _text_batch(rng, lengths, total=None):
   return ids, mask
 
 
+def _vision_batch(rng, rows, image_grids=None, video_grids=None):
+  """Left-padded prompts from per-row segment lists ("text", n) / ("image", k) / ("video", k), where
+  k indexes the grids; returns ids, mask and the HF processor-style vision kwargs."""
+  seqs = []
+  for row in rows:
+    seq = []
+    for kind, arg in row:
+      if kind == "text":
+        seq += rng.integers(0, TEXT_IDS, arg).tolist()
+      else:
+        grid = (image_grids if kind == "image" else video_grids)[arg]
+        tok = IMAGE_ID if kind == "image" else VIDEO_ID
+        seq += [VISION_START] + [tok] * (int(np.prod(grid)) // 4) + [VISION_END]
+    seqs.append(seq)
+  total = max(len(q) for q in seqs)
+  ids = np.full((len(seqs), total), PAD_ID, np.int32)
+  mask = np.zeros((len(seqs), total), np.int32)
+  for b, q in enumerate(seqs):
+    ids[b, total - len(q):] = q
+    mask[b, total - len(q):] = 1
+  vision = {}
+  if image_grids is not None:
+    g = np.asarray(image_grids, np.int64)
+    vision.update(pixel_values=rng.normal(0, 1, (int(g.prod(-1).sum()), 1176)).astype(np.float32),
+                  image_grid_thw=g)
+  if video_grids is not None:
+    g = np.asarray(video_grids, np.int64)
+    vision.update(
+        pixel_values_videos=rng.normal(0, 1, (int(g.prod(-1).sum()), 1176)).astype(np.float32),
+        video_grid_thw=g, second_per_grid_ts=np.ones(len(g), np.float32))
+  return ids, mask, vision
+
+
 def _hf_greedy(hf, ids, mask, n, **vision):
   """transformers generate, greedy with the KV cache, EOS disabled, placeholders suppressed (our
   sampler never emits them)."""
@@ -90,6 +126,10 @@ def _hf_greedy(hf, ids, mask, n, **vision):
                                      suppress_tokens=PLACEHOLDERS)
   hf.generation_config.eos_token_id = None
   t = {k: torch.as_tensor(np.asarray(v)) for k, v in vision.items() if v is not None}
+  if vision:
+    # transformers 5.x needs the token types to build 3-D positions (what its processor returns).
+    t["mm_token_type_ids"] = torch.as_tensor(
+        np.where(ids == IMAGE_ID, 1, np.where(ids == VIDEO_ID, 2, 0)), dtype=torch.long)
   with torch.no_grad():
     out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
                       attention_mask=torch.as_tensor(mask, dtype=torch.long),
@@ -99,10 +139,47 @@ def _hf_greedy(hf, ids, mask, n, **vision):
   return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward_jit(params, ids, mask, pos, vis, *, graphdef):
+  model = nnx.merge(graphdef, params)
+  img = vid = None
+  if "pixel_values" in vis:
+    img = model.get_vision_features(vis["pixel_values"], vis["image"])
+  if "pixel_values_videos" in vis:
+    vid = model.get_vision_features(vis["pixel_values_videos"], vis["video"])
+  hidden, _ = model.forward_embeds(model.embed(ids, img, vid), pos, mask)
+  return model.logits(hidden)
+
+
 def _full_logits(model, ids, mask, **vision):
-  """float32[B, T, V] from one uncached forward (the trainer's view)."""
+  """float32[B, T, V] from one uncached forward (the trainer's view): the same host index code as
+  `model(...)`, jitted so the growing-sequence checks stay fast."""
+  cfg = model.config
+  pos, _ = positions.get_rope_index(
+      ids, mask.astype(bool), vision.get("image_grid_thw"), vision.get("video_grid_thw"),
+      vision.get("second_per_grid_ts"), spatial_merge_size=cfg.spatial_merge_size,
+      tokens_per_second=cfg.tokens_per_second, image_token_id=cfg.image_token_id,
+      video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
+      text_after_vision=cfg.text_after_vision)
+  vis = {}
+  if "pixel_values" in vision:
+    vis.update(pixel_values=vision["pixel_values"],
+               image=qwen2_5_vl.prepare_vision_inputs(cfg, vision["image_grid_thw"]))
+  if "pixel_values_videos" in vision:
+    vis.update(pixel_values_videos=vision["pixel_values_videos"],
+               video=qwen2_5_vl.prepare_vision_inputs(cfg, vision["video_grid_thw"]))
+  graphdef, params = nnx.split(model)
   with jax.default_matmul_precision("highest"):
-    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), **vision))
+    return np.asarray(_forward_jit(params, jnp.asarray(ids), jnp.asarray(mask, bool),
+                                   jnp.asarray(pos, jnp.int32), vis, graphdef=graphdef))
+
+
+def test_full_logits_helper_equals_model_call(model):
+  ids, mask, vision = _vision_batch(np.random.default_rng(30), VIDEO_ROWS[:1],
+                                    video_grids=VIDEO_GRIDS[:1])
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(model(ids, attention_mask=mask, **vision))
+  np.testing.assert_allclose(_full_logits(model, ids, mask, **vision), want, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,31 +198,79 @@ def test_greedy_text_matches_hf_left_padded(hf_pair, model):
   np.testing.assert_array_equal(np.asarray(out.lengths), [n, n])
 
 
+IMAGE_ROWS = [[("text", 5), ("image", 0), ("text", 4)],
+              [("text", 2), ("image", 1), ("text", 9)]]
+IMAGE_GRIDS = [[1, 4, 6], [1, 4, 4]]
+# A 3-step video (t ids 0, 2, 4) on a 2x2 token grid: the qwen and hf5 rules give different ids to
+# the text after it. Row 0 ends one token after <|vision_end|>, so its last prompt id is not the
+# largest under hf5 (the base-position rule matters); row 1 has a longer tail.
+VIDEO_ROWS = [[("text", 3), ("video", 0), ("text", 1)],
+              [("text", 6), ("video", 1), ("text", 5)]]
+VIDEO_GRIDS = [[3, 4, 4], [2, 4, 6]]
+
+
+@pytest.mark.hf
+def test_greedy_image_matches_hf_left_padded(hf_pair, model):
+  ids, mask, vision = _vision_batch(np.random.default_rng(20), IMAGE_ROWS, image_grids=IMAGE_GRIDS)
+  n = 12
+  want = _hf_greedy(hf_pair[0], ids, mask, n, **vision)
+  with jax.default_matmul_precision("highest"):
+    out = sampling.generate(model, ids, mask, max_new_tokens=n, stop_ids=(), **vision)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
+
+
+@pytest.mark.hf
+def test_greedy_video_matches_hf5_left_padded(hf_pair, model_hf5):
+  ids, mask, vision = _vision_batch(np.random.default_rng(21), VIDEO_ROWS, video_grids=VIDEO_GRIDS)
+  n = 12
+  want = _hf_greedy(hf_pair[0], ids, mask, n, **vision)
+  with jax.default_matmul_precision("highest"):
+    out = sampling.generate(model_hf5, ids, mask, max_new_tokens=n, stop_ids=(), **vision)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
+
+
 # ------------------------------------------------------------------------------------------------
 # Exactness against our own uncached forward.
 
 
 def _check_cached_logits(model, ids, mask, n, **vision):
+  """Logits after prefill and after each cached decode step == the uncached forward's logits at the
+  same position. One forward over the final sequence stands for the forwards over every prefix:
+  attention is causal, so position T-1+k sees exactly prompt + first k tokens."""
   sampler = sampling.Sampler(model, stop_ids=())
+  steps = []
   with jax.default_matmul_precision("highest"):
-    batch = sampler.prepare(ids, mask, **vision)
-    state = sampler.prefill(batch, max_new_tokens=n)
-    seq, seq_mask = ids, mask
-    for k in range(n + 1):
-      full = _full_logits(model, seq, seq_mask, **vision)[:, -1]
-      np.testing.assert_allclose(np.asarray(state.logits), full, atol=1e-4, rtol=0,
-                                 err_msg=f"step {k}")
-      if k == n:
-        break
+    state = sampler.prefill(sampler.prepare(ids, mask, **vision), max_new_tokens=n)
+    steps.append(np.asarray(state.logits))
+    for k in range(n):
       state = sampler.decode(state, until=k + 1)
-      tok = np.asarray(state.tokens[:, k:k + 1])
-      seq = np.concatenate([seq, tok], axis=1)
-      seq_mask = np.concatenate([seq_mask, np.ones_like(tok)], axis=1)
+      steps.append(np.asarray(state.logits))
+  tokens = np.asarray(state.tokens)
+  seq = np.concatenate([ids, tokens], axis=1)
+  seq_mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
+  full = _full_logits(model, seq, seq_mask, **vision)
+  t = ids.shape[1]
+  for k in range(n):  # the logits after the last token are never used and not computed in full
+    np.testing.assert_allclose(steps[k], full[:, t - 1 + k], atol=1e-4, rtol=0, err_msg=f"step {k}")
+  # ...and one genuinely shorter forward, over prompt + 2 tokens, for the prefix argument.
+  short = _full_logits(model, seq[:, :t + 2], seq_mask[:, :t + 2], **vision)[:, -1]
+  np.testing.assert_allclose(steps[2], short, atol=1e-4, rtol=0)
 
 
 def test_cached_decode_logits_equal_full_forward_text(model):
   ids, mask = _text_batch(np.random.default_rng(1), [5, 9])
   _check_cached_logits(model, ids, mask, 6)
+
+
+@pytest.mark.parametrize("rule", ["qwen", "hf5"])
+def test_cached_decode_logits_equal_full_forward_video(model, model_hf5, rule):
+  ids, mask, vision = _vision_batch(np.random.default_rng(22), VIDEO_ROWS, video_grids=VIDEO_GRIDS)
+  _check_cached_logits(model if rule == "qwen" else model_hf5, ids, mask, 4, **vision)
+
+
+def test_cached_decode_logits_equal_full_forward_image(model):
+  ids, mask, vision = _vision_batch(np.random.default_rng(23), IMAGE_ROWS, image_grids=IMAGE_GRIDS)
+  _check_cached_logits(model, ids, mask, 4, **vision)
 
 
 def test_logprobs_equal_full_forward(model):
