@@ -8,7 +8,8 @@ section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the origi
 Split (STYLE 3.9): everything that reads text runs on the host (tag extraction, number parsing, the
 map literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring
 (map greedy matching, word error rate, ROUGE-1/2/L, the map-bonus logic, temporal and length bonuses,
-totals) is jnp over [B*G]. Two deliberate exceptions, both numeric comparisons that the spec requires
+totals) is jnp over [B*G]. Map parsing/scoring live in cogmap.py, WER/ROUGE in text_metrics.py; this
+module holds the public API, the config, number parsing and the batch assembly. Two deliberate exceptions, both numeric comparisons that the spec requires
 in float64: the MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so a relative
 error of exactly 0.1 passes; float32 cannot tell 0.1 from 0.10000001) and the regression score
 (`(|p-g| + 1e-9) / (|g| + 1e-9)`, whose 1e-9 vanishes in float32). Those are vectorised NumPy float64
@@ -18,8 +19,8 @@ Where the original raises inside the reward (caught by its blanket `except: rewa
 detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
 
 Deviations (all outside what the reference can produce on sane input):
-* ROUGE uses the original Porter (1980) stemmer written here, not NLTK's `NLTK_EXTENSIONS` mode that
-  `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "generously", ...).
+* ROUGE uses the original Porter (1980) stemmer (text_metrics.py), not NLTK's `NLTK_EXTENSIONS`
+  mode that `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "ties").
   ROUGE and map scores are float32 (differences from the float64 reference are ~1e-7).
 * A map string longer than `RewardConfig.max_literal_chars`, nested deeper than
   `max_literal_depth` or with more than `max_literal_nodes` AST nodes is treated as "not a literal"
@@ -29,16 +30,16 @@ Deviations (all outside what the reference can produce on sane input):
   beyond the grid diagonal and are matched after every scoring pair).
 """
 
-import ast
 import dataclasses
 import functools
-import math
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spacer_jax import cogmap
+from spacer_jax import text_metrics
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 MC, NUM, OCR, FREE, REG, OTHER = range(6)
@@ -183,14 +184,6 @@ def _number_text(s: str) -> str:
   return _WORD_VALUE.get(s, s.replace(",", ""))
 
 
-def _py_float(text: str):
-  """Python `float(text)` (accepts "1_0", " 2e3", "nan", "inf"); None where it raises."""
-  try:
-    return float(text)
-  except ValueError:
-    return None
-
-
 def fuzzy_number(text: str, config: RewardConfig = DEFAULT) -> str:
   """SG-RLVR.py `fuzzy_matching`: the number string the reference reads from an answer (spec 4.2).
 
@@ -219,7 +212,7 @@ def parse_number(text, config: RewardConfig = DEFAULT):
     float or None for a string; for a sequence, float64[N] with NaN where None.
   """
   if isinstance(text, str):
-    return _py_float(fuzzy_number(text, config))
+    return cogmap.float_or_none(fuzzy_number(text, config))
   vals = [parse_number(t, config) for t in text]
   return np.array([np.nan if v is None else v for v in vals], np.float64)
 
@@ -261,165 +254,8 @@ def _regression_f64(pred, gt, use_nan_fix):
 
 
 # ------------------------------------------------------------------------------------------------
-# Host: cognitive-map parsing (extract_map.py `extract_map_data`).
+# Cognitive map (parsing and scoring live in cogmap.py).
 # ------------------------------------------------------------------------------------------------
-_OVERFLOW = "overflow"     # sentinel: the reference raises OverflowError here
-_PAIR_NUM = re.compile(r"-?\d+(?:\.\d+)?")
-_PAIR_CLEAN = re.compile(r"^[<\[(]*(-?\d+(?:\.\d+)?)[>\])]*$")
-_KEY_CLEAN = re.compile(r"^[^\w\s]*([\w\s]+)[^\w\s]*$")
-
-
-def _pair(x, config):
-  """`_parse_and_validate_coord_pair`: [int, int], None (invalid) or _OVERFLOW."""
-  if isinstance(x, (list, tuple)):
-    if len(x) == 2:
-      elems = list(x)
-    elif len(x) == 1 and isinstance(x[0], (list, tuple)) and len(x[0]) == 2:
-      elems = list(x[0])
-    else:
-      return None
-  elif isinstance(x, str):
-    nums = _PAIR_NUM.findall(x)
-    if len(nums) < 2:
-      return None
-    elems = nums[:2]
-  else:
-    return None
-  values = []
-  for e in elems:
-    if isinstance(e, (int, float)):     # bool is an int, as in the reference
-      values.append(e)
-    elif isinstance(e, str):
-      s = e.strip()
-      m = _PAIR_CLEAN.match(s)
-      v = _py_float(m.group(1) if m else s)
-      if v is None:
-        return None
-      values.append(v)
-    else:
-      return None
-  out = []
-  for v in values:      # int() in order: int(nan) -> ValueError (invalid), int(inf) -> OverflowError
-    if isinstance(v, float) and math.isnan(v):
-      return None
-    if isinstance(v, float) and math.isinf(v):
-      return None if config.use_overflow_fix else _OVERFLOW
-    out.append(int(v))
-  return out
-
-
-def _pair_list(v, config):
-  """`_parse_and_validate_coord_list`: (list of pairs, overflow flag)."""
-  items = v if isinstance(v, list) else [v]
-  pairs = []
-  for item in items:
-    p = _pair(item, config)
-    if p is _OVERFLOW:
-      return [], True
-    if p is not None:
-      pairs.append(p)
-  return pairs, False
-
-
-def _safe_literal(text: str, config: RewardConfig):
-  """ast.literal_eval with size/depth/node limits; (value, ok). Never evaluates code."""
-  if len(text) > config.max_literal_chars:
-    return None, False
-  depth = max_depth = 0
-  for ch in text:       # bracket depth, strings included: over-counting only rejects more
-    if ch in "([{":
-      depth += 1
-      max_depth = max(max_depth, depth)
-    elif ch in ")]}":
-      depth -= 1
-  if max_depth > config.max_literal_depth:
-    return None, False
-  try:
-    with warnings.catch_warnings():      # model output is full of "invalid decimal literal" etc.
-      warnings.simplefilter("ignore", SyntaxWarning)
-      warnings.simplefilter("ignore", DeprecationWarning)
-      tree = ast.parse(text, mode="eval")
-  except (SyntaxError, ValueError, MemoryError, RecursionError):
-    return None, False
-  if sum(1 for _ in ast.walk(tree)) > config.max_literal_nodes:
-    return None, False
-  try:
-    return ast.literal_eval(tree), True
-  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-    return None, False
-
-
-def _parse_map(text: str, categories, config: RewardConfig):
-  """extract_map_data: (dict lowercase category -> [[x, y], ...], overflow flag). Spec 4.4."""
-  if not isinstance(text, str) or not text:
-    return {}, False
-  names = [c for c in categories if isinstance(c, str) and c]
-  oset = {c.lower() for c in names}
-  if not oset:
-    return {}, False
-  st = text.strip()
-  cand = st
-  if st.startswith("str{") and st.endswith("}"):
-    inner = st[4:-1].strip()
-    if inner.startswith("{") and inner.endswith("}"):
-      cand = inner
-  if cand.startswith("{") and cand.endswith("}"):
-    value, ok = _safe_literal(cand, config)
-    if ok and isinstance(value, dict):
-      result, overflow = {}, False
-      for key, v in value.items():
-        k = str(key).lower().strip()
-        m = _KEY_CLEAN.match(k)
-        if m:
-          k = m.group(1).strip()
-        if k not in oset:
-          continue
-        pairs, overflow = _pair_list(v, config)
-        if overflow:
-          break
-        if pairs:
-          result.setdefault(k, []).extend(pairs)
-      # The reference processes the dict inside its literal_eval try-block, so an OverflowError
-      # while reading the values silently falls back to the positional parser.
-      if not overflow:
-        return result, False
-  return _parse_positional(st, names, config)
-
-
-def _parse_positional(st, names, config):
-  """`_extract_from_string_robustly`: category names, then the numbers up to the next name."""
-  occ = []
-  for name in names:
-    pattern = re.compile(r"(?<![a-zA-Z])" + re.escape(name) + r"(?![a-zA-Z])", re.IGNORECASE)
-    occ.extend((m.start(), m.end(), name.lower()) for m in pattern.finditer(st))
-  if not occ:
-    return {}, False
-  occ.sort(key=lambda o: (o[0], -o[1]))
-  kept = [occ[0]]
-  for o in occ[1:]:
-    last = kept[-1]
-    if o[0] < last[1]:
-      if o[1] > last[1]:
-        kept[-1] = o
-    else:
-      kept.append(o)
-  # The reference also tracks "processed regions", but kept occurrences never overlap, so regions
-  # [end_i, start_{i+1}) never do either and that adjustment never fires.
-  result = {}
-  for i, (_, end, name) in enumerate(kept):
-    stop = kept[i + 1][0] if i + 1 < len(kept) else len(st)
-    if end >= stop:
-      continue
-    nums = _PAIR_NUM.findall(st, end, stop)
-    for j in range(0, len(nums) - 1, 2):
-      p = _pair((nums[j], nums[j + 1]), config)
-      if p is _OVERFLOW:      # uncaught in the reference: the whole accuracy reward becomes 0
-        return {}, True
-      if p is not None:
-        result.setdefault(name, []).append(p)
-  return result, False
-
-
 def parse_map(text, categories, config: RewardConfig = DEFAULT):
   """Parse a `<map>` body into {lowercase category: [[x, y], ...]} (extract_map.py, spec 4.4).
 
@@ -430,158 +266,10 @@ def parse_map(text, categories, config: RewardConfig = DEFAULT):
     the dict. Raises OverflowError where the reference does (a coordinate beyond float range in
     the positional fallback) unless `config.use_overflow_fix`.
   """
-  result, overflow = _parse_map(text, categories, config)
+  result, overflow = cogmap.parse(text, categories, config)
   if overflow:
     raise OverflowError(f"map coordinate overflows a float in {text[:80]!r}")
   return result
-
-
-# ------------------------------------------------------------------------------------------------
-# Map score: host packing + jnp greedy matching (extract_map.py `calculate_prediction_score`).
-# ------------------------------------------------------------------------------------------------
-_GT_LIMIT = 4096
-_PRED_CLIP = 8192          # |dx|, |dy| <= 16384 -> d^2 <= 2^29 fits int32 exactly
-_FLOAT_MAX = 1.7976931348623157e308
-
-
-def _bucket(n: int, minimum: int = 4) -> int:
-  """Next power of two >= max(n, minimum): padded shapes take few values, so few compiles."""
-  return 1 << max(0, int(max(n, minimum) - 1).bit_length())
-
-
-def _gt_points(points, where):
-  arr = np.asarray(points if len(points) else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
-  if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(np.abs(arr) > _GT_LIMIT):
-    raise ValueError(f"ground-truth cognitive map {where}: coordinates must be integers within "
-                     f"+-{_GT_LIMIT}, got {points!r}")
-  return arr.astype(np.int64)
-
-
-def _prune(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-  """Keep the predictions greedy matching can use: the len(gt) nearest to each GT point.
-
-  A pair (i, j) is accepted only while fewer than len(gt) predictions are used, so i must be among
-  the len(gt) nearest to j in (distance, index) order. Dropping the others leaves the result
-  unchanged and bounds the work by len(gt)^2 however many points the model emits.
-  """
-  if len(pred) <= len(gt):
-    return pred
-  d2 = ((pred[:, None, :] - gt[None, :, :]) ** 2).sum(-1)           # [P, K], exact int64
-  near = np.argsort(d2, axis=0, kind="stable")[:len(gt)]              # [K, K]
-  return pred[np.unique(near)]
-
-
-@dataclasses.dataclass
-class _MapItem:
-  pred: dict        # category -> list of [int, int]
-  gt: dict          # category -> list of [x, y]
-
-
-def _pack_maps(items, where):
-  """Pack maps into padded int32 arrays; host flags for the cases the jnp kernel does not cover."""
-  n = _bucket(len(items), 8)        # rows past len(items) are empty padding
-  cats = [sorted(set(it.pred) | set(it.gt)) for it in items]
-  c_max = _bucket(max([len(c) for c in cats] + [1]))
-  rows = []
-  for idx, (it, cs) in enumerate(zip(items, cats)):
-    row = []
-    for c in cs:
-      g = _gt_points(it.gt.get(c, []), f"{where[idx]} category {c!r}")
-      p = np.asarray(it.pred.get(c, []), dtype=object).reshape(-1, 2)
-      row.append((c, p, g))
-    rows.append(row)
-  p_max = k_max = 1
-  packed = []
-  overflow = np.zeros(n, bool)
-  for idx, row in enumerate(rows):
-    out = []
-    for c, p, g in row:
-      if len(p) and len(g):
-        if any(abs(int(v)) > 10 ** 150 for v in p.flat):   # math.sqrt of an int that does not fit a float -> OverflowError in the reference
-          gi = [[int(a), int(b)] for a, b in g]
-          overflow[idx] |= any((int(px) - gx) ** 2 + (int(py) - gy) ** 2 > _FLOAT_MAX
-                               for px, py in p for gx, gy in gi)
-      p_true = len(p)
-      pc = np.array([[max(min(int(v), _PRED_CLIP), -_PRED_CLIP) for v in xy] for xy in p],
-                    np.int64).reshape(-1, 2)
-      if len(g):
-        pc = _prune(pc, g)
-      out.append((pc, p_true, g))
-      p_max, k_max = max(p_max, len(pc)), max(k_max, len(g))
-    packed.append(out)
-  p_max, k_max = _bucket(p_max), _bucket(k_max)
-  pred_xy = np.zeros((n, c_max, p_max, 2), np.int32)
-  pred_ok = np.zeros((n, c_max, p_max), bool)
-  pred_n = np.zeros((n, c_max), np.int32)
-  gt_xy = np.zeros((n, c_max, k_max, 2), np.int32)
-  gt_ok = np.zeros((n, c_max, k_max), bool)
-  gt_n = np.zeros((n, c_max), np.int32)
-  for i, out in enumerate(packed):
-    for j, (pc, p_true, g) in enumerate(out):
-      pred_xy[i, j, :len(pc)], pred_ok[i, j, :len(pc)], pred_n[i, j] = pc, True, p_true
-      gt_xy[i, j, :len(g)], gt_ok[i, j, :len(g)], gt_n[i, j] = g, True, len(g)
-  pred_keys = np.array([len(it.pred) > 0 for it in items])
-  pred_points = np.array([any(len(v) for v in it.pred.values()) for it in items])
-  return ((pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points,
-          overflow[:len(items)])
-
-
-@functools.partial(jax.jit, static_argnames="grid_size")
-def _map_score_kernel(pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n, grid_size):
-  """Greedy matching per (item, category); returns (num, den) of the weighted score. [N] each."""
-  d = pred_xy[:, :, :, None, :] - gt_xy[:, :, None, :, :]              # [N,C,P,K,2] int32
-  d2 = (d * d).sum(-1)                                                   # [N,C,P,K], exact
-  big = jnp.iinfo(jnp.int32).max
-  valid = pred_ok[..., :, None] & gt_ok[..., None, :]
-  p, k = d2.shape[-2:]
-  diag = grid_size * math.sqrt(2.0)
-  # A pair at distance >= the grid diagonal scores exactly 0 in float64; decide that on the exact
-  # integer d^2 so float32 rounding cannot turn it into a tiny positive score.
-  # 1 - d/D written as (D^2 - d^2) / (D (D + d)): the numerator is an exact integer, which avoids
-  # float32 cancellation (1 - 0.9 loses ~7 bits).
-  d2f = d2.astype(jnp.float32)
-  near = 2 * grid_size * grid_size - d2
-  point = jnp.where(near <= 0, 0.0, near.astype(jnp.float32) / (diag * (diag + jnp.sqrt(d2f))))
-
-  def step(carry, _):
-    avail, total = carry
-    masked = jnp.where(avail, d2, big).reshape(d2.shape[:-2] + (p * k,))
-    flat = jnp.argmin(masked, axis=-1)           # first minimum: ties by (pred index, gt index)
-    ok = jnp.take_along_axis(masked, flat[..., None], -1)[..., 0] < big
-    i, j = flat // k, flat % k
-    got = jnp.take_along_axis(point.reshape(masked.shape), flat[..., None], -1)[..., 0]
-    total = total + jnp.where(ok, got, 0.0)
-    used_i = jax.nn.one_hot(i, p, dtype=jnp.bool_) & ok[..., None]
-    used_j = jax.nn.one_hot(j, k, dtype=jnp.bool_) & ok[..., None]
-    avail = avail & ~used_i[..., :, None] & ~used_j[..., None, :]
-    return (avail, total), None
-
-  (_, total), _ = jax.lax.scan(step, (valid, jnp.zeros(d2.shape[:-2], jnp.float32)), None,
-                               length=min(p, k))
-  denom = jnp.maximum(pred_n, gt_n)
-  acc_c = jnp.where((pred_n > 0) & (gt_n > 0), total / jnp.maximum(denom, 1), 0.0)
-  num = (acc_c * gt_n).sum(-1)
-  return num, gt_n.sum(-1)
-
-
-def _map_scores(items, config, where):
-  """Scores of a list of _MapItem: (float32[N] score, bool[N] error) with error = reference raises."""
-  if not items:
-    return np.zeros(0, np.float32), np.zeros(0, bool)
-  arrays, pred_keys, pred_points, overflow = _pack_maps(items, where)
-  num, den = _map_score_kernel(*(jnp.asarray(a) for a in arrays), grid_size=config.grid_size)
-  num, den = np.asarray(num)[:len(items)], np.asarray(den)[:len(items)]
-  if config.use_empty_gt_map_fix:
-    empty_value = np.where(pred_points, 0.0, 1.0)
-    empty_error = np.zeros(len(items), bool)
-  else:
-    empty_value = np.ones(len(items))
-    empty_error = pred_keys       # `any(response.values() and ...)` -> TypeError
-  score = np.where(den > 0, num / np.maximum(den, 1), empty_value).astype(np.float32)
-  error = np.where(den > 0, False, empty_error)
-  if not config.use_overflow_fix:
-    error = error | overflow
-  return np.where(error, 0.0, score).astype(np.float32), error
 
 
 def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFAULT):
@@ -602,8 +290,8 @@ def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFA
       if any(not isinstance(c, int) for xy in v for c in xy):
         raise ValueError(f"map_score: predicted coordinates must be ints (parse_map output), got "
                          f"{k!r}: {v!r}")
-  items = [_MapItem({k: list(v) for k, v in p.items()}, dict(g)) for p, g in zip(preds, gts)]
-  score, error = _map_scores(items, cfg, [f"#{i}" for i in range(len(items))])
+  items = [cogmap.MapItem({k: list(v) for k, v in p.items()}, dict(g)) for p, g in zip(preds, gts)]
+  score, error = cogmap.scores(items, cfg, [f"#{i}" for i in range(len(items))])
   if scalar:
     if error[0]:
       raise (TypeError if not any(gts[0].values()) else OverflowError)(
@@ -611,192 +299,6 @@ def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFA
     return float(score[0])
   return np.where(error, np.nan, score).astype(np.float32)
 
-
-# ------------------------------------------------------------------------------------------------
-# OCR word error rate and ROUGE: host tokenisation to ids, jnp dynamic programmes.
-# ------------------------------------------------------------------------------------------------
-def _ids(seqs, vocab):
-  return [[vocab.setdefault(w, len(vocab) + 1) for w in s] for s in seqs]
-
-
-def _pad(seqs, min_len=8):
-  """int32[bucket(N), bucket(max len)] ids (0 = padding) and int32 lengths."""
-  width = _bucket(max([len(s) for s in seqs] + [min_len]), 8)
-  out = np.zeros((_bucket(len(seqs), 8), width), np.int32)
-  for i, s in enumerate(seqs):
-    out[i, :len(s)] = s
-  lengths = np.zeros(out.shape[0], np.int32)
-  lengths[:len(seqs)] = [len(s) for s in seqs]
-  return out, lengths
-
-
-@jax.jit
-def _edit_distance_kernel(ref, ref_len, hyp, hyp_len):
-  """Word-level Levenshtein distance, one row per reference word. [N] int32.
-
-  Row recurrence d[i][j] = min(d[i-1][j] + 1, d[i-1][j-1] + cost, d[i][j-1] + 1); the last term is
-  a running minimum, computed as cummin(t - j) + j, so each row is one vectorised pass over j.
-  """
-  n = hyp.shape[1]
-  cols = jnp.arange(n + 1, dtype=jnp.int32)
-  row0 = jnp.broadcast_to(cols, (ref.shape[0], n + 1))
-
-  def step(prev, xs):
-    i, word = xs
-    cost = (word[:, None] != hyp).astype(jnp.int32)                    # [N, n]
-    t = jnp.concatenate([prev[:, :1] + 1, jnp.minimum(prev[:, 1:] + 1, prev[:, :-1] + cost)], 1)
-    row = jax.lax.cummin(t - cols, axis=1) + cols
-    return jnp.where((i < ref_len)[:, None], row, prev), None
-
-  last, _ = jax.lax.scan(step, row0, (jnp.arange(ref.shape[1]), ref.T))
-  return jnp.take_along_axis(last, hyp_len[:, None], 1)[:, 0]
-
-
-def _wer_scores(refs, hyps):
-  """OCR accuracy clip(1 - WER, 0, 1) with WER = distance / max(1, #ref words). float32[N]."""
-  vocab = {}
-  ref, ref_len = _pad(_ids([r.split() for r in refs], vocab))
-  hyp, hyp_len = _pad(_ids([h.split() for h in hyps], vocab))
-  dist = _edit_distance_kernel(ref, ref_len, hyp, hyp_len)
-  return jnp.clip(1.0 - dist / jnp.maximum(1, ref_len), 0.0, 1.0)[:len(refs)]
-
-
-_ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def _porter_stem(w: str) -> str:
-  """The original Porter (1980) stemmer (rouge_score applies it to tokens longer than 3)."""
-  def cons(s, i):
-    if s[i] in "aeiou":
-      return False
-    return not (s[i] == "y" and i > 0 and cons(s, i - 1)) if s[i] == "y" else True
-
-  def measure(s):
-    forms = "".join("c" if cons(s, i) else "v" for i in range(len(s)))
-    return len(re.findall(r"v+c+", forms))
-
-  def has_vowel(s):
-    return any(not cons(s, i) for i in range(len(s)))
-
-  def cvc(s):
-    return (len(s) >= 3 and cons(s, len(s) - 3) and not cons(s, len(s) - 2)
-            and cons(s, len(s) - 1) and s[-1] not in "wxy")
-
-  def double_c(s):
-    return len(s) >= 2 and s[-1] == s[-2] and cons(s, len(s) - 1)
-
-  def replace(s, rules, min_m):
-    for suf, rep in rules:
-      if s.endswith(suf):
-        stem = s[:len(s) - len(suf)]
-        return stem + rep if measure(stem) > min_m else s
-    return s
-
-  if len(w) <= 2:
-    return w
-  if w.endswith("sses"):
-    w = w[:-2]
-  elif w.endswith("ies"):
-    w = w[:-2]
-  elif w.endswith("ss"):
-    pass
-  elif w.endswith("s"):
-    w = w[:-1]
-  if w.endswith("eed"):
-    if measure(w[:-3]) > 0:
-      w = w[:-1]
-  else:
-    for suf in ("ed", "ing"):
-      if w.endswith(suf) and has_vowel(w[:-len(suf)]):
-        w = w[:-len(suf)]
-        if w.endswith(("at", "bl", "iz")):
-          w += "e"
-        elif double_c(w) and w[-1] not in "lsz":
-          w = w[:-1]
-        elif measure(w) == 1 and cvc(w):
-          w += "e"
-        break
-  if w.endswith("y") and has_vowel(w[:-1]):
-    w = w[:-1] + "i"
-  w = replace(w, (("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
-                  ("izer", "ize"), ("abli", "able"), ("alli", "al"), ("entli", "ent"),
-                  ("eli", "e"), ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"),
-                  ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
-                  ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")), 0)
-  w = replace(w, (("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"),
-                  ("ical", "ic"), ("ful", ""), ("ness", "")), 0)
-  for suf in ("ement", "ment", "ent", "al", "ance", "ence", "er", "ic", "able", "ible", "ant",
-              "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize"):
-    if w.endswith(suf):
-      stem = w[:-len(suf)]
-      if measure(stem) > 1 and (suf != "ion" or stem.endswith(("s", "t"))):
-        w = stem
-      break
-  if w.endswith("e"):
-    m = measure(w[:-1])
-    if m > 1 or (m == 1 and not cvc(w[:-1])):
-      w = w[:-1]
-  if measure(w) > 1 and double_c(w) and w.endswith("l"):
-    w = w[:-1]
-  return w
-
-
-def rouge_tokens(text: str):
-  """rouge_score's tokeniser with use_stemmer=True: lowercase, [a-z0-9] runs, stem if len > 3."""
-  toks = _ROUGE_NON_ALNUM.sub(" ", text.lower()).split()
-  return [_porter_stem(t) if len(t) > 3 else t for t in toks]
-
-
-@jax.jit
-def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
-  """mean(ROUGE-1 F, ROUGE-2 F, ROUGE-L F) per item, from padded token / bigram ids. [N]."""
-  def overlap(t, t_len, p, p_len):
-    t_ok = jnp.arange(t.shape[1]) < t_len[:, None]
-    p_ok = jnp.arange(p.shape[1]) < p_len[:, None]
-    tt = (t[:, :, None] == t[:, None, :]) & t_ok[:, :, None] & t_ok[:, None, :]
-    c_t = tt.sum(-1)                                                     # count of t_i in target
-    c_p = ((t[:, :, None] == p[:, None, :]) & p_ok[:, None, :]).sum(-1)  # count of t_i in pred
-    first = t_ok & ~jnp.any(jnp.tril(tt, -1), -1)                        # first occurrence of a type
-    return jnp.where(first, jnp.minimum(c_t, c_p), 0).sum(-1)
-
-  def fmeasure(hit, t_len, p_len):
-    prec = hit / jnp.maximum(p_len, 1)
-    rec = hit / jnp.maximum(t_len, 1)
-    return jnp.where(prec + rec > 0, 2 * prec * rec / jnp.where(prec + rec > 0, prec + rec, 1), 0.0)
-
-  n = prd.shape[1]
-  cols = jnp.arange(n + 1)
-
-  def lcs_step(prev, xs):
-    i, word = xs
-    eq = (word[:, None] == prd) & (cols[None, 1:] <= prd_len[:, None])
-    u = jnp.concatenate([prev[:, :1], jnp.maximum(prev[:, 1:], jnp.where(eq, prev[:, :-1] + 1, 0))],
-                        1)
-    row = jax.lax.cummax(u, axis=1)
-    return jnp.where((i < tgt_len)[:, None], row, prev), None
-
-  last, _ = jax.lax.scan(lcs_step, jnp.zeros((tgt.shape[0], n + 1), jnp.int32),
-                         (jnp.arange(tgt.shape[1]), tgt.T))
-  lcs = jnp.take_along_axis(last, prd_len[:, None], 1)[:, 0]
-  r1 = fmeasure(overlap(tgt, tgt_len, prd, prd_len), tgt_len, prd_len)
-  r2 = fmeasure(overlap(tgt2, tgt2_len, prd2, prd2_len), tgt2_len, prd2_len)
-  rl = jnp.where((tgt_len > 0) & (prd_len > 0), fmeasure(lcs, tgt_len, prd_len), 0.0)
-  return jnp.clip((r1 + r2 + rl) / 3, 0.0, 1.0)
-
-
-def _rouge_scores(refs, hyps):
-  vocab, vocab2 = {}, {}
-  t_tok = [rouge_tokens(r) for r in refs]
-  p_tok = [rouge_tokens(h) for h in hyps]
-  bigrams = lambda toks: [list(zip(s, s[1:])) for s in toks]
-  # One width for targets and one for predictions (bigrams reuse them): fewer distinct shapes.
-  t_width = max([len(t) for t in t_tok] + [8])
-  p_width = max([len(p) for p in p_tok] + [8])
-  tgt, tgt_len = _pad(_ids(t_tok, vocab), t_width)
-  prd, prd_len = _pad(_ids(p_tok, vocab), p_width)
-  tgt2, tgt2_len = _pad(_ids(bigrams(t_tok), vocab2), t_width)
-  prd2, prd2_len = _pad(_ids(bigrams(p_tok), vocab2), p_width)
-  return _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len)[:len(refs)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -829,7 +331,7 @@ def _accuracy(completions, solutions, problem_types, cognitive_maps, config, whe
   num_idx = np.flatnonzero(ptype == NUM)
   num_acc = np.zeros(n, np.float64)
   if len(num_idx):
-    g = [_py_float(gts[i]) for i in num_idx]
+    g = [cogmap.float_or_none(gts[i]) for i in num_idx]
     p = [parse_number(answers[i], config) for i in num_idx]
     counts["unparsed_gt"] += sum(v is None for v in g)
     counts["unparsed_number"] += sum(v is None for v in p)
@@ -844,8 +346,8 @@ def _accuracy(completions, solutions, problem_types, cognitive_maps, config, whe
   # Regression: float(s.replace(",", "")) on both sides, relative error in float64.
   reg_idx = np.flatnonzero(ptype == REG)
   if len(reg_idx):
-    g = [_py_float(gts[i].replace(",", "")) for i in reg_idx]
-    p = [_py_float(answers[i].replace(",", "")) for i in reg_idx]
+    g = [cogmap.float_or_none(gts[i].replace(",", "")) for i in reg_idx]
+    p = [cogmap.float_or_none(answers[i].replace(",", "")) for i in reg_idx]
     counts["unparsed_gt"] += sum(v is None for v in g)
     counts["unparsed_number"] += sum(v is None for v in p)
     ok = np.array([a is not None and b is not None for a, b in zip(g, p)])
@@ -854,7 +356,7 @@ def _accuracy(completions, solutions, problem_types, cognitive_maps, config, whe
     base[reg_idx] = np.where(ok, _regression_f64(pf, gf, config.use_nan_fix), 0.0)
 
   # OCR and free-form: token ids on the host, dynamic programmes in jnp.
-  for t, fn in ((OCR, _wer_scores), (FREE, _rouge_scores)):
+  for t, fn in ((OCR, text_metrics.wer_accuracy), (FREE, text_metrics.rouge_f)):
     idx = np.flatnonzero(ptype == t)
     if len(idx):
       base[idx] = np.asarray(fn([gts[i] for i in idx], [answers[i] for i in idx]))
@@ -870,10 +372,10 @@ def _accuracy(completions, solutions, problem_types, cognitive_maps, config, whe
   items, overflow = [], np.zeros(len(idx), bool)
   for k, i in enumerate(idx):
     gt_map = cognitive_maps[i]
-    pred, overflow[k] = _parse_map(extract_map(completions[i]), list(gt_map.keys()), config)
-    items.append(_MapItem(pred, gt_map))
+    pred, overflow[k] = cogmap.parse(extract_map(completions[i]), list(gt_map.keys()), config)
+    items.append(cogmap.MapItem(pred, gt_map))
   score = np.zeros(n, np.float32)
-  s, s_err = _map_scores(items, config, [where[i] for i in idx])
+  s, s_err = cogmap.scores(items, config, [where[i] for i in idx])
   s_err = s_err | overflow
   score[idx] = np.where(s_err, 0.0, s)
   error[idx] |= s_err

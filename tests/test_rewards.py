@@ -13,6 +13,7 @@ import pytest
 
 from spacer_jax import grpo
 from spacer_jax import rewards
+from spacer_jax import text_metrics
 
 MC, NUM = "multiple choice", "numerical"
 GT_MAP = {"chair": [[1, 1], [6, 5]], "table": [[0, 0]]}        # M* of spec section 8
@@ -352,14 +353,14 @@ _sentences = st.lists(st.sampled_from(["a", "b", "c", "dd", "E"]), max_size=8).m
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(st.lists(st.tuples(_sentences, _sentences), min_size=1, max_size=5))
 def test_wer_kernel_matches_reference(pairs):
-  got = np.asarray(rewards._wer_scores([r for r, _ in pairs], [h for _, h in pairs]))
+  got = np.asarray(text_metrics.wer_accuracy([r for r, _ in pairs], [h for _, h in pairs]))
   want = [_reference_wer_acc(r, h) for r, h in pairs]
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def _reference_rouge(ref, hyp):
   """ROUGE-1/2/L F mean as rouge_score computes it, on our tokeniser."""
-  t, p = rewards.rouge_tokens(ref), rewards.rouge_tokens(hyp)
+  t, p = text_metrics.rouge_tokens(ref), text_metrics.rouge_tokens(hyp)
 
   def f(hit, nt, np_):
     pr, rc = hit / max(np_, 1), hit / max(nt, 1)
@@ -387,7 +388,7 @@ _rouge_words = st.lists(st.sampled_from(["the", "cat", "cats", "sat", "sitting",
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(st.lists(st.tuples(_rouge_words, _rouge_words), min_size=1, max_size=5))
 def test_rouge_kernel_matches_reference(pairs):
-  got = np.asarray(rewards._rouge_scores([r for r, _ in pairs], [h for _, h in pairs]))
+  got = np.asarray(text_metrics.rouge_f([r for r, _ in pairs], [h for _, h in pairs]))
   np.testing.assert_allclose(got, [_reference_rouge(r, h) for r, h in pairs], rtol=1e-5,
                              atol=1e-6)
 
@@ -399,7 +400,7 @@ def test_rouge_kernel_matches_reference(pairs):
     ("generalization", "gener"), ("hopefulness", "hope"), ("electrical", "electr"),
     ("adjustment", "adjust"), ("adoption", "adopt"), ("controll", "control"), ("rate", "rate")])
 def test_porter_stemmer(word, stem):
-  assert rewards._porter_stem(word) == stem
+  assert text_metrics.porter_stem(word) == stem
 
 
 def test_rouge_free_form_value():
