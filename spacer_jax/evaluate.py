@@ -63,9 +63,9 @@ DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_architecture(model_dir):
-  """Raises a clear error unless `model_dir/config.json` describes a Qwen2.5-VL model."""
-  path = os.path.join(model_dir, "config.json")
+def check_architecture(model_dir, filename="config.json"):
+  """Raises a clear error unless `model_dir/filename` describes a Qwen2.5-VL model."""
+  path = os.path.join(model_dir, filename)
   with open(path) as f:
     hf = json.load(f)
   model_type = hf.get("model_type")
@@ -77,38 +77,94 @@ def check_architecture(model_dir):
   return hf
 
 
-def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
-  """A Qwen2.5-VL model from an HF checkpoint directory or a trainer checkpoint directory.
+def _abstract_model(cfg, dtype, mesh, rules):
+  """(graphdef, abstract nnx.State, shardings State) of a Qwen2.5-VL model on `mesh`.
 
-  HF: a directory with config.json + *.safetensors (qwen2_5_vl.load_hf, strict key/shape check).
-  Trainer: a `train.py` workdir or checkpoint directory (spacer_jax.checkpoint.load_model).
+  Shardings come from sharding.tree_shardings, which replicates a dimension that a mesh axis does
+  not divide (nnx.get_partition_spec, used by qwen2_5_vl.load_hf, raises there, e.g. tiny models).
+  """
+  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                          param_dtype=dtype))
+  graphdef, abs_state = nnx.split(abstract)
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return graphdef, abs_state, jax.tree.map(lambda _: dev, abs_state)
+  flat = sharding.tree_shardings(abs_state, mesh, rules)
+  shardings = nnx.from_flat_state(
+      [(path, flat[tree_utils.key_of(path)]) for path, _ in nnx.to_flat_state(abs_state)])
+  return graphdef, abs_state, shardings
+
+
+def trainer_checkpoint_dirs(model_dir):
+  """(run dir holding model_config.json, orbax dir) if model_dir is a train.py workdir or its ckpt/
+  directory, else None."""
+  for run_dir, ckpt_dir in ((model_dir, os.path.join(model_dir, "ckpt")),
+                            (os.path.dirname(os.path.normpath(model_dir)), model_dir)):
+    if (os.path.exists(os.path.join(run_dir, "model_config.json"))
+        and os.path.isdir(ckpt_dir) and latest_checkpoint_step(ckpt_dir) is not None):
+      return run_dir, ckpt_dir
+  return None
+
+
+def latest_checkpoint_step(ckpt_dir):
+  """Largest finished step (a numeric subdirectory with a `state` item) in an orbax directory."""
+  steps = [int(n) for n in os.listdir(ckpt_dir)
+           if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))]
+  return max(steps) if steps else None
+
+
+def restore_trainer_params(ckpt_dir, abstract_params, step=None):
+  """Restores only state["params"] ({hf_key: array}) of a train.py checkpoint onto the given
+  ShapeDtypeStructs (their dtype and sharding); the optimizer state is never read."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = latest_checkpoint_step(ckpt_dir) if step is None else step
+  item = {"params": abstract_params}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                              item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(os.path.join(ckpt_dir, str(step), "state"), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return out["params"]
+
+
+def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
+  """A Qwen2.5-VL model from an HF checkpoint directory or a trainer checkpoint.
+
+  HF: a directory with config.json + *.safetensors (strict key/shape check, hf_weights.load_state).
+  Trainer: a `train.py` workdir (model_config.json + ckpt/) or its ckpt/ directory; the latest step's
+  params are restored (cast to `dtype`).
   """
   from spacer_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
   from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"config.model_dir={model_dir!r} is not a directory")
   dtype = jnp.dtype(dtype)
-  if os.path.exists(os.path.join(model_dir, "config.json")):
-    check_architecture(model_dir)
-    if mesh is None:
-      return qwen2_5_vl.load_hf(model_dir, dtype=dtype)
-    # As qwen2_5_vl.load_hf, but with sharding.tree_shardings, which replicates a dimension that a
-    # mesh axis does not divide (load_hf's nnx.get_partition_spec raises there, e.g. tiny models).
-    cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(model_dir)
-    abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                            param_dtype=dtype))
-    graphdef, abs_state = nnx.split(abstract)
-    flat = sharding.tree_shardings(abs_state, mesh, rules)
-    shardings = nnx.from_flat_state(
-        [(path, flat[tree_utils.key_of(path)]) for path, _ in nnx.to_flat_state(abs_state)])
-    return nnx.merge(graphdef, hf_weights.load_state(model_dir, abs_state, shardings))
-  try:
-    from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
+  trainer = trainer_checkpoint_dirs(model_dir)
+  if trainer is not None:
+    run_dir, ckpt_dir = trainer
+    check_architecture(run_dir, "model_config.json")
+    cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(run_dir, "model_config.json"))
+    graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
+    unwrap = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v  # noqa: E731
+    abstract = {tree_utils.key_of(p): jax.ShapeDtypeStruct(unwrap(v).shape, dtype,
+                                                           sharding=unwrap(s))
+                for (p, v), (_, s) in zip(nnx.to_flat_state(abs_state), nnx.to_flat_state(shardings))}
+    paths = {tree_utils.key_of(p): tuple(p) for p, _ in nnx.to_flat_state(abs_state)}
+    try:
+      params = restore_trainer_params(ckpt_dir, abstract)
+    except ValueError as e:
+      raise ValueError(f"{ckpt_dir}: trainer checkpoint does not match the model of"
+                       f" {run_dir}/model_config.json: {e}") from e
+    return tree_utils.merge_model(graphdef, params, paths)
+  if not os.path.exists(os.path.join(model_dir, "config.json")):
     raise FileNotFoundError(
-        f"config.model_dir={model_dir!r} has no config.json (not an HF checkpoint) and this build has"
-        " no trainer checkpoint reader (spacer_jax.checkpoint)") from e
-  return checkpoint.load_model(model_dir, dtype=dtype, mesh=mesh, rules=rules)
+        f"config.model_dir={model_dir!r} is neither an HF checkpoint (config.json + *.safetensors)"
+        " nor a train.py workdir (model_config.json + ckpt/<step>/state)")
+  check_architecture(model_dir)
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(model_dir)
+  graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
+  return nnx.merge(graphdef, hf_weights.load_state(model_dir, abs_state, shardings))
 
 
 # ---------------------------------------------------------------------------------------------------
