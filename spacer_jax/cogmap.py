@@ -232,53 +232,46 @@ class MapItem:
   gt: dict          # category -> list of [x, y]
 
 
+def _overflows(pred, gt) -> bool:
+  """True where the reference's math.sqrt((px-gx)**2 + (py-gy)**2) raises OverflowError."""
+  if not any(abs(int(v)) > 10 ** 150 for xy in pred for v in xy):
+    return False
+  return any((int(px) - int(gx)) ** 2 + (int(py) - int(gy)) ** 2 > _FLOAT_MAX
+             for px, py in pred for gx, gy in gt)
+
+
 def _pack(items, where):
   """Pack maps into padded int32 arrays; host flags for the cases the jnp kernel does not cover."""
-  n = text_metrics.bucket(len(items), 8)        # rows past len(items) are empty padding
-  cats = [sorted(set(it.pred) | set(it.gt)) for it in items]
-  c_max = text_metrics.bucket(max([len(c) for c in cats] + [1]))
-  rows = []
-  for idx, (it, cs) in enumerate(zip(items, cats)):
+  cells = []          # per item: list of (clipped + pruned predictions, true count, GT points)
+  overflow = np.zeros(len(items), bool)
+  for idx, it in enumerate(items):
     row = []
-    for c in cs:
+    for c in sorted(set(it.pred) | set(it.gt)):
       g = _gt_points(it.gt.get(c, []), f"{where[idx]} category {c!r}")
-      p = np.asarray(it.pred.get(c, []), dtype=object).reshape(-1, 2)
-      row.append((c, p, g))
-    rows.append(row)
-  p_max = k_max = 1
-  packed = []
-  overflow = np.zeros(n, bool)
-  for idx, row in enumerate(rows):
-    out = []
-    for c, p, g in row:
-      if len(p) and len(g):
-        if any(abs(int(v)) > 10 ** 150 for v in p.flat):   # math.sqrt of an int that does not fit a float -> OverflowError in the reference
-          gi = [[int(a), int(b)] for a, b in g]
-          overflow[idx] |= any((int(px) - gx) ** 2 + (int(py) - gy) ** 2 > _FLOAT_MAX
-                               for px, py in p for gx, gy in gi)
-      p_true = len(p)
+      p = list(it.pred.get(c, []))
+      if p and len(g):
+        overflow[idx] |= _overflows(p, g)
       pc = np.array([[max(min(int(v), _PRED_CLIP), -_PRED_CLIP) for v in xy] for xy in p],
                     np.int64).reshape(-1, 2)
-      if len(g):
-        pc = _prune(pc, g)
-      out.append((pc, p_true, g))
-      p_max, k_max = max(p_max, len(pc)), max(k_max, len(g))
-    packed.append(out)
-  p_max, k_max = text_metrics.bucket(p_max), text_metrics.bucket(k_max)
+      row.append((_prune(pc, g) if len(g) else pc, len(p), g))
+    cells.append(row)
+  n = text_metrics.bucket(len(items), 8)        # rows past len(items) are empty padding
+  c_max = text_metrics.bucket(max(len(row) for row in cells))
+  p_max = text_metrics.bucket(max([len(pc) for row in cells for pc, _, _ in row] + [1]))
+  k_max = text_metrics.bucket(max([len(g) for row in cells for _, _, g in row] + [1]))
   pred_xy = np.zeros((n, c_max, p_max, 2), np.int32)
   pred_ok = np.zeros((n, c_max, p_max), bool)
   pred_n = np.zeros((n, c_max), np.int32)
   gt_xy = np.zeros((n, c_max, k_max, 2), np.int32)
   gt_ok = np.zeros((n, c_max, k_max), bool)
   gt_n = np.zeros((n, c_max), np.int32)
-  for i, out in enumerate(packed):
-    for j, (pc, p_true, g) in enumerate(out):
+  for i, row in enumerate(cells):
+    for j, (pc, p_true, g) in enumerate(row):
       pred_xy[i, j, :len(pc)], pred_ok[i, j, :len(pc)], pred_n[i, j] = pc, True, p_true
       gt_xy[i, j, :len(g)], gt_ok[i, j, :len(g)], gt_n[i, j] = g, True, len(g)
   pred_keys = np.array([len(it.pred) > 0 for it in items])
   pred_points = np.array([any(len(v) for v in it.pred.values()) for it in items])
-  return ((pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points,
-          overflow[:len(items)])
+  return (pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n), pred_keys, pred_points, overflow
 
 
 @functools.partial(jax.jit, static_argnames="grid_size")
