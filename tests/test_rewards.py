@@ -480,6 +480,20 @@ def _adversarial():
   ])
 
 
+@hypothesis.settings(max_examples=26, deadline=30_000,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(text=_adversarial(), ptype=st.sampled_from([MC, NUM, "OCR", "free-form"]),
+                  fixes=st.booleans())
+def test_fuzz_adversarial_completions(text, ptype, fixes):
+  """Each hostile input (1 MB strings, deep nesting, huge numbers) scores within the deadline."""
+  config = rewards.RewardConfig(use_overflow_fix=True, use_zero_map_fix=True) if fixes else None
+  comps, _ = rewards.compute_rewards([text, "<answer>B</answer>"], {
+      "solution": [_SOLUTIONS[ptype]], "problem_type": [ptype], "cognitive_map": [GT_MAP]},
+      [1, 1], 2, config=config or rewards.DEFAULT)
+  total = comps["total"]
+  assert np.all(np.isfinite(total)) and np.all((total >= 0) & (total <= 3.5))
+
+
 _completion = st.one_of(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join),
                         st.text(max_size=200), _adversarial())
 _SOLUTIONS = {MC: "<answer>B</answer>", NUM: "<answer>5</answer>", "OCR": "<answer>a b c</answer>",
