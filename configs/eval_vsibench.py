@@ -30,12 +30,13 @@ pixels per frame); `video` below reproduces the budget through this project's vi
 import ml_collections
 
 from spacer_jax import config_lib
+from spacer_jax.data import synthetic
 
-# Where the demo (configs/sgrlvr.py:demo) leaves its checkpoint, tokenizer and synthetic VSI split,
-# relative to its workdir.
-DEMO_MODEL_SUBDIR = "checkpoints"
+# Where train.py leaves things in a demo workdir: model_config.json + ckpt/ at the top (the evaluator
+# restores the latest step's params), the offline tokenizer, and the synthetic dataset whose
+# held-out split (synthetic.dataset_paths(root).eval_root) is in VSI-Bench format.
 DEMO_TOKENIZER_SUBDIR = "tokenizer"
-DEMO_VSI_SUBDIR = "data/synthetic/vsibench_heldout"
+DEMO_SYNTHETIC_SUBDIR = "data/synthetic"  # train.py's default config.data.synthetic_root
 
 
 def get_config(arg=None):
@@ -66,14 +67,15 @@ def get_config(arg=None):
   if arg.demo:
     if not arg.demo_workdir:
       raise ValueError("the demo evaluation needs demo_workdir=DIR (the demo's --workdir)")
-    c.model_dir = f"{arg.demo_workdir}/{DEMO_MODEL_SUBDIR}"
+    c.model_dir = arg.demo_workdir
     c.tokenizer_dir = f"{arg.demo_workdir}/{DEMO_TOKENIZER_SUBDIR}"
-    c.data_dir = f"{arg.demo_workdir}/{DEMO_VSI_SUBDIR}"
-    c.max_new_tokens = 64 if arg.protocol == "spacer" else 16
+    c.data_dir = synthetic.dataset_paths(f"{arg.demo_workdir}/{DEMO_SYNTHETIC_SUBDIR}").eval_root
+    c.max_new_tokens = 128 if arg.protocol == "spacer" else 16
     c.batch_size = 8
     c.dtype = "float32"
     c.prompt_buckets = (256, 512, 1024, 2048)
+    # SyntheticConfig.demo(): 4 frames of 56x56 at 2 fps; keep every frame at full size.
     c.video = ml_collections.ConfigDict(dict(
-        fps=2.0, min_frames=4, max_frames=8, min_pixels=56 * 56, max_pixels=112 * 112))
+        fps=2.0, min_frames=4, max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56))
     c.name = "demo"
   return c

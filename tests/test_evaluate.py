@@ -386,21 +386,30 @@ def test_clear_errors(tmp_path):
     evaluate.find_videos(str(data), vsibench.load_records(str(data)), allow_missing_videos=False)
 
 
-def test_trainer_checkpoint(tmp_path, tiny_setup):
+def _write_trainer_workdir(run, model_dir, shift=1.0):
+  """A train.py workdir: model_config.json + ckpt/<step>/{state,data}, state holding more than params
+  (the params are the HF model's plus `shift`). Returns the HF model's flat params."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spacer_jax import checkpoint, evaluate, tree_utils  # pylint: disable=g-import-not-at-top
-  _, model_dir, _ = tiny_setup
   model = evaluate.load_model(model_dir, dtype="float32")
   _, flat, _ = tree_utils.split_model(model)
-  # A train.py workdir: model_config.json + ckpt/<step>/{state,data}; state holds more than params.
-  run = tmp_path / "run"
-  run.mkdir()
-  (run / "model_config.json").write_text(json.dumps(model.config.to_hf_dict()))
-  ckpt = checkpoint.Checkpointer(str(run / "ckpt"), use_async=False)
-  state = {"step": np.int32(7), "params": {k: v + 1.0 for k, v in flat.items()},
+  os.makedirs(run, exist_ok=True)
+  with open(os.path.join(run, "model_config.json"), "w") as f:
+    json.dump(model.config.to_hf_dict(), f)
+  ckpt = checkpoint.Checkpointer(os.path.join(run, "ckpt"), use_async=False)
+  state = {"step": np.int32(7), "params": {k: v + shift for k, v in flat.items()},
            "opt_state": {"mu": dict(flat)}, "rng": np.zeros(2, np.uint32)}
   ckpt.save(7, state)
   ckpt.close()
+  return flat
+
+
+def test_trainer_checkpoint(tmp_path, tiny_setup):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from spacer_jax import evaluate, tree_utils  # pylint: disable=g-import-not-at-top
+  _, model_dir, _ = tiny_setup
+  run = tmp_path / "run"
+  flat = _write_trainer_workdir(str(run), model_dir)
   for d in (run, run / "ckpt"):
     restored = evaluate.load_model(str(d), dtype="bfloat16")
     _, got, _ = tree_utils.split_model(restored)
@@ -420,3 +429,26 @@ def test_trainer_checkpoint(tmp_path, tiny_setup):
   # Neither layout: a clear error naming both.
   with pytest.raises(FileNotFoundError, match="neither an HF checkpoint"):
     evaluate.load_model(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_demo_config_on_trainer_workdir(tmp_path, tiny_setup):
+  """configs/eval_vsibench.py:demo reads a demo workdir: its checkpoint, tokenizer and VSI split."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  root, model_dir, _ = tiny_setup
+  run = str(tmp_path / "demo")
+  _write_trainer_workdir(run, model_dir, shift=0.0)
+  shutil.copytree(str(root / "data"), os.path.join(run, "data", "synthetic"))
+  os.makedirs(os.path.join(run, "tokenizer"))
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(os.path.join(model_dir, name), os.path.join(run, "tokenizer", name))
+  c = eval_vsibench.get_config(f"demo,demo_workdir={run}")
+  c.max_new_tokens, c.max_items, c.progress = 4, 8, False
+  out = os.path.join(run, "eval")
+  result = evaluate.evaluate(c, out)
+  assert result["num_scored"] == 8 and result["num_records"] == 8
+  metrics = json.load(open(os.path.join(out, "metrics.json")))
+  assert metrics["name"] == "demo" and metrics["protocol"] == "spacer"
+  assert "| demo |" in open(os.path.join(out, "table.md")).read()
