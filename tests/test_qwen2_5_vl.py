@@ -185,3 +185,138 @@ def test_tiny_accepts_custom_vocab_and_token_ids():
   assert cfg.vocab_size == 300 and cfg.eos_token_id == (9, 10)
   with pytest.raises(ValueError, match="text_after_vision"):
     qwen2_5_vl.tiny(text_after_vision="hf4")
+
+
+# ------------------------------------------------------------------------------------------------
+# Multimodal logits.
+
+IMAGE = [1, 10, 14]  # 5x7 merged tokens: ragged 2x2-token windows
+VIDEO = [4, 6, 10]  # 8 frames
+
+
+def _row(cfg, *parts, seed=0):
+  """A prompt row: ints are runs of random text, ("img"|"vid", grid) are vision blocks."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for p in parts:
+    if isinstance(p, tuple):
+      kind, (t, h, w) = p
+      tok = cfg.image_token_id if kind == "img" else cfg.video_token_id
+      out += [cfg.vision_start_token_id] + [tok] * (t * h * w // 4) + [cfg.vision_end_token_id]
+    else:
+      out += rng.integers(0, cfg.image_token_id, size=p).tolist()
+  return np.asarray(out)
+
+
+def _pixels(grids, seed):
+  n = sum(int(np.prod(g)) for g in grids)
+  return np.random.default_rng(seed).normal(size=(n, 3 * 2 * 14 * 14)).astype(np.float32)
+
+
+def _left_pad(rows, pad_id):
+  width = max(len(r) for r in rows)
+  ids = np.full((len(rows), width), pad_id, np.int64)
+  mask = np.zeros((len(rows), width), bool)
+  for b, r in enumerate(rows):
+    ids[b, width - len(r):] = r
+    mask[b, width - len(r):] = True
+  return ids, mask
+
+
+CASES = {
+    # name: (rows, image grids, video grids, seconds per grid)
+    "image": ([("T", 6), ("img", IMAGE), ("T", 9)], [IMAGE], [], []),
+    "video": ([("T", 5), ("vid", VIDEO), ("T", 8)], [], [VIDEO], [1.0]),
+    "image_and_video": ([("T", 4), ("img", IMAGE), ("T", 3), ("vid", VIDEO), ("T", 6)],
+                        [IMAGE], [VIDEO], [2 / 3]),
+}
+
+
+def _case_inputs(cfg, name):
+  parts, images, videos, seconds = CASES[name]
+  parts = [p[1] if p[0] == "T" else p for p in parts]
+  ids, mask = _left_pad([_row(cfg, *parts)], cfg.pad_token_id)
+  return ids, mask, images, videos, seconds
+
+
+def _run_both(hf, model, ids, mask, images, videos, seconds):
+  cfg = model.config
+  kw_ours, kw_hf = {}, {}
+  if images:
+    pix = _pixels(images, 1)
+    kw_ours.update(pixel_values=pix, image_grid_thw=np.asarray(images))
+    kw_hf.update(pixel_values=torch.as_tensor(pix), image_grid_thw=torch.as_tensor(images))
+  if videos:
+    pix = _pixels(videos, 2)
+    kw_ours.update(pixel_values_videos=pix, video_grid_thw=np.asarray(videos),
+                   second_per_grid_ts=np.asarray(seconds, np.float32))
+    kw_hf.update(pixel_values_videos=torch.as_tensor(pix), video_grid_thw=torch.as_tensor(videos),
+                 second_per_grid_ts=torch.as_tensor(seconds, dtype=torch.float32))
+  types = (ids == cfg.image_token_id) * 1 + (ids == cfg.video_token_id) * 2
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model(ids, attention_mask=mask, **kw_ours))
+  ref = hf_logits(hf, ids, mask, mm_token_type_ids=torch.as_tensor(types), **kw_hf)
+  return ours, ref
+
+
+@pytest.fixture(scope="module")
+def hf5_model(tiny_hf):
+  return qwen2_5_vl.load_hf(tiny_hf[1], dtype=jnp.float32, text_after_vision="hf5")
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", list(CASES))
+def test_multimodal_logits_match_hf(tiny_hf, hf5_model, name):
+  hf, _ = tiny_hf
+  ids, mask, images, videos, seconds = _case_inputs(hf5_model.config, name)
+  ours, ref = _run_both(hf, hf5_model, ids, mask, images, videos, seconds)
+  np.testing.assert_allclose(ours[mask], ref[mask], atol=ATOL_MODEL, rtol=0)
+
+
+@pytest.mark.hf
+def test_left_padded_multimodal_batch_matches_hf(tiny_hf, hf5_model):
+  hf, _ = tiny_hf
+  cfg = hf5_model.config
+  rows = [_row(cfg, 4, ("img", IMAGE), 3, ("vid", VIDEO), 6, seed=3),
+          _row(cfg, 2, ("vid", [2, 4, 6]), 5, seed=4)]
+  ids, mask = _left_pad(rows, cfg.pad_token_id)
+  assert not mask[1].all()
+  ours, ref = _run_both(hf, hf5_model, ids, mask, [IMAGE], [VIDEO, [2, 4, 6]], [1.0, 0.5])
+  np.testing.assert_allclose(ours[mask], ref[mask], atol=ATOL_MODEL, rtol=0)
+
+
+@pytest.mark.hf
+def test_image_logits_default_rule_matches_hf(tiny_hf):
+  """For images both rules give the same positions, so the default model matches HF too."""
+  hf, path = tiny_hf
+  model = qwen2_5_vl.load_hf(path, dtype=jnp.float32)
+  assert model.config.text_after_vision == "qwen"
+  ours, ref = _run_both(hf, model, *_case_inputs(model.config, "image"))
+  np.testing.assert_allclose(ours, ref, atol=ATOL_MODEL, rtol=0)
+
+
+def test_placeholder_mismatch_raises_before_compute():
+  cfg = qwen2_5_vl.tiny()
+  ids = _row(cfg, 3, ("img", IMAGE), 2)[None]
+  with pytest.raises(ValueError, match="image placeholders and features do not match"):
+    qwen2_5_vl.check_placeholder_counts(cfg, ids, [[1, 10, 12]])
+  with pytest.raises(ValueError, match="video placeholders"):
+    qwen2_5_vl.check_placeholder_counts(cfg, ids, [IMAGE], [[2, 4, 4]])
+  with pytest.raises(ValueError, match="pixel rows"):
+    qwen2_5_vl.check_placeholder_counts(cfg, ids, [IMAGE], num_image_rows=139)
+  model = qwen2_5_vl.init_model(cfg)
+  with pytest.raises(ValueError, match="do not match"):
+    model(ids, pixel_values=_pixels([[1, 10, 12]], 0), image_grid_thw=np.asarray([[1, 10, 12]]))
+
+
+@pytest.mark.hf
+def test_default_rule_differs_from_hf5_after_video(tiny_hf):
+  """The video parity above really depends on the rule: the default ("qwen") positions text after
+  a long video differently, which moves the logits there."""
+  hf, path = tiny_hf
+  model = qwen2_5_vl.load_hf(path, dtype=jnp.float32)
+  ids, mask, images, videos, seconds = _case_inputs(model.config, "video")
+  ours, ref = _run_both(hf, model, ids, mask, images, videos, seconds)
+  end = int(np.nonzero(ids[0] == model.config.vision_end_token_id)[0][0])
+  np.testing.assert_allclose(ours[0, :end], ref[0, :end], atol=ATOL_MODEL, rtol=0)
+  assert np.abs(ours[0, end:] - ref[0, end:]).max() > 1e-2
