@@ -69,7 +69,7 @@ def _pair(x, config):
     else:
       return None
   out = []
-  for v in values:      # int() in order: int(nan) -> ValueError (invalid), int(inf) -> OverflowError
+  for v in values:      # int() in order: int(nan) -> ValueError (invalid), int(inf) -> Overflow
     if isinstance(v, float) and math.isnan(v):
       return None
     if isinstance(v, float) and math.isinf(v):
@@ -205,7 +205,8 @@ _FLOAT_MAX = 1.7976931348623157e308
 
 def _gt_points(points, where):
   arr = np.asarray(points if len(points) else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
-  if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(np.abs(arr) > _GT_LIMIT):
+  if (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))
+      or np.any(np.abs(arr) > _GT_LIMIT)):
     raise ValueError(f"ground-truth cognitive map {where}: coordinates must be integers within "
                      f"+-{_GT_LIMIT}, got {points!r}")
   return arr.astype(np.int64)
@@ -313,7 +314,7 @@ def _kernel(pred_xy, pred_ok, pred_n, gt_xy, gt_ok, gt_n, grid_size):
 
 
 def scores(items, config, where):
-  """Scores of a list of MapItem: (float32[N] score, bool[N] error) with error = reference raises."""
+  """Scores of a list of MapItem: (float32[N] score, bool[N] error: the reference raises)."""
   if not items:
     return np.zeros(0, np.float32), np.zeros(0, bool)
   arrays, pred_keys, pred_points, overflow = _pack(items, where)

@@ -6,8 +6,8 @@ SG_RLVR_trainer.py at OuyangKun10/SpaceR b623af5:
   L633-643  A = (R - mean_G R) / (std_G R + 1e-4)    with torch's unbiased std (ddof = 1)
             loss_t = -(exp(logp - logp.detach()) * A - beta * kl_t),   beta = 0.04
             loss = mean_i( sum_t loss_t m_t / sum_t m_t )    (token mean per sequence, then mean)
-Variants (each behind a field of GRPOConfig): PPO clipping with epsilon / epsilon_high against stored
-old log-probs (mu > 1 updates per batch), loss aggregation token-mean and Dr. GRPO's
+Variants (each behind a field of GRPOConfig): PPO clipping with epsilon / epsilon_high against
+stored old log-probs (mu > 1 updates per batch), loss aggregation token-mean and Dr. GRPO's
 seq-mean-token-sum-norm, reward scaling by the batch std or not at all, GSPO's sequence-level
 importance ratio, and beta = 0 (no reference model).
 

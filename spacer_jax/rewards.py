@@ -1,30 +1,33 @@
 """SpaceR rewards: host parsing of completions, vectorised jnp scoring over the B*G completions.
 
 Reproduces SG-RLVR.py `accuracy_reward` / `format_reward`, extract_map.py `extract_map_data` /
-`calculate_prediction_score` and the reward arithmetic of SG_RLVR_trainer.py (temporal and length bonus)
-at OuyangKun10/SpaceR b623af5 (spec spacer.md section 4), quirks included. Each fix the spec flags in
-section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the original behaviour.
+`calculate_prediction_score` and the reward arithmetic of SG_RLVR_trainer.py (temporal and length
+bonus) at OuyangKun10/SpaceR b623af5 (spec spacer.md section 4), quirks included. Each fix the spec
+flags in section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the original
+behaviour.
 
 Split (STYLE 3.9): everything that reads text runs on the host (tag extraction, number parsing, the
 map literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring
-(map greedy matching, word error rate, ROUGE-1/2/L, the map-bonus logic, temporal and length bonuses,
-totals) is jnp over [B*G]. Map parsing/scoring live in cogmap.py, WER/ROUGE in text_metrics.py; this
-module holds the public API, the config, number parsing and the batch assembly. Two deliberate exceptions, both numeric comparisons that the spec requires
-in float64: the MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so a relative
-error of exactly 0.1 passes; float32 cannot tell 0.1 from 0.10000001) and the regression score
-(`(|p-g| + 1e-9) / (|g| + 1e-9)`, whose 1e-9 vanishes in float32). Those are vectorised NumPy float64
-on the host and enter the jnp part as float32 values.
+(map greedy matching, word error rate, ROUGE-1/2/L, the map-bonus logic, temporal and length
+bonuses, totals) is jnp over [B*G]. Two deliberate exceptions, both numeric comparisons that the
+spec requires in float64: the MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so
+a relative error of exactly 0.1 passes; float32 cannot tell 0.1 from 0.10000001) and the regression
+score (`(|p-g| + 1e-9) / (|g| + 1e-9)`, whose 1e-9 vanishes in float32). Those are vectorised NumPy
+float64 on the host and enter the jnp part as float32 values.
 
-Where the original raises inside the reward (caught by its blanket `except: reward = 0`), this module
-detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
+Map parsing and scoring live in cogmap.py, WER and ROUGE in text_metrics.py; this module holds the
+public API, the config, number parsing and the batch assembly.
+
+Where the original raises inside the reward (caught by its blanket `except: reward = 0`), this
+module detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
 
 Deviations (all outside what the reference can produce on sane input):
-* ROUGE uses the original Porter (1980) stemmer (text_metrics.py), not NLTK's `NLTK_EXTENSIONS`
-  mode that `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "ties").
-  ROUGE and map scores are float32 (differences from the float64 reference are ~1e-7).
-* A map string longer than `RewardConfig.max_literal_chars`, nested deeper than
-  `max_literal_depth` or with more than `max_literal_nodes` AST nodes is treated as "not a literal"
-  (the reference would evaluate it); the positional fallback then reads it as usual.
+* ROUGE uses the original Porter (1980) stemmer (text_metrics.py), not NLTK's `NLTK_EXTENSIONS` mode
+  that `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "ties"). ROUGE
+  and map scores are float32 (differences from the float64 reference are ~1e-7).
+* A map string longer than `RewardConfig.max_literal_chars`, nested deeper than `max_literal_depth`
+  or with more than `max_literal_nodes` AST nodes is treated as "not a literal" (the reference would
+  evaluate it); the positional fallback then reads it as usual.
 * Ground-truth map coordinates must be integers within +-4096 (ValueError otherwise); predicted
   coordinates are clipped to +-8192 before scoring, which cannot change a score (such points are far
   beyond the grid diagonal and are matched after every scoring pair).
@@ -65,8 +68,8 @@ class RewardConfig:
   # the answer) into a full score of 1.0. Fix: NaN scores 0.
   use_nan_fix: bool = False
   # Map coordinates that overflow a float (e.g. 1e400 or a 400-digit number) raise OverflowError in
-  # the reference: in a dict literal it silently falls back to the positional parser, in the positional
-  # parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is simply invalid.
+  # the reference: in a dict literal it silently falls back to the positional parser, in the
+  # positional parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is invalid.
   use_overflow_fix: bool = False
   grid_size: int = 10
   temporal_alpha: float = 0.3        # SG_RLVR_trainer.py: + 0.3 ...
@@ -161,7 +164,8 @@ def format_reward(completions):
 # ------------------------------------------------------------------------------------------------
 _NUMBER_WORDS = (
     ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5"), ("six", "6"),
-    ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"), ("eleven", "11"), ("twelve", "12"),
+    ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"), ("eleven", "11"),
+    ("twelve", "12"),
     ("thirteen", "13"), ("fourteen", "14"), ("fifteen", "15"), ("sixteen", "16"),
     ("seventeen", "17"), ("eighteen", "18"), ("nineteen", "19"), ("twenty", "20"),
     ("thirty", "30"), ("forty", "40"), ("fifty", "50"), ("sixty", "60"), ("seventy", "70"),
@@ -172,7 +176,8 @@ _TENS = "twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety"
 _UNITS = "one|two|three|four|five|six|seven|eight|nine"
 _FIRST_NUMBER = re.compile(
     r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?"
-    rf"|\b(?:{_TENS})[- ](?:{_UNITS})\b|\b(?:" + "|".join(w for w, _ in _NUMBER_WORDS[:-2]) + r")\b")
+    rf"|\b(?:{_TENS})[- ](?:{_UNITS})\b"
+    r"|\b(?:" + "|".join(w for w, _ in _NUMBER_WORDS[:-2]) + r")\b")
 _WORD_VALUE = dict(_NUMBER_WORDS)
 
 
@@ -279,8 +284,8 @@ def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFA
     pred_map, gt_map: dicts category -> list of [x, y] (or equal-length sequences of such dicts).
   Returns:
     a float for dicts, float32[N] for sequences. Where the reference raises (empty GT map with a
-    non-empty prediction, a coordinate overflowing a float) this raises TypeError / OverflowError for
-    dicts and gives NaN in arrays, unless the matching fix is on.
+    non-empty prediction, a coordinate overflowing a float) this raises TypeError / OverflowError
+    for dicts and gives NaN in arrays, unless the matching fix is on.
   """
   scalar = isinstance(pred_map, dict)
   preds, gts = ([pred_map], [gt_map]) if scalar else (list(pred_map), list(gt_map))
@@ -458,8 +463,8 @@ def _bonuses(acc, fmt, lengths, shuffled, temporal_on, group_size, config):
   """Temporal and length bonuses and the total, per group of G. All [B*G] except shuffled [B, S]."""
   a = acc.reshape(-1, group_size)
   correct = a > config.bonus_threshold
-  # Temporal (T-GRPO): + alpha to every "correct" completion if the ordered-frame accuracy mean is at
-  # least mu times the shuffled-frame mean. Both means include map bonuses (spec 4.6, 4.9.8).
+  # Temporal (T-GRPO): + alpha to every "correct" completion if the ordered-frame accuracy mean is
+  # at least mu times the shuffled-frame mean. Both means include map bonuses (spec 4.6, 4.9.8).
   passed = a.mean(1) >= config.temporal_mu * shuffled.mean(1)
   flag = temporal_on & passed
   temporal = jnp.where(flag[:, None] & correct, config.temporal_alpha, 0.0)
@@ -497,7 +502,8 @@ def compute_rewards(completions, examples, completion_lengths, group_size,
     completion_lengths: int[B*G] completion tokens up to and including the first <|im_end|>.
     group_size: G.
     shuffled_accuracy: None (no temporal bonus), or float[B, S] / float[B*S] accuracy rewards of the
-      shuffled-frame completions (from `accuracy_reward`); only groups with data_type "video" use it.
+      shuffled-frame completions (from `accuracy_reward`); only groups with data_type "video" use
+      it.
   Returns:
     (components, counters): components maps "format", "accuracy" (incl. map bonus), "accuracy_base",
     "map", "map_scored", "temporal", "length", "temporal_flag" and "total" to float32[B*G] NumPy

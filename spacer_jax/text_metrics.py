@@ -163,7 +163,7 @@ def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
     tt = (t[:, :, None] == t[:, None, :]) & t_ok[:, :, None] & t_ok[:, None, :]
     c_t = tt.sum(-1)                                                     # count of t_i in target
     c_p = ((t[:, :, None] == p[:, None, :]) & p_ok[:, None, :]).sum(-1)  # count of t_i in pred
-    first = t_ok & ~jnp.any(jnp.tril(tt, -1), -1)                        # first occurrence of a type
+    first = t_ok & ~jnp.any(jnp.tril(tt, -1), -1)                 # first occurrence of a type
     return jnp.where(first, jnp.minimum(c_t, c_p), 0).sum(-1)
 
   def fmeasure(hit, t_len, p_len):

@@ -1,5 +1,6 @@
-"""Tests for spacer_jax.grpo: NumPy golden port of SG_RLVR_trainer.py L551-552 / L633-643, gradient
-properties (zero advantages, masking, analytic and finite-difference gradients) and every variant."""
+"""Tests for spacer_jax.grpo: NumPy golden port of SG_RLVR_trainer.py L551-552 / L633-643,
+gradient properties (zero advantages, masking, analytic and finite-difference gradients) and every
+variant."""
 
 import dataclasses
 
