@@ -275,7 +275,7 @@ def _eval_config(model_dir, data_dir, protocol="spacer"):
   return c
 
 
-def _check_outputs(workdir, protocol, num_records, skipped):
+def _check_outputs(workdir, protocol, num_records, skipped, num_videos=None):
   preds = [json.loads(l) for l in open(os.path.join(workdir, "predictions.jsonl"))]
   metrics = json.load(open(os.path.join(workdir, "metrics.json")))
   table = open(os.path.join(workdir, "table.md")).read()
@@ -288,7 +288,8 @@ def _check_outputs(workdir, protocol, num_records, skipped):
   assert metrics["overall"] == pytest.approx(100 * agg["overall"])
   assert metrics["tasks"] == pytest.approx({k: 100 * v for k, v in agg["tasks"].items()})
   assert metrics["num_scored"] == len(preds) and metrics["num_records"] == num_records
-  assert len(metrics["skipped"]) == (1 if skipped else 0) and metrics["num_skipped"] == skipped
+  assert len(metrics["skipped"]) == (num_videos if skipped else 0)
+  assert metrics["num_skipped"] == skipped
   assert table.startswith("| Model | Avg | Obj.Count |")
   return preds, metrics, table
 
@@ -340,12 +341,20 @@ def test_end_to_end_resume_and_missing_video(tiny_setup):
   gone = vsibench.video_path(data2, records[0])
   os.remove(gone)
   lost = sum(r["scene_name"] == records[0]["scene_name"] for r in records)
+  # ... and an unreadable one (not an mp4) is skipped the same way, with the decoder's reason.
+  other = next(r for r in records if r["scene_name"] != records[0]["scene_name"])
+  broken = vsibench.video_path(data2, other)
+  with open(broken, "wb") as f:
+    f.write(b"not a video")
+  lost_broken = sum(r["scene_name"] == other["scene_name"] for r in records)
   out = str(root / "missing")
   res = evaluate.evaluate(_eval_config(model_dir, data2, "official"), out)
-  _, _, table = _check_outputs(out, "official", n, lost)
-  assert res["skipped"] == {gone: "missing"} and res["num_skipped"] == lost
-  assert f"Skipped {lost} question(s) on 1 missing or unreadable video(s): {gone} (missing)" in table
-  assert f"Scored {n - lost} of {n} questions" in table
+  _, _, table = _check_outputs(out, "official", n, lost + lost_broken, num_videos=2)
+  assert res["skipped"][gone] == "missing" and res["skipped"][broken].startswith("unreadable")
+  assert res["num_skipped"] == lost + lost_broken
+  assert (f"Skipped {lost + lost_broken} question(s) on 2 missing or unreadable video(s): "
+          f"{gone} (missing), {broken} (unreadable") in table
+  assert f"Scored {n - lost - lost_broken} of {n} questions" in table
 
   # 5. A Qwen2.5-VL config.json whose weights have other shapes: the strict loader names the keys.
   wrong = root / "wrong_shapes"
