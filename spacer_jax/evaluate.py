@@ -48,10 +48,6 @@ from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 from spacer_jax.data import video as video_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval_vsibench.py[:args]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).")
-
 QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 
 # Defaults of the two protocols (spec 7.1-7.2): official greedy 16 tokens; SpaceR-Eval "thinking" 1024.
@@ -421,14 +417,18 @@ def evaluate(config, workdir):
 
 def main(argv):
   del argv
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  evaluate(_CONFIG.value, _WORKDIR.value)
-  with open(os.path.join(_WORKDIR.value, "table.md")) as f:
+  workdir = flags.FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  evaluate(flags.FLAGS.config, workdir)
+  with open(os.path.join(workdir, "table.md")) as f:
     print(f.read())
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  # Flags are defined only when run as a program: train.py imports this module for `run` and defines
+  # its own --config/--workdir.
+  config_flags.DEFINE_config_file("config", None, "configs/eval_vsibench.py[:args]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -366,6 +366,15 @@ def test_end_to_end_resume_and_missing_video(tiny_setup):
     evaluate.load_model(str(wrong), dtype="float32")
 
 
+def test_importing_defines_no_flags():
+  """train.py imports evaluate for `run` and defines --config/--workdir itself."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top,unused-import
+  for name in ("config", "workdir"):
+    if name in flags.FLAGS:
+      assert flags.FLAGS.find_module_defining_flag(name) != evaluate.__name__
+
+
 def test_clear_errors(tmp_path):
   from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
   # Wrong architecture: refused before any weight is read.
