@@ -199,6 +199,18 @@ def make_batch(items, tokenizer, protocol, batch_size, buckets):
       second_per_grid_ts=np.asarray([vis.second_per_grid_t for _, vis in items], np.float32))
 
 
+def check_tokenizer(tokenizer, cfg):
+  """Raises when the tokenizer's special ids are not the model's (a wrong tokenizer_dir)."""
+  bad = [f"{name}: tokenizer {getattr(tokenizer, name)} != model {getattr(cfg, name)}"
+         for name in ("video_token_id", "vision_start_token_id", "vision_end_token_id")
+         if getattr(tokenizer, name) != getattr(cfg, name)]
+  if tokenizer.vocab_size > cfg.vocab_size:
+    bad.append(f"vocab_size: tokenizer {tokenizer.vocab_size} > model {cfg.vocab_size}")
+  if bad:
+    raise ValueError("the tokenizer does not match the model (check config.tokenizer_dir): "
+                     + "; ".join(bad))
+
+
 def find_videos(data_dir, records, allow_missing_videos=True):
   """Splits records by whether their video exists -> (present records, {missing path: "missing"}).
 
@@ -239,9 +251,12 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
 
   The trainer calls this every `eval_every_steps` with its current weights:
     scores = evaluate.run(model, tokenizer, data_dir=heldout_dir, protocol="spacer",
-                          max_new_tokens=256, batch_size=8, params=nnx.state(model) or None,
-                          workdir=f"{workdir}/eval/step_{step}" or None, progress=False)
+                          max_new_tokens=256, batch_size=8, mesh=mesh,
+                          params=tree_utils.to_state(state["params"], paths),
+                          workdir=f"{workdir}/eval/step_{step}", progress=False)
     writer.write_scalars(step, evaluate.scalars(scores, prefix="eval/"))
+  (`workdir=None` keeps nothing on disk.) One process: rows are sharded over the local devices of
+  `mesh`; multi-host evaluation is not implemented.
 
   Args:
     model: a `qwen2_5_vl.Qwen2_5_VL` (its graph; weights from `params` if given).
@@ -284,6 +299,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   present, skipped = find_videos(data_dir, records, allow_missing_videos)
   num_skipped = len(records) - len(present)  # questions on skipped videos
 
+  check_tokenizer(tokenizer, model.config)
   preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
            if workdir else None)
   done = dict(preds.done) if preds else {}
@@ -397,10 +413,11 @@ def evaluate(config, workdir):
   find_videos(config.data_dir, records, config.allow_missing_videos)
   mesh = sharding.make_mesh(config_lib.MESH_PRESETS[config.mesh])
   rules = config_lib.SHARDING_PRESETS[config.mesh]
-  # load_hf places every tensor on the mesh itself (outside set_mesh: its eval_shape would read the
-  # logical names as mesh axes). Generation runs under the mesh; rows are sharded by the sampler and
-  # XLA gathers the FSDP-sharded weights. No logical rules for activations: layers.constrain does
-  # not drop a mesh axis used twice (batch->(data, fsdp) and embed->fsdp in FSDP_RULES).
+  # load_model places every tensor straight into its shard (outside set_mesh: nnx.eval_shape under a
+  # mesh would read the logical names as mesh axes). Generation runs under the mesh; the sampler
+  # shards rows over data/fsdp and XLA gathers the FSDP-sharded weights. No logical rules for
+  # activations: layers.constrain does not drop a mesh axis used twice (batch -> (data, fsdp) and
+  # embed -> fsdp in FSDP_RULES).
   model = load_model(config.model_dir, dtype=config.dtype, mesh=mesh, rules=rules)
   tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_dir or config.model_dir)
   with jax.set_mesh(mesh):

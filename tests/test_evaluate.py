@@ -444,6 +444,13 @@ def test_trainer_checkpoint(tmp_path, tiny_setup):
   emb = sharded.model.embed_tokens.weight.get_value()
   assert emb.sharding.mesh.shape["fsdp"] == 8
   np.testing.assert_array_equal(np.asarray(emb), np.asarray(flat["model.embed_tokens.weight"] + 1.0))
+  # A tokenizer of another model is refused.
+  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
+  from spacer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_tokenizer(model_dir)
+  evaluate.check_tokenizer(tok, restored.config)
+  with pytest.raises(ValueError, match=r"video_token_id: tokenizer \d+ != model 121"):
+    evaluate.check_tokenizer(tok, qwen2_5_vl.tiny(vocab_size=2000))
   # Neither layout: a clear error naming both.
   with pytest.raises(FileNotFoundError, match="neither an HF checkpoint"):
     evaluate.load_model(str(tmp_path))
