@@ -91,27 +91,29 @@ def _pair_list(v, config):
   return pairs, False
 
 
+_NON_BRACKET = re.compile(r"[^()\[\]{}]+")
+
+
 def _safe_literal(text: str, config):
-  """ast.literal_eval with size/depth/node limits; (value, ok). Never evaluates code."""
+  """ast.literal_eval with size and nesting limits; (value, ok). Never evaluates code.
+
+  The length limit also bounds the number of AST nodes (each takes at least one character, plus
+  one context node), so memory and time are linear in max_literal_chars.
+  """
   if len(text) > config.max_literal_chars:
     return None, False
-  depth = max_depth = 0
-  for ch in text:       # bracket depth, strings included: over-counting only rejects more
-    if ch in "([{":
-      depth += 1
-      max_depth = max(max_depth, depth)
-    elif ch in ")]}":
-      depth -= 1
-  if max_depth > config.max_literal_depth:
-    return None, False
+  # Bracket depth, brackets inside strings included: over-counting only rejects more.
+  brackets = np.frombuffer(_NON_BRACKET.sub("", text).encode("ascii"), np.uint8)
+  if len(brackets) > config.max_literal_depth:
+    opening = (brackets == ord("(")) | (brackets == ord("[")) | (brackets == ord("{"))
+    if np.cumsum(np.where(opening, 1, -1)).max() > config.max_literal_depth:
+      return None, False
   try:
     with warnings.catch_warnings():      # model output is full of "invalid decimal literal" etc.
       warnings.simplefilter("ignore", SyntaxWarning)
       warnings.simplefilter("ignore", DeprecationWarning)
       tree = ast.parse(text, mode="eval")
   except (SyntaxError, ValueError, MemoryError, RecursionError):
-    return None, False
-  if sum(1 for _ in ast.walk(tree)) > config.max_literal_nodes:
     return None, False
   try:
     return ast.literal_eval(tree), True
@@ -203,13 +205,17 @@ _PRED_CLIP = 8192          # |dx|, |dy| <= 16384 -> d^2 <= 2^29 fits int32 exact
 _FLOAT_MAX = 1.7976931348623157e308
 
 
+def _gt_ok(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(v) and v == int(v) and abs(v) <= _GT_LIMIT
+
+
 def _gt_points(points, where):
-  arr = np.asarray(points if len(points) else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
-  if (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))
-      or np.any(np.abs(arr) > _GT_LIMIT)):
-    raise ValueError(f"ground-truth cognitive map {where}: coordinates must be integers within "
-                     f"+-{_GT_LIMIT}, got {points!r}")
-  return arr.astype(np.int64)
+  """GT points as int64[K, 2]; ValueError naming the record unless integers within +-4096."""
+  if not all(isinstance(xy, (list, tuple)) and len(xy) == 2 and _gt_ok(xy[0]) and _gt_ok(xy[1])
+             for xy in points):
+    raise ValueError(f"ground-truth cognitive map {where}: coordinates must be [x, y] integers "
+                     f"within +-{_GT_LIMIT}, got {points!r}")
+  return np.array(points, np.int64).reshape(-1, 2)
 
 
 def _prune(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:

@@ -25,9 +25,9 @@ Deviations (all outside what the reference can produce on sane input):
 * ROUGE uses the original Porter (1980) stemmer (text_metrics.py), not NLTK's `NLTK_EXTENSIONS` mode
   that `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "ties"). ROUGE
   and map scores are float32 (differences from the float64 reference are ~1e-7).
-* A map string longer than `RewardConfig.max_literal_chars`, nested deeper than `max_literal_depth`
-  or with more than `max_literal_nodes` AST nodes is treated as "not a literal" (the reference would
-  evaluate it); the positional fallback then reads it as usual.
+* A map string longer than `RewardConfig.max_literal_chars` (100k) or with brackets nested deeper
+  than `max_literal_depth` (100) is treated as "not a literal" (the reference would evaluate it);
+  the positional fallback then reads it as usual.
 * Ground-truth map coordinates must be integers within +-4096 (ValueError otherwise); predicted
   coordinates are clipped to +-8192 before scoring, which cannot change a score (such points are far
   beyond the grid diagonal and are matched after every scoring pair).
@@ -80,7 +80,6 @@ class RewardConfig:
   # Safety limits of the map literal parser (see module docstring).
   max_literal_chars: int = 100_000
   max_literal_depth: int = 100
-  max_literal_nodes: int = 100_000
 
 
 DEFAULT = RewardConfig()
