@@ -211,6 +211,25 @@ def check_tokenizer(tokenizer, cfg):
                      + "; ".join(bad))
 
 
+def check_run_info(workdir, info):
+  """Writes {workdir}/run_info.json, or checks that an earlier run there used the same settings."""
+  path = os.path.join(workdir, "run_info.json")
+  info = json.loads(json.dumps(info))  # tuples -> lists, as they come back from the file
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+    if diff:
+      raise ValueError(
+          f"{path}: the predictions in {workdir} were made with other settings ("
+          + "; ".join(f"{k}: {old.get(k)!r} then, {info.get(k)!r} now" for k in diff)
+          + "); use another --workdir, or delete it to start over")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(info, f, indent=2)
+
+
 def find_videos(data_dir, records, allow_missing_videos=True):
   """Splits records by whether their video exists -> (present records, {missing path: "missing"}).
 
@@ -246,7 +265,7 @@ def find_videos(data_dir, records, allow_missing_videos=True):
 def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_tokens=None,
         batch_size=8, workdir=None, video_kwargs=None, prompt_buckets=prompts.DEFAULT_BUCKETS,
         mesh=None, params=None, cache_dtype=None, vision_budget=None, name="model",
-        allow_missing_videos=True, max_items=0, num_workers=2, progress=True):
+        allow_missing_videos=True, max_items=0, num_workers=2, progress=True, run_info=None):
   """Evaluates `model` on a VSI-Bench-format split; returns the scores (x100).
 
   The trainer calls this every `eval_every_steps` with its current weights:
@@ -280,6 +299,9 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
     max_items: evaluate only the first N records (0 = all); for smoke runs.
     num_workers: threads decoding the next batch's videos while the model runs.
     progress: show a tqdm progress bar.
+    run_info: extra settings identifying the run (evaluate() passes model_dir, dtype, ...). With
+      `workdir`, they are written to run_info.json together with protocol, max_new_tokens, data_dir
+      and video_kwargs; resuming with any of them changed raises instead of mixing two runs.
 
   Returns:
     dict with "overall" (float x100 or None), "tasks" {task: x100}, "per_type" {question_type: x100},
@@ -300,6 +322,9 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   num_skipped = len(records) - len(present)  # questions on skipped videos
 
   check_tokenizer(tokenizer, model.config)
+  if workdir:
+    check_run_info(workdir, dict(run_info or {}, protocol=protocol, max_new_tokens=max_new_tokens,
+                                 data_dir=os.path.abspath(data_dir), video_kwargs=video_kwargs or {}))
   preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
            if workdir else None)
   done = dict(preds.done) if preds else {}
@@ -428,7 +453,10 @@ def evaluate(config, workdir):
                  mesh=mesh, cache_dtype=config.cache_dtype or None,
                  name=config.name or os.path.basename(os.path.normpath(config.model_dir)),
                  allow_missing_videos=config.allow_missing_videos, max_items=config.max_items,
-                 num_workers=config.num_workers, progress=config.progress)
+                 num_workers=config.num_workers, progress=config.progress,
+                 run_info=dict(model_dir=os.path.abspath(config.model_dir),
+                               tokenizer_dir=config.tokenizer_dir, dtype=config.dtype,
+                               max_items=config.max_items))
   return result
 
 

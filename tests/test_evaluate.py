@@ -335,6 +335,12 @@ def test_end_to_end_resume_and_missing_video(tiny_setup):
   assert again["overall"] == result["overall"] and again["tasks"] == result["tasks"]
   assert open(os.path.join(full, "predictions.jsonl")).read() == before
 
+  # 3b. Resuming with other settings (here max_new_tokens) is refused rather than mixing runs.
+  c = _eval_config(model_dir, data_dir)
+  c.max_new_tokens = 7
+  with pytest.raises(ValueError, match=r"run_info.json.*max_new_tokens: 6 then, 7 now"):
+    evaluate.evaluate(c, full)
+
   # 4. A missing video: its questions are skipped, counted and named in the table's footer.
   data2 = str(root / "data_missing")
   shutil.copytree(data_dir, data2)
