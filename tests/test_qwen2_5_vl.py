@@ -320,3 +320,21 @@ def test_default_rule_differs_from_hf5_after_video(tiny_hf):
   end = int(np.nonzero(ids[0] == model.config.vision_end_token_id)[0][0])
   np.testing.assert_allclose(ours[0, :end], ref[0, :end], atol=ATOL_MODEL, rtol=0)
   assert np.abs(ours[0, end:] - ref[0, end:]).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# Real sizes, abstractly.
+
+PARAM_COUNTS = {"3b": 3_754_622_976, "7b": 8_292_166_656, "32b": 33_452_718_336,
+                "72b": 73_410_777_344}  # transformers' counts (issue 2, spec §1.2)
+
+
+@pytest.mark.parametrize("size", list(PARAM_COUNTS))
+def test_eval_shape_param_count(size):
+  cfg = getattr(qwen2_5_vl, f"qwen2p5_vl_{size}")()
+  model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0),
+                                                       param_dtype=jnp.bfloat16))
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  assert sum(int(np.prod(v.get_value().shape)) for _, v in params) == PARAM_COUNTS[size]
+  assert all(v.get_metadata().get("out_sharding") is not None for _, v in params)
+  assert (model.lm_head is None) == (size == "3b")

@@ -298,6 +298,7 @@ class Qwen2_5_VL(nnx.Module):
   def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
     self.config = cfg
+    rngs = layers.key_seq(rngs)
     self.dtype = dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.visual = vision.VisionTransformer(cfg, **kw)

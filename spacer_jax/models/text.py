@@ -123,6 +123,7 @@ class Qwen2Model(nnx.Module):
   """Mirrors transformers `Qwen2_5_VLTextModel` (transformers==5.24): embed_tokens, layers, norm."""
 
   def __init__(self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    rngs = layers.key_seq(rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
     self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta

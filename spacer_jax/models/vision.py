@@ -146,6 +146,7 @@ class VisionTransformer(nnx.Module):
   """Mirrors transformers `Qwen2_5_VisionTransformerPretrainedModel` (transformers==5.24)."""
 
   def __init__(self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    rngs = layers.key_seq(rngs)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
     self.head_dim = cfg.vision_hidden_size // cfg.vision_num_heads
