@@ -22,9 +22,8 @@ Where the original raises inside the reward (caught by its blanket `except: rewa
 module detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
 
 Deviations (all outside what the reference can produce on sane input):
-* ROUGE uses the original Porter (1980) stemmer (text_metrics.py), not NLTK's `NLTK_EXTENSIONS` mode
-  that `rouge_score` uses; the two differ on a few irregular words ("dying", "skies", "ties"). ROUGE
-  and map scores are float32 (differences from the float64 reference are ~1e-7).
+* ROUGE and map scores are float32 (differences from the float64 reference are ~1e-7). ROUGE uses
+  our own port of NLTK's Porter stemmer (text_metrics.py), so neither nltk nor rouge_score is needed.
 * A map string longer than `RewardConfig.max_literal_chars` (100k) or with brackets nested deeper
   than `max_literal_depth` (100) is treated as "not a literal" (the reference would evaluate it);
   the positional fallback then reads it as usual.

@@ -5,9 +5,9 @@ RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True) F-measures. The ho
 integer ids (and bigrams into bigram ids); the scoring is jnp over padded [N, L] id arrays. Padded
 shapes are powers of two, so a training run compiles each kernel for a handful of shapes only.
 
-Deviation: the stemmer is the original Porter (1980) algorithm written here; rouge_score uses NLTK's
-PorterStemmer in its default NLTK_EXTENSIONS mode, which differs on a few irregular words ("dying",
-"lying", "skies", "ties", "news"). Scores are float32 (~1e-7 from the float64 reference).
+The stemmer is written here to match NLTK's PorterStemmer in its default NLTK_EXTENSIONS mode (what
+rouge_score uses), so there is no nltk dependency. Scores are float32 (~1e-7 from the float64
+reference).
 """
 
 import re
@@ -71,45 +71,66 @@ def wer_accuracy(refs, hyps):
 _ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
+# NLTK_EXTENSIONS irregular forms (the table rouge_score's stemmer consults first).
+_PORTER_IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie",
+                     "news": "news", "innings": "inning", "inning": "inning", "outings": "outing",
+                     "outing": "outing", "cannings": "canning", "canning": "canning",
+                     "howe": "howe", "proceed": "proceed", "exceed": "exceed", "succeed": "succeed"}
+_STEP2 = (("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
+          ("izer", "ize"), ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"),
+          ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"),
+          ("iveness", "ive"), ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"),
+          ("iviti", "ive"), ("biliti", "ble"), ("fulli", "ful"))
+_STEP3 = (("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"),
+          ("ful", ""), ("ness", ""))
+_STEP4 = ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion",
+          "ou", "ism", "ate", "iti", "ous", "ive", "ize")
+
+
 def porter_stem(w: str) -> str:
-  """The original Porter (1980) stemmer (rouge_score applies it to tokens longer than 3)."""
+  """Porter stemmer with NLTK's default NLTK_EXTENSIONS, the one rouge_score's tokenizer uses.
+
+  Steps 1a-5b of Porter (1980) plus NLTK's additions: the irregular-forms table, "ies"/"ied" on
+  4-letter words, y -> i only after a consonant, the "alli", "bli", "fulli" and "logi" rules and
+  two-letter vowel-consonant stems counting as cvc. Expects a lowercase word.
+  """
   def cons(s, i):
     if s[i] in "aeiou":
       return False
-    return not (s[i] == "y" and i > 0 and cons(s, i - 1)) if s[i] == "y" else True
+    return True if s[i] != "y" else i == 0 or not cons(s, i - 1)
 
   def measure(s):
-    forms = "".join("c" if cons(s, i) else "v" for i in range(len(s)))
-    return len(re.findall(r"v+c+", forms))
+    return len(re.findall(r"v+c+", "".join("c" if cons(s, i) else "v" for i in range(len(s)))))
 
   def has_vowel(s):
     return any(not cons(s, i) for i in range(len(s)))
 
   def cvc(s):
+    if len(s) == 2:
+      return not cons(s, 0) and cons(s, 1)
     return (len(s) >= 3 and cons(s, len(s) - 3) and not cons(s, len(s) - 2)
             and cons(s, len(s) - 1) and s[-1] not in "wxy")
 
-  def double_c(s):
-    return len(s) >= 2 and s[-1] == s[-2] and cons(s, len(s) - 1)
-
-  def replace(s, rules, min_m):
+  def first_rule(s, rules, condition):
+    """The first rule whose suffix matches applies if its condition holds; no other is tried."""
     for suf, rep in rules:
       if s.endswith(suf):
-        stem = s[:len(s) - len(suf)]
-        return stem + rep if measure(stem) > min_m else s
+        return s[:len(s) - len(suf)] + rep if condition(s[:len(s) - len(suf)], suf) else s
     return s
 
+  if w in _PORTER_IRREGULAR:
+    return _PORTER_IRREGULAR[w]
   if len(w) <= 2:
     return w
-  if w.endswith("sses"):
-    w = w[:-2]
-  elif w.endswith("ies"):
-    w = w[:-2]
-  elif w.endswith("ss"):
-    pass
-  elif w.endswith("s"):
+  # Step 1a.
+  if w.endswith("ies") and len(w) == 4:
     w = w[:-1]
-  if w.endswith("eed"):
+  else:
+    w = first_rule(w, (("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")), lambda *_: True)
+  # Step 1b.
+  if w.endswith("ied"):
+    w = w[:-1] if len(w) == 4 else w[:-2]
+  elif w.endswith("eed"):
     if measure(w[:-3]) > 0:
       w = w[:-1]
   else:
@@ -118,32 +139,32 @@ def porter_stem(w: str) -> str:
         w = w[:-len(suf)]
         if w.endswith(("at", "bl", "iz")):
           w += "e"
-        elif double_c(w) and w[-1] not in "lsz":
-          w = w[:-1]
+        elif len(w) >= 2 and w[-1] == w[-2] and cons(w, len(w) - 1):
+          if w[-1] not in "lsz":
+            w = w[:-1]
         elif measure(w) == 1 and cvc(w):
           w += "e"
         break
-  if w.endswith("y") and has_vowel(w[:-1]):
+  # Step 1c.
+  if w.endswith("y") and len(w) > 2 and cons(w, len(w) - 2):
     w = w[:-1] + "i"
-  w = replace(w, (("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
-                  ("izer", "ize"), ("abli", "able"), ("alli", "al"), ("entli", "ent"),
-                  ("eli", "e"), ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"),
-                  ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
-                  ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")), 0)
-  w = replace(w, (("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"),
-                  ("ical", "ic"), ("ful", ""), ("ness", "")), 0)
-  for suf in ("ement", "ment", "ent", "al", "ance", "ence", "er", "ic", "able", "ible", "ant",
-              "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize"):
-    if w.endswith(suf):
-      stem = w[:-len(suf)]
-      if measure(stem) > 1 and (suf != "ion" or stem.endswith(("s", "t"))):
-        w = stem
-      break
+  # Step 2.
+  if w.endswith("alli") and measure(w[:-4]) > 0:
+    w = w[:-2]
+    w = first_rule(w, _STEP2, lambda stem, _: measure(stem) > 0)
+  else:
+    w = first_rule(w, _STEP2 + (("logi", "log"),),
+                   lambda stem, suf: measure(stem + "l" if suf == "logi" else stem) > 0)
+  # Steps 3 and 4.
+  w = first_rule(w, _STEP3, lambda stem, _: measure(stem) > 0)
+  w = first_rule(w, tuple((suf, "") for suf in _STEP4),
+                 lambda stem, suf: measure(stem) > 1 and (suf != "ion" or stem[-1:] in ("s", "t")))
+  # Step 5.
   if w.endswith("e"):
     m = measure(w[:-1])
     if m > 1 or (m == 1 and not cvc(w[:-1])):
       w = w[:-1]
-  if measure(w) > 1 and double_c(w) and w.endswith("l"):
+  if w.endswith("ll") and measure(w[:-1]) > 1:
     w = w[:-1]
   return w
 
