@@ -332,21 +332,31 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   sampler = sampling.Sampler(model, temperature=0.0, mesh=mesh, cache_dtype=cache_dtype,
                              vision_budget=vision_budget)
 
-  def load(rec):
-    path = vsibench.video_path(data_dir, rec)
-    vis, reason = _load_video(path, video_kwargs)
-    return rec, path, vis, reason
-
+  # Questions are grouped by video (VSI-Bench asks ~18 questions per scene), so each video is
+  # decoded once per batch that uses it and the decoded clip is shared by its questions.
+  todo.sort(key=lambda rec: vsibench.video_path(data_dir, rec))
   bar = tqdm.tqdm(total=len(present), initial=len(present) - len(todo), desc=f"VSI-Bench {name}",
                   unit="q", disable=not progress, dynamic_ncols=True)
   chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+
+  def submit(pool, chunk, previous):
+    """{video path: future} for a chunk, reusing the previous chunk's futures."""
+    futures = {}
+    for rec in chunk:
+      path = vsibench.video_path(data_dir, rec)
+      if path not in futures:
+        futures[path] = previous.get(path) or pool.submit(_load_video, path, video_kwargs)
+    return futures
+
   try:
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-      pending = [pool.submit(load, r) for r in chunks[0]] if chunks else []
+      pending = submit(pool, chunks[0], {}) if chunks else {}
       for i in range(len(chunks)):
-        loaded = [f.result() for f in pending]
+        current = pending
         # Decode the next batch's videos while this one runs on the device.
-        pending = [pool.submit(load, r) for r in chunks[i + 1]] if i + 1 < len(chunks) else []
+        pending = submit(pool, chunks[i + 1], current) if i + 1 < len(chunks) else {}
+        loaded = [(rec, path, *current[path].result())
+                  for rec in chunks[i] for path in [vsibench.video_path(data_dir, rec)]]
         items = []
         for rec, path, vis, reason in loaded:
           if vis is None:

@@ -295,7 +295,7 @@ def _check_outputs(workdir, protocol, num_records, skipped, num_videos=None):
 
 
 @pytest.mark.slow
-def test_end_to_end_resume_and_missing_video(tiny_setup):
+def test_end_to_end_resume_and_missing_video(tiny_setup, monkeypatch):
   import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -304,9 +304,15 @@ def test_end_to_end_resume_and_missing_video(tiny_setup):
   records = vsibench.load_records(data_dir)
   n = len(records)
 
-  # 1. Full run in-process.
+  # 1. Full run in-process. Each video is decoded once, however many questions it holds.
   full = str(root / "full")
+  decoded = []
+  load_video = evaluate._load_video  # pylint: disable=protected-access
+  monkeypatch.setattr(evaluate, "_load_video",
+                      lambda path, kw: decoded.append(path) or load_video(path, kw))
   result = evaluate.evaluate(_eval_config(model_dir, data_dir), full)
+  monkeypatch.undo()
+  assert sorted(decoded) == sorted({vsibench.video_path(data_dir, r) for r in records})
   preds, metrics, _ = _check_outputs(full, "spacer", n, 0)
   assert result["overall"] == metrics["overall"]
 
