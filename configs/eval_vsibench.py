@@ -23,8 +23,10 @@ at {data_dir}/{dataset}/{scene_name}.mp4. Outputs in --workdir: predictions.json
 the same command after a kill), metrics.json, table.md (the paper's columns).
 
 Arguments after the colon: protocol=spacer|official, demo (flag), demo_workdir=DIR.
-Frames: SpaceR-Eval samples up to 32 frames at 1 fps with the long side <= 448 px (448x336 = 150,528
-pixels per frame); `video` below reproduces the budget through this project's video path.
+Frames: the spacer protocol reproduces SpaceR-Eval's (up to 32 at 1 fps, long side 448 with the
+reference's width/height swap: 640x480 -> 336x448, 3,072 visual tokens); set
+--config.video.swap_hw=False for the intended aspect-preserving resize, or
+--config.video.sampler=pipeline for the training video path (used by the official protocol).
 """
 
 import ml_collections
@@ -54,9 +56,12 @@ def get_config(arg=None):
   c.cache_dtype = ""      # "" = dtype.
   c.mesh = "fsdp"         # config_lib.MESH_PRESETS / SHARDING_PRESETS key.
   c.prompt_buckets = (512, 1024, 2048, 4096, 8192)
+  # spacer_eval: SpaceR-Eval's frames (<= 32 at 1 fps, long side 448 with its width/height swap,
+  # then qwen-vl-utils' image budget 3,136..200,704 pixels). pipeline: the training video path.
   c.video = ml_collections.ConfigDict(dict(
-      fps=1.0, min_frames=4, max_frames=32,
-      min_pixels=4 * 28 * 28, max_pixels=448 * 336,
+      sampler="spacer_eval" if arg.protocol == "spacer" else "pipeline",
+      fps=1.0, min_frames=4, max_frames=32, max_side=448, swap_hw=True,
+      min_pixels=4 * 28 * 28, max_pixels=448 * 336 if arg.protocol == "official" else 256 * 28 * 28,
   ))
   c.name = ""             # table row label; default: basename of model_dir.
   c.allow_missing_videos = True
@@ -76,6 +81,7 @@ def get_config(arg=None):
     c.prompt_buckets = (256, 512, 1024, 2048)
     # SyntheticConfig.demo(): 4 frames of 56x56 at 2 fps; keep every frame at full size.
     c.video = ml_collections.ConfigDict(dict(
-        fps=2.0, min_frames=4, max_frames=4, min_pixels=56 * 56, max_pixels=56 * 56))
+        sampler="pipeline", fps=2.0, min_frames=4, max_frames=4, max_side=448, swap_hw=True,
+        min_pixels=56 * 56, max_pixels=56 * 56))
     c.name = "demo"
   return c

@@ -19,9 +19,9 @@ videos at `{data_dir}/{dataset}/{scene_name}.mp4`. A question whose video is mis
 decoded) is skipped, counted and listed in the table's footer; if no video exists at all the layout is
 wrong and the run stops before loading the model.
 
-Differences from SpaceR-Eval's inference kept on purpose (spec 7.1): frames come from this project's
-video path (round(linspace) indices, PIL bicubic, aspect-preserving, `config.video`), not decord with
-the width/height swap; decoding is plain greedy (no repetition penalty 1.05).
+Frames (`config.video.sampler`): "spacer_eval" reproduces SpaceR-Eval's frame selection and its
+width/height swap (spec 7.1, `load_video_spacer_eval`); "pipeline" uses this project's training video
+path. Decoding is plain greedy (SpaceR-Eval's checkpoints add a repetition penalty of 1.05).
 """
 
 import concurrent.futures
@@ -29,9 +29,11 @@ import json
 import os
 import time
 
+import av
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import tqdm
 from absl import app
 from absl import flags
@@ -168,11 +170,87 @@ def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_video(path, video_kwargs):
-  """(VisionInput, None) or (None, reason) for one video file."""
-  kw = dict(video_kwargs or {})
-  read_kwargs = {k: kw.pop(k) for k in ("fps", "min_frames", "max_frames", "nframes") if k in kw}
+def spacer_eval_frame_indices(total_frames, avg_fps, *, fps=1.0, max_frames=32):
+  """SpaceR-Eval's frame indices: k = max(1, min(max_frames, int(int(T / avg_fps) * fps))) at
+  np.linspace(0, T - 1, k, dtype=int) (truncation, not rounding)."""
+  k = max(1, min(int(max_frames), int(int(total_frames / avg_fps) * fps)))
+  return np.linspace(0, total_frames - 1, k).astype(np.int64)
+
+
+def load_video_spacer_eval(path, *, fps=1.0, max_frames=32, max_side=448, swap_hw=True,
+                           min_pixels=video_lib.MIN_PIXELS, max_pixels=video_lib.MAX_PIXELS):
+  """SpaceR-Eval's frames (spec 7.1, `util.load_video_frames` + qwen-vl-utils) -> VisionInput.
+
+  k = max(1, min(max_frames, int(int(T / avg_fps) * fps))) frames at int(linspace(0, T-1, k))
+  (truncation); a frame whose long side exceeds `max_side` is LANCZOS-resized to long side
+  `max_side` with width and height swapped as the reference does (640x480 W x H -> 336x448;
+  swap_hw=False gives the intended aspect-preserving 448x336); then qwen-vl-utils' image
+  smart_resize (28, min_pixels, max_pixels) per frame, an odd count padded with the last frame,
+  second_per_grid_t 1.0. Frames are taken in presentation order (decord's indexing).
+  """
+  container = None
   try:
+    if not os.path.exists(path):
+      raise video_lib.MediaError(path, "file not found")
+    container = av.open(path)
+    if not container.streams.video:
+      raise video_lib.MediaError(path, "no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    total = sum(1 for p in container.demux(stream) if p.size > 0)
+    if not rate or total == 0:
+      raise video_lib.MediaError(path, "no frames or unknown frame rate")
+    wanted = spacer_eval_frame_indices(total, float(rate), fps=fps, max_frames=max_frames)
+    container.seek(0)
+    picked, index = {}, 0
+    for frame in container.decode(stream):
+      if index in wanted:
+        picked[index] = frame.to_image()
+      index += 1
+      if index > wanted[-1]:
+        break
+  except av.FFmpegError as e:
+    raise video_lib.MediaError(path, f"corrupt video ({type(e).__name__}: {e})") from e
+  finally:
+    if container is not None:
+      container.close()
+  missing = [int(i) for i in wanted if int(i) not in picked]
+  if missing:
+    raise video_lib.MediaError(path, f"frames {missing[:5]} could not be decoded")
+  images = []
+  for i in wanted:
+    img = picked[int(i)]
+    w, h = img.size
+    if max(w, h) > max_side:
+      scale = max_side / max(w, h)
+      size = (int(h * scale), int(w * scale)) if swap_hw else (int(w * scale), int(h * scale))
+      img = img.resize(size, PIL.Image.Resampling.LANCZOS)
+    images.append(np.asarray(img.convert("RGB")))
+  frames = np.stack(images)
+  rh, rw = video_lib.smart_resize(frames.shape[1], frames.shape[2], video_lib.IMAGE_FACTOR,
+                                  min_pixels, max_pixels)
+  pixel_values, grid_thw = video_lib.patchify(video_lib.resize_frames(frames, rh, rw))
+  return video_lib.VisionInput(pixel_values, grid_thw, video_lib.SPACER_SECOND_PER_GRID_T)
+
+
+def _load_video(path, video_kwargs):
+  """(VisionInput, None) or (None, reason) for one video file.
+
+  video_kwargs["sampler"]: "pipeline" (this project's video path: video.load_video with fps,
+  min_frames, max_frames, min_pixels, max_pixels) or "spacer_eval" (load_video_spacer_eval with fps,
+  max_frames, max_side, swap_hw, min_pixels, max_pixels).
+  """
+  kw = dict(video_kwargs or {})
+  sampler = kw.pop("sampler", "pipeline")
+  try:
+    if sampler == "spacer_eval":
+      keys = ("fps", "max_frames", "max_side", "swap_hw", "min_pixels", "max_pixels")
+      return load_video_spacer_eval(path, **{k: kw[k] for k in keys if k in kw}), None
+    if sampler != "pipeline":
+      raise ValueError(f"config.video.sampler={sampler!r}: use pipeline or spacer_eval")
+    for k in ("max_side", "swap_hw"):
+      kw.pop(k, None)
+    read_kwargs = {k: kw.pop(k) for k in ("fps", "min_frames", "max_frames", "nframes") if k in kw}
     return video_lib.load_video(path, read_kwargs=read_kwargs, **kw), None
   except video_lib.MediaError as e:
     return None, f"unreadable ({e.reason})"

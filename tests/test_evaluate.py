@@ -5,6 +5,7 @@ then an end-to-end run of spacer_jax.evaluate on a tiny random model (slow)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from spacer_jax import vsibench
@@ -242,6 +243,46 @@ def test_wrong_layout(tmp_path):
   _write_jsonl(tmp_path, [_record(0)], "b.jsonl")
   with pytest.raises(FileNotFoundError, match=r"found \['a.jsonl', 'b.jsonl'\]"):
     vsibench.load_records(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SpaceR-Eval's frames.
+
+
+@pytest.mark.parametrize(
+    "total, fps, expected",
+    [
+        (45, 10.0, [0, 14, 29, 44]),  # dur int(4.5) = 4 frames; rounding would give 15, not 14
+        (3000, 30.0, list(np.linspace(0, 2999, 32).astype(int))),  # 100 s -> capped at 32
+        (10, 30.0, [0]),  # dur int(0.33) = 0 -> at least 1 frame
+        (95, 30.0, [0, 47, 94]),  # dur 3 -> 3 frames (odd: padded later by patchify)
+    ],
+)
+def test_spacer_eval_frame_indices(total, fps, expected):
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  assert evaluate.spacer_eval_frame_indices(total, fps).tolist() == expected
+
+
+def test_load_video_spacer_eval(tmp_path):
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spacer_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
+  from spacer_jax.data.synthetic import render  # pylint: disable=g-import-not-at-top
+  # 45 flat grey frames (grey level 5 * index), 640x480 (W x H), 10 fps.
+  frames = np.repeat((5 * np.arange(45, dtype=np.uint8))[:, None, None, None], 3, axis=3)
+  frames = np.broadcast_to(frames, (45, 480, 640, 3))
+  path = str(tmp_path / "grey.mp4")
+  render.encode_mp4(frames, path, fps=10)
+  vis = evaluate.load_video_spacer_eval(path)
+  # Swapped: 640x480 -> 336 wide x 448 high; 4 frames -> 2 temporal patches.
+  assert vis.grid_thw.tolist() == [2, 448 // 14, 336 // 14] and vis.second_per_grid_t == 1.0
+  rows = vis.pixel_values.reshape(2, -1, 3, 2, 14, 14)  # [t, patches, c, tp, py, px]
+  mean, std = video_lib.IMAGE_MEAN[0], video_lib.IMAGE_STD[0]
+  grey = (rows[:, :, 0] * std + mean).mean(axis=(1, 3, 4)) * 255  # [t, tp]
+  np.testing.assert_allclose(grey.reshape(-1), [0, 70, 145, 220], atol=3)  # frames 0, 14, 29, 44
+  intended = evaluate.load_video_spacer_eval(path, swap_hw=False)
+  assert intended.grid_thw.tolist() == [2, 336 // 14, 448 // 14]
+  with pytest.raises(video_lib.MediaError, match="file not found"):
+    evaluate.load_video_spacer_eval(str(tmp_path / "absent.mp4"))
 
 
 # ---------------------------------------------------------------------------------------------------
