@@ -21,6 +21,7 @@ def get_config(arg=None):
   c.data.use_cogmap_prompt = False
   c.data.cognitive_maps = ""
   c.rewards.use_map = False
+  c.rewards.use_non_sr_map_fix = True  # Without maps, <map> tags in an answer are simply ignored.
   c.rewards.use_temporal = False
   c.rewards.use_length = False
   return config_lib.smoke(c) if a.smoke else c

@@ -128,6 +128,8 @@ def base_config(size="7b", frames=16, sharding=""):
   c.keep_ckpts = 3
   c.max_skipped_steps = 10  # Non-finite gradient steps in a row before the run stops.
   c.resume = ""  # Checkpoint dir of another run to take the full train state from.
+  c.jax_cache_dir = ""  # Persistent XLA compilation cache ("" = off); speeds up restarts.
+  c.export_hf_subdir = ""  # If set, the final weights are also written there in HF format.
   c.use_tensorboard = True
   c.use_progress_bar = True
 
@@ -149,21 +151,30 @@ def base_config(size="7b", frames=16, sharding=""):
       max_frames=frames, video_fps=2.0,
       video_min_pixels=128 * 28 * 28, video_max_pixels=128 * 28 * 28,
       image_min_pixels=4 * 28 * 28, image_max_pixels=256 * 28 * 28,
-      prompt_bucket=128, max_prompt_length=16384,
+      prompt_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384),
       use_cogmap_prompt=True, shuffle=True, num_workers=4, skip_bad_records=True,
-      synthetic_num_records=512))
+      synthetic_root="",  # Default: {workdir}/data/synthetic.
+      synthetic=ml_collections.ConfigDict(dict(num_scenes=256, num_eval_scenes=32,
+                                               questions_per_scene=8))))
 
   c.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=1024, temperature=1.0, top_p=0.95, top_k=50))
 
   c.grpo = ml_collections.ConfigDict(dict(
-      num_generations=8, beta=0.04, num_iterations=1, epsilon=0.2, epsilon_high=0.2,
-      loss_agg="seq_mean_token_mean", reward_scaling="group", importance="token"))
+      num_generations=8, num_iterations=1,
+      # grpo.GRPOConfig fields (defaults = SpaceR: no clipping, k3 KL with beta 0.04):
+      beta=0.04, epsilon=ml_collections.config_dict.placeholder(float),
+      epsilon_high=ml_collections.config_dict.placeholder(float),
+      loss_agg="seq_mean_token_mean", max_completion_length=ml_collections.config_dict.placeholder(int),
+      reward_scaling="group", importance_sampling="token", adv_eps=1e-4, kl_clamp=10.0))
 
   c.rewards = ml_collections.ConfigDict(dict(
-      use_map=True, use_temporal=True, temporal_alpha=0.3, temporal_mu=0.8,
-      use_length=True, length_bonus=0.2, length_min_tokens=320, length_max_tokens=512,
-      fix_article=False, fix_map_zero=False, fix_empty_gt_map=False))
+      use_map=True, use_temporal=True, use_length=True,
+      # rewards.RewardConfig fields (defaults reproduce SpaceR's quirks; spec 4.9):
+      use_article_fix=False, use_first_number_fix=False, use_zero_map_fix=False,
+      use_non_sr_map_fix=False, use_empty_gt_map_fix=False, use_nan_fix=False,
+      use_overflow_fix=False, temporal_alpha=0.3, temporal_mu=0.8, bonus_threshold=0.1,
+      length_bonus=0.2, length_range=(320, 512)))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-6, schedule="cosine", warmup_steps=0, decay_steps=0, wd=0.01, b1=0.9, b2=0.999,
@@ -200,13 +211,16 @@ def smoke(c):
   c.data.tokenizer_dir = ""
   c.data.batch_size = 2
   c.data.max_frames = 4
+  c.data.video_fps = 1.0
   c.data.video_min_pixels = 28 * 28 * 4
   c.data.video_max_pixels = 28 * 28 * 4
   c.data.image_min_pixels = 28 * 28 * 4
   c.data.image_max_pixels = 28 * 28 * 4
-  c.data.prompt_bucket = 64
+  c.data.prompt_buckets = (1024, 2048)
   c.data.num_workers = 0
-  c.data.synthetic_num_records = 16
+  c.data.synthetic.num_scenes = 4
+  c.data.synthetic.num_eval_scenes = 2
+  c.data.synthetic.questions_per_scene = 4
   c.sampling.max_new_tokens = 8
   if "grpo" in c:
     c.grpo.num_generations = 2

@@ -32,22 +32,29 @@ def split_model(model):
   Only `nnx.Param` variables are returned; a model holding other state (RNG counters, caches) raises,
   because the train step would silently drop it.
   """
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  leftover = [key_of(p) for p, _ in rest.flat_state()]
+  # No filter: the graphdef is the one sampling.Sampler gets from nnx.split(model), so the same
+  # flat params rebuild a State for either.
+  graphdef, state = nnx.split(model)
+  leftover = [key_of(p) for p, v in state.flat_state()
+              if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)]
   if leftover:
     raise ValueError(f"model has non-Param state the trainer would drop: {leftover[:5]}")
   flat, paths = {}, {}
-  for path, var in params.flat_state():
+  for path, var in state.flat_state():
     k = key_of(path)
     flat[k] = var.get_value() if isinstance(var, nnx.Variable) else var
     paths[k] = tuple(path)
   return graphdef, flat, paths
 
 
+def to_state(flat, paths):
+  """Flat `{key: array}` -> nnx.State with the model's nesting (no copies)."""
+  return nnx.State.from_flat_path([(paths[k], v) for k, v in flat.items()])
+
+
 def merge_model(graphdef, flat, paths):
   """Inverse of `split_model`: rebuilds the NNX module from the flat dict (works under jit)."""
-  state = nnx.State.from_flat_path([(paths[k], v) for k, v in flat.items()])
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, to_state(flat, paths))
 
 
 def tree_map_with_regex(fn, flat, patterns, other=None):

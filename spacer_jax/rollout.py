@@ -1,0 +1,225 @@
+"""One GRPO rollout (host code): prompts -> G samples (+ G/2 on time-shuffled frames) -> detokenise ->
+rewards -> advantages -> TrainBatch. Also the SFT batch builder (targets instead of samples).
+
+Input: a host batch of B prompts (numpy + lists), as the data pipeline yields it:
+  input_ids int[B, T] (left-padded, vision placeholders expanded), attention_mask [B, T],
+  optional pixel_values_videos float[P, 1176] + video_grid_thw int[n, 3] + second_per_grid_ts [n],
+  optional pixel_values float[P', 1176] + image_grid_thw int[n', 3],
+  optional pixel_values_videos_shuffled (same shapes as pixel_values_videos: the same frames in a
+  random time order, re-processed; the temporal bonus of spec 4.6),
+  and per-prompt lists: solution, problem_type, cognitive_map (dict or None), data_type, id
+  (plus process for SFT on reasoning traces).
+
+Output TrainBatch (numpy; the trainer puts it on the mesh). R = B*G rows, Tp prompt bucket, Tc
+completion length (= max_new_tokens):
+  prompt_ids int32[B, Tp], prompt_mask bool[B, Tp], the vision arrays and their index dicts
+  (image_vis / video_vis from qwen2_5_vl.prepare_vision_inputs), completion_ids int32[R, Tc],
+  completion_mask float32[R, Tc] (1 up to and including the stop token), attention_mask bool[R, Tp+Tc],
+  position_ids int32[R, 3, Tp+Tc] (exactly the positions the sampler used), prompt_index int32[R]
+  (row r belongs to prompt r // G), advantages float32[R], sampler_logps float32[R, Tc].
+"""
+
+import numpy as np
+
+from spacer_jax import grpo
+from spacer_jax import rewards as rewards_lib
+
+def present(batch, pixels_key, grid_key):
+  """True when the batch carries at least one image/video (the pipeline always emits the keys)."""
+  return batch.get(pixels_key) is not None and len(np.asarray(batch.get(grid_key)).reshape(-1, 3)) > 0
+
+
+def _vision_kwargs(batch, shuffled=False):
+  out = {}
+  if present(batch, "pixel_values", "image_grid_thw"):
+    out.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+  if present(batch, "pixel_values_videos", "video_grid_thw"):
+    out.update(pixel_values_videos=batch["pixel_values_videos"],
+               video_grid_thw=batch["video_grid_thw"],
+               second_per_grid_ts=batch.get("second_per_grid_ts"))
+  if shuffled and batch.get("pixel_values_videos_shuffled") is not None:
+    out["pixel_values_videos"] = batch["pixel_values_videos_shuffled"]
+  return out
+
+
+def _sample(sampler, prepared, params, *, num_samples, max_new_tokens, rng):
+  """Prefill once per prompt, decode G samples; returns host numpy (tokens, logprobs, lengths)."""
+  state = sampler.prefill(prepared, max_new_tokens=max_new_tokens, num_samples=num_samples, rng=rng,
+                          params=params)
+  state = sampler.decode(state, params=params)
+  return np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.lengths)
+
+
+def _texts(tokenizer, tokens, lengths):
+  return tokenizer.decode_batch([row[:n] for row, n in zip(tokens, lengths)],
+                                skip_special_tokens=True)
+
+
+def assemble(prepared, completion_ids, lengths, group_size):
+  """TrainBatch arrays shared by GRPO and SFT from a sampler-prepared prompt batch and completions.
+
+  Positions continue each prompt's M-RoPE ids the way the sampler does (`base_pos + k` on all three
+  streams), so the trainer's log-probs at step 0 equal the sampler's.
+  """
+  b, tp = prepared["input_ids"].shape
+  r, tc = completion_ids.shape
+  if r != b * group_size:
+    raise ValueError(f"{r} completion rows for {b} prompts x G={group_size}")
+  comp_mask = np.arange(tc)[None, :] < np.asarray(lengths)[:, None]  # [R, Tc]
+  prompt_index = np.arange(r, dtype=np.int32) // group_size
+  prompt_pos = np.asarray(prepared["position_ids"])[:, prompt_index]  # [3, R, Tp]
+  comp_pos = (np.asarray(prepared["base_pos"])[:, prompt_index, None]
+              + np.arange(tc, dtype=np.int32)[None, None, :])  # [3, R, Tc]
+  positions = np.concatenate([prompt_pos, comp_pos], axis=2).transpose(1, 0, 2)  # [R, 3, Tp+Tc]
+  attn = np.concatenate([np.asarray(prepared["attention_mask"], bool)[prompt_index], comp_mask], 1)
+  tb = {
+      "prompt_ids": np.asarray(prepared["input_ids"], np.int32),
+      "prompt_mask": np.asarray(prepared["attention_mask"], bool),
+      "completion_ids": np.asarray(completion_ids, np.int32),
+      "completion_mask": comp_mask.astype(np.float32),
+      "attention_mask": attn,
+      "position_ids": np.ascontiguousarray(positions, np.int32),
+      "prompt_index": prompt_index,
+  }
+  for k in ("pixel_values", "image_vis", "pixel_values_videos", "video_vis"):
+    if k in prepared:
+      tb[k] = prepared[k]
+  return tb
+
+
+def _group_stats(total, group_size):
+  g = np.asarray(total, np.float64).reshape(-1, group_size)
+  return {"reward/dead_groups": float((g.std(1) == 0).mean())}
+
+
+def run(sampler, params, batch, *, tokenizer, num_generations, max_new_tokens, rng,
+        reward_config, use_temporal=True, use_map=True, reward_scaling="group",
+        adv_eps=grpo.ADV_EPS):
+  """Samples, scores and packs one GRPO batch.
+
+  Args:
+    sampler: sampling.Sampler built on the policy graph.
+    params: nnx.State of the current policy weights (sampler graph).
+    batch: host batch (module docstring).
+    tokenizer: data.tokenizer.Tokenizer (decoding with special tokens skipped).
+    num_generations: G.
+    max_new_tokens: completion budget.
+    rng: PRNG key for this step.
+    reward_config: rewards.RewardConfig.
+    use_temporal: score G/2 extra samples on time-shuffled frames for the temporal bonus.
+    use_map: pass the GT cognitive maps to the reward (False: plain GRPO, maps never scored).
+    reward_scaling, adv_eps: grpo.compute_advantages settings.
+
+  Returns:
+    (train_batch, metrics, samples): TrainBatch dict of numpy arrays; dict of float metrics;
+    list of per-completion dicts for rollouts.jsonl.
+  """
+  import jax  # Only for splitting the rng; everything else here is host numpy.
+  g = int(num_generations)
+  b = len(batch["input_ids"])
+  prepared = sampler.prepare(batch["input_ids"], batch["attention_mask"], **_vision_kwargs(batch))
+  rng_main, rng_shuf = jax.random.split(rng)
+  tokens, logps, lengths = _sample(sampler, prepared, params, num_samples=g,
+                                   max_new_tokens=max_new_tokens, rng=rng_main)
+  texts = _texts(tokenizer, tokens, lengths)
+
+  data_type = list(batch.get("data_type") or ["video"] * b)
+  maps = list(batch.get("cognitive_map") or [None] * b)
+  if not use_map:
+    maps = [None] * b
+  examples = {"solution": list(batch["solution"]), "problem_type": list(batch["problem_type"]),
+              "cognitive_map": maps, "data_type": data_type, "id": list(batch.get("id") or [None] * b)}
+
+  shuffled_acc = None
+  metrics = {}
+  has_shuffled = batch.get("pixel_values_videos_shuffled") is not None
+  if use_temporal and has_shuffled and any(t == "video" for t in data_type):
+    s = max(g // 2, 1)
+    prepared_s = sampler.prepare(batch["input_ids"], batch["attention_mask"],
+                                 **_vision_kwargs(batch, shuffled=True))
+    tok_s, _, len_s = _sample(sampler, prepared_s, params, num_samples=s,
+                              max_new_tokens=max_new_tokens, rng=rng_shuf)
+    texts_s = _texts(tokenizer, tok_s, len_s)
+    rep = lambda xs: [x for x in xs for _ in range(s)]  # noqa: E731
+    shuffled_acc = rewards_lib.accuracy_reward(
+        texts_s, rep(examples["solution"]), rep(examples["problem_type"]),
+        rep(examples["cognitive_map"]), config=reward_config).reshape(b, s)
+    metrics["reward/shuffled_accuracy"] = float(shuffled_acc.mean())
+  elif use_temporal and not has_shuffled and any(t == "video" for t in data_type):
+    raise ValueError("temporal bonus on (config.rewards.use_temporal) but the batch has no "
+                     "pixel_values_videos_shuffled; enable shuffled frames in the data pipeline")
+
+  comps, counts = rewards_lib.compute_rewards(texts, examples, lengths, g, shuffled_acc,
+                                              config=reward_config)
+  adv = np.asarray(grpo.compute_advantages(comps["total"], g, scaling=reward_scaling, eps=adv_eps))
+
+  tb = assemble(prepared, tokens, lengths, g)
+  tb["advantages"] = adv.astype(np.float32)
+  tb["sampler_logps"] = np.where(tb["completion_mask"] > 0, logps, 0.0).astype(np.float32)
+
+  # -- metrics ------------------------------------------------------------------------------------
+  for k, v in comps.items():
+    metrics[f"reward/{k}"] = float(np.mean(v))
+    if k in ("total", "accuracy"):
+      metrics[f"reward/{k}_std"] = float(np.std(v))
+  metrics.update(_group_stats(comps["total"], g))
+  ptypes = [t for t in examples["problem_type"] for _ in range(g)]
+  for t in sorted(set(ptypes)):
+    sel = np.array([p == t for p in ptypes])
+    metrics[f"accuracy/{t.replace(' ', '_')}"] = float(comps["accuracy"][sel].mean())
+  for k, v in counts.items():
+    metrics[f"count/{k}"] = int(v)
+  metrics["completion/length_mean"] = float(lengths.mean())
+  metrics["completion/length_max"] = int(lengths.max())
+  metrics["completion/length_min"] = int(lengths.min())
+  metrics["completion/truncated_frac"] = float((lengths >= max_new_tokens).mean())
+  metrics["rollout/tokens"] = int(lengths.sum())
+  metrics["advantage/abs_mean"] = float(np.abs(adv).mean())
+
+  samples = []
+  for i, text in enumerate(texts):
+    p = i // g
+    samples.append({
+        "prompt_id": examples["id"][p], "sample": i % g, "problem_type": examples["problem_type"][p],
+        "completion": text, "answer": rewards_lib.extract_answer(text),
+        "solution": examples["solution"][p], "length": int(lengths[i]),
+        "advantage": float(adv[i]), **{f"reward_{k}": float(v[i]) for k, v in comps.items()}})
+  return tb, metrics, samples
+
+
+def sft_batch(sampler, batch, *, tokenizer, max_new_tokens, target="solution"):
+  """TrainBatch for supervised fine-tuning: the completion is the record's target text + <|im_end|>.
+
+  Args:
+    sampler: used for its host `prepare` only (bucketing, positions, vision indices).
+    batch: host batch (module docstring); needs `solution` (and `process` for target="process").
+    tokenizer: data.tokenizer.Tokenizer.
+    max_new_tokens: Tc; longer targets are truncated (their <|im_end|> is lost, counted in metrics).
+    target: "solution" (SpaceR's SFT baseline: the raw `<answer>..</answer>` string) or "process"
+      (the CoT trace followed by the solution).
+
+  Returns:
+    (train_batch, metrics, samples) like `run`, with G = 1 and advantages 0.
+  """
+  b = len(batch["input_ids"])
+  prepared = sampler.prepare(batch["input_ids"], batch["attention_mask"], **_vision_kwargs(batch))
+  if target == "process":
+    texts = [f"{p or ''}{s}" for p, s in zip(batch.get("process") or [""] * b, batch["solution"])]
+  elif target == "solution":
+    texts = list(batch["solution"])
+  else:
+    raise ValueError(f"config.sft_target must be solution|process, got {target!r}")
+  ids = np.full((b, max_new_tokens), tokenizer.pad_token_id, np.int32)
+  lengths = np.zeros(b, np.int32)
+  for i, row in enumerate(tokenizer.encode_batch(texts)):
+    row = (row + [tokenizer.eos_token_id])[:max_new_tokens]
+    ids[i, :len(row)] = row
+    lengths[i] = len(row)
+  tb = assemble(prepared, ids, lengths, 1)
+  tb["advantages"] = np.zeros(b, np.float32)
+  tb["sampler_logps"] = np.zeros(ids.shape, np.float32)
+  metrics = {"sft/target_tokens": int(lengths.sum()),
+             "sft/truncated_frac": float((lengths >= max_new_tokens).mean())}
+  samples = [{"prompt_id": (batch.get("id") or [None] * b)[i], "target": t, "length": int(lengths[i])}
+             for i, t in enumerate(texts)]
+  return tb, metrics, samples
