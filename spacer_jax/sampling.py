@@ -100,9 +100,10 @@ def vision_placeholder_ids(cfg) -> tuple[int, ...]:
 
 
 def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extra_stop_ids=(),
-                pad_id=None) -> SamplingConfig:
+                pad_id=None, extra_forbidden_ids=()) -> SamplingConfig:
   """SamplingConfig from a model config. `stop_ids=None` means `default_stop_ids(cfg)`; `()` disables
-  stopping (all max_new_tokens are generated)."""
+  stopping (all max_new_tokens are generated). `extra_forbidden_ids` adds never-sampled ids to the
+  vision placeholders (e.g. <|vision_pad|> from the tokenizer when the config does not carry it)."""
   stops = default_stop_ids(cfg) if stop_ids is None else tuple(int(i) for i in stop_ids)
   stops = tuple(sorted(set(stops) | set(int(i) for i in extra_stop_ids)))
   if pad_id is None:
@@ -112,7 +113,9 @@ def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extr
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   return SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                        stop_ids=stops, forbidden_ids=vision_placeholder_ids(cfg), pad_id=int(pad_id))
+                        stop_ids=stops, pad_id=int(pad_id),
+                        forbidden_ids=tuple(sorted(set(vision_placeholder_ids(cfg))
+                                                   | set(int(i) for i in extra_forbidden_ids))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,22 +292,25 @@ class Sampler:
 
   Args:
     model: a `qwen2_5_vl.Qwen2_5_VL`; it is split once here.
-    temperature, top_k, top_p, stop_ids, extra_stop_ids, pad_id: see `make_config`.
+    temperature, top_k, top_p, stop_ids, extra_stop_ids, pad_id, extra_forbidden_ids: see
+      `make_config`.
     prompt_bucket: prompts are left-padded to a multiple of this (1 = use the given length).
     cache_dtype: KV-cache dtype (default: the model's compute dtype; bf16 halves cache memory).
     mesh, batch_axes: when a mesh is given, rows are sharded over `batch_axes` (default data+fsdp)
       wherever the row count divides; params keep whatever sharding they already have.
-    vision_budget: optional static patch budgets forwarded to `prepare_vision_inputs`, so videos
-      with different grids but the same budget do not recompile.
+    vision_budget: optional {"image"|"video": {num_patches, num_windows, num_frames, frame_len}}
+      static budgets forwarded to `prepare_vision_inputs` (pixel rows are zero-padded to
+      num_patches), so videos with different grids but the same budget do not recompile.
   """
 
   def __init__(self, model, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
-               extra_stop_ids=(), pad_id=None, prompt_bucket=1, cache_dtype=None, mesh=None,
-               batch_axes=("data", "fsdp"), vision_budget=None):
+               extra_stop_ids=(), pad_id=None, extra_forbidden_ids=(), prompt_bucket=1,
+               cache_dtype=None, mesh=None, batch_axes=("data", "fsdp"), vision_budget=None):
     self.cfg = model.config
     self.graphdef, self.params = nnx.split(model)
     self.scfg = make_config(self.cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_ids=stop_ids, extra_stop_ids=extra_stop_ids, pad_id=pad_id)
+                            stop_ids=stop_ids, extra_stop_ids=extra_stop_ids, pad_id=pad_id,
+                            extra_forbidden_ids=extra_forbidden_ids)
     self.prompt_bucket = max(1, int(prompt_bucket))
     self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None
                                  else getattr(model, "dtype", jnp.float32))
@@ -336,8 +342,11 @@ class Sampler:
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else self.scfg.pad_id
     input_ids = _left_pad(input_ids, t, pad)
     mask = _left_pad(mask, t, False)
-    qwen2_5_vl.check_placeholder_counts(cfg, input_ids, image_grid_thw=image_grid_thw,
-                                        video_grid_thw=video_grid_thw)
+    qwen2_5_vl.check_placeholder_counts(
+        cfg, input_ids, image_grid_thw=image_grid_thw if pixel_values is not None else None,
+        video_grid_thw=video_grid_thw if pixel_values_videos is not None else None,
+        num_image_rows=None if pixel_values is None else np.shape(pixel_values)[0],
+        num_video_rows=None if pixel_values_videos is None else np.shape(pixel_values_videos)[0])
     pos, deltas = positions_lib.get_rope_index(
         input_ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
         spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
@@ -352,14 +361,23 @@ class Sampler:
       base = np.broadcast_to(mask.sum(1).astype(np.int32) + deltas, (3, mask.shape[0])).copy()
     batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos,
              "base_pos": base.astype(np.int32)}
-    if pixel_values is not None:
-      batch["pixel_values"] = np.asarray(pixel_values, np.float32)
-      batch["image_vis"] = qwen2_5_vl.prepare_vision_inputs(
-          cfg, np.asarray(image_grid_thw), **self.vision_budget.get("image", {}))
-    if pixel_values_videos is not None:
-      batch["pixel_values_videos"] = np.asarray(pixel_values_videos, np.float32)
-      batch["video_vis"] = qwen2_5_vl.prepare_vision_inputs(
-          cfg, np.asarray(video_grid_thw), **self.vision_budget.get("video", {}))
+    for kind, pixels, grid in (("image", pixel_values, image_grid_thw),
+                               ("video", pixel_values_videos, video_grid_thw)):
+      if pixels is None:
+        continue
+      if grid is None:
+        raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+      budget = self.vision_budget.get(kind, {})
+      pixels = np.asarray(pixels, np.float32)
+      if budget.get("num_patches") is not None and pixels.shape[0] < budget["num_patches"]:
+        # Static patch budget: pad rows so every grid within budget shares one executable; the
+        # padded rows' features are never scattered (embed reads only as many as placeholders).
+        pixels = np.concatenate(
+            [pixels, np.zeros((budget["num_patches"] - pixels.shape[0], pixels.shape[1]),
+                              np.float32)])
+      key = "pixel_values" if kind == "image" else "pixel_values_videos"
+      batch[key] = pixels
+      batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(cfg, np.asarray(grid), **budget)
     return batch
 
   def _put(self, batch):

@@ -446,3 +446,66 @@ def test_rejects_right_padding(model):
   ids = np.array([[1, 2, PAD_ID]], np.int32)
   with pytest.raises(ValueError, match="left-padded"):
     sampling.generate(model, ids, np.array([[1, 1, 0]]), max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+@pytest.fixture(scope="module")
+def cli_model_dir(tmp_path_factory):
+  """A tiny random checkpoint whose ids match the project's offline tokenizer, tokenizer included."""
+  from spacer_jax.data import tokenizer as tokenizer_lib
+  from flax import nnx as nnx_lib
+  d = tmp_path_factory.mktemp("cli_ckpt")
+  tok = tokenizer_lib.build_offline_tokenizer(d)
+  ids = tok.special_ids()
+  ids["eos_token_id"] = (ids["eos_token_id"], tok.endoftext_id)
+  cfg = qwen2_5_vl.tiny(**ids)
+  qwen2_5_vl.save_hf(qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx_lib.Rngs(0)), d)
+  return d
+
+
+def _write_video(path, n=8, fps=4, w=64, h=48):
+  av = pytest.importorskip("av")
+  rng = np.random.default_rng(0)
+  with av.open(str(path), "w") as c:
+    s = c.add_stream("mpeg4", rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    for _ in range(n):
+      frame = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+      for pkt in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        c.mux(pkt)
+    for pkt in s.encode():
+      c.mux(pkt)
+
+
+def test_generate_cli_errors(tmp_path):
+  from spacer_jax import generate as generate_cli
+  from spacer_jax.data import video as video_lib
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  video = tmp_path / "clip.mp4"
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    generate_cli.main(["--model_dir", str(ckpt), "--video", "x.mp4", "--question", "q"])
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    generate_cli.main(["--model_dir", str(tmp_path / "nope"), "--question", "q"])
+  (ckpt / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="clip.mp4: no such file"):
+    generate_cli.main(["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
+  video.write_text("this is not a video")
+  with pytest.raises(video_lib.MediaError, match="clip.mp4"):
+    generate_cli.main(["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
+
+
+@pytest.mark.slow
+def test_generate_cli_streams_an_answer(tmp_path, cli_model_dir, capsys):
+  from spacer_jax import generate as generate_cli
+  video = tmp_path / "clip.mp4"
+  _write_video(video)
+  text = generate_cli.main(["--model_dir", str(cli_model_dir), "--video", str(video),
+                            "--question", "How many chairs are there?", "--max_new_tokens", "12",
+                            "--chunk", "4"])
+  captured = capsys.readouterr()
+  assert captured.out.strip() == text.strip()
+  assert "tokens in" in captured.err
