@@ -243,6 +243,7 @@ def test_two_workers_restore(data, tok):
   try:
     _take(it, 2)
     state = it.get_state()
+    json.dumps(state)
   finally:
     it.close()
   it = _iter(recs, tok, seed=5, num_workers=2)

@@ -74,7 +74,11 @@ class DataConfig:
       None derives the largest a clip can need from the settings above.
     temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, spec §4.6).
     num_workers: grain worker processes for decode/preprocess (0 = in the main process).
-    worker_buffer_size: elements each worker prefetches.
+    worker_buffer_size: elements each worker process prefetches.
+    read_threads, read_buffer_size: grain ReadOptions of the map stage (in the main process with 0
+      workers, else in each worker). grain's defaults (16 threads, 500 elements) would hold ~10 GB of
+      SpaceR-sized pixel arrays per process, so they are kept small; decode and resize release the
+      GIL, so read_threads > 1 is a cheap alternative to worker processes.
     prefetch_batches: batches prefetched by a thread after batching (0 = none).
     shuffle, num_epochs: seeded shuffle; None epochs = repeat forever (training).
     drop_remainder: drop a final partial batch (else it is padded and `valid` marks real rows).
@@ -100,6 +104,8 @@ class DataConfig:
   temporal: bool = False
   num_workers: int = 0
   worker_buffer_size: int = 2
+  read_threads: int = 1
+  read_buffer_size: int = 2
   prefetch_batches: int = 2
   shuffle: bool = True
   num_epochs: int | None = None
@@ -302,7 +308,8 @@ def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_ind
     ds = ds.shuffle(seed)
   ds = ds.repeat(cfg.num_epochs)
   ds = ds.map_with_index(Preprocess(tokenizer, cfg, seed))
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                            prefetch_buffer_size=cfg.read_buffer_size))
   if cfg.num_workers > 0:
     # grain 0.2.18 reads absl flags in its worker setup (google/grain#1355).
     if not flags.FLAGS.is_parsed():
