@@ -253,3 +253,22 @@ def test_two_workers_restore(data, tok):
       _same_batch(x, y)
   finally:
     it.close()
+
+
+def test_orbax_checkpoint_round_trip(data, tok, tmp_path):
+  """The iterator state goes through orbax with grain's handler (what checkpoint.py saves)."""
+  import grain
+  import orbax.checkpoint as ocp
+
+  recs = _records(data)
+  it = _iter(recs, tok, seed=2)
+  _take(it, 3)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",),
+                             item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
+    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    want = _take(it, 3)
+    fresh = _iter(recs, tok, seed=2)
+    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for x, y in zip(want, _take(fresh, 3)):
+    _same_batch(x, y)
