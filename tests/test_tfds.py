@@ -1,6 +1,5 @@
 """TFDS round trip (array_record, media bytes, no TensorFlow) for SpaceR-151k and VSI-Bench."""
 
-import io
 import json
 import sys
 
