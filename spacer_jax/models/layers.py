@@ -166,5 +166,13 @@ def constrain(x, names):
   if not rules or mesh is None or mesh.empty:
     return x
   table = dict(rules)
-  spec = tuple(table.get(n) if n is not None else None for n in names)  # unknown name: replicated
+  spec, used = [], set()
+  for name in names:
+    axes = table.get(name) if name is not None else None  # unknown name: replicated
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    # A mesh axis shards at most one dimension: under FSDP rules batch -> (data, fsdp) and
+    # embed -> fsdp, so activations [batch, seq, embed] keep embed whole (params still use it).
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
