@@ -1,10 +1,13 @@
 # %% [markdown]
 # # 01 Load Qwen2.5-VL and answer a video question
 #
-# **Hardware:** Colab TPU runtime (v2-8, v5e-1 or larger) for the 3B model in bfloat16; a CPU
-# runtime works for `SMOKE=1`. **Runtime:** install ~3 min, weight load ~2 min (3B from local
-# disk), first answer ~1-2 min including compilation, then seconds per answer. `SMOKE=1`: under a
-# minute on CPU with a tiny random model and a synthetic clip.
+# **Hardware:** Colab TPU runtime for a real checkpoint (Qwen2.5-VL-3B-Instruct in bfloat16 is
+# ~7.5 GB of weights: a v2-8 / v3-8 shards it over 8 cores, a v5e-1 holds it in its 16 GB); any
+# CPU for `SMOKE=1` (a tiny random model and a synthetic clip).
+# **Runtime:** `SMOKE=1` ~1 min on a 2-core CPU (measured, mostly compilation). With a real
+# checkpoint: not measured in this repository yet; the time goes to the install, reading the
+# safetensors and the first compilation of prefill/decode, after which each question with the same
+# prompt length and video grid reuses the executables.
 #
 # Steps: install, pick devices and a mesh, load Hugging Face Qwen2.5-VL weights from a local
 # directory straight into their shards (`qwen2_5_vl.load_hf`), decode and preprocess a video the

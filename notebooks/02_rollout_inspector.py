@@ -4,7 +4,7 @@
 # **Hardware:** any runtime; reading a run needs no accelerator (Colab CPU is enough). With
 # `SMOKE=1` the notebook first trains 2 GRPO steps of `configs/sgrlvr.py:smoke` (tiny random
 # model, synthetic data) on whatever devices there are. **Runtime:** seconds for an existing run;
-# `SMOKE=1` about 2-4 minutes on a CPU (mostly compilation).
+# `SMOKE=1` ~3 min on a 2-core CPU (measured; mostly compilation of the train step and sampler).
 #
 # Reads the files `python -m spacer_jax.train` writes into its workdir:
 # * `metrics.jsonl`: one line per logged step (`reward/*`, `train/*`, `accuracy/*`, `count/*`, ...),

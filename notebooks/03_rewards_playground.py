@@ -2,7 +2,8 @@
 # # 03 Rewards playground
 #
 # **Hardware:** any runtime (Colab CPU is enough; a TPU runtime works too, the scoring is jnp).
-# **Runtime:** under a minute after the install cell (the first jnp calls compile for a few seconds).
+# **Runtime:** ~10 s after the install cell on a 2-core CPU (measured; mostly the first jnp
+# compilations).
 #
 # Try the SpaceR reward parsers and scorers (`spacer_jax.rewards`, spec spacer.md section 4) on
 # hand-written completions: the format reward, multiple choice, the fuzzy number parser and MRA,
@@ -11,11 +12,21 @@
 # `SMOKE=1` changes nothing here (the notebook is already tiny); it is honoured for uniformity.
 
 # %%
-# Colab: install the package first (a TPU or CPU runtime), e.g.
-#   !pip install -q "git+https://github.com/<you>/spacer_jax.git"
-# or, from a clone:  !pip install -q -r requirements.txt && pip install -q -e .
-import dataclasses
+# Install (Colab only; a local checkout with the venv needs nothing). Set SPACER_JAX_REPO to the
+# git URL of this repository before running, e.g. os.environ["SPACER_JAX_REPO"] = "https://..."
+import importlib.util
 import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules and importlib.util.find_spec("spacer_jax") is None:
+  repo = os.environ.get("SPACER_JAX_REPO")
+  if not repo:
+    raise RuntimeError("set os.environ['SPACER_JAX_REPO'] to the spacer_jax git URL, then rerun")
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{repo}"], check=True)
+
+# %%
+import dataclasses
 
 import numpy as np
 
