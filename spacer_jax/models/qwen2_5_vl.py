@@ -424,12 +424,24 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
   if mesh is not None:
     with nnx.logical_axis_rules(rules or ()):
       specs = nnx.get_partition_spec(abs_state)
-    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+    shardings = jax.tree.map(lambda a, s: jax.sharding.NamedSharding(mesh, _divisible(a.shape, s,
+                                                                                       mesh)),
+                             abs_state, specs)
   else:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: dev, abs_state)
   state = hf_weights.load_state(path, abs_state, shardings)
   return nnx.merge(graphdef, state)
+
+
+def _divisible(shape, spec, mesh):
+  """`spec` with every dimension that its mesh axes do not divide replicated (e.g. tiny models)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if dim % size == 0 else None)
+  return jax.sharding.PartitionSpec(*out)
 
 
 def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30):
