@@ -106,10 +106,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-    x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    return layers.constrain(x, ("batch", "seq", "embed")), cache
+    with jax.named_scope("decoder_layer"):  # readable profiles
+      h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+      x = x + h
+      x = x + self.mlp(self.post_attention_layernorm(x))
+      return layers.constrain(x, ("batch", "seq", "embed")), cache
 
 
 def _layer_forward(layer, x, cos, sin, mask, cache, cache_index):

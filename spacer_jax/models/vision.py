@@ -100,9 +100,10 @@ class VisionBlock(nnx.Module):
     self.mlp = VisionMLP(cfg, rngs=rngs, **kw)
 
   def __call__(self, x, cos, sin, gather, lengths, scatter):
-    x = x + self.attn(self.norm1(x), cos, sin, gather, lengths, scatter)
-    x = x + self.mlp(self.norm2(x))
-    return layers.constrain(x, (None, "vision_embed"))
+    with jax.named_scope("vision_block"):  # readable profiles
+      x = x + self.attn(self.norm1(x), cos, sin, gather, lengths, scatter)
+      x = x + self.mlp(self.norm2(x))
+      return layers.constrain(x, (None, "vision_embed"))
 
 
 class PatchMerger(nnx.Module):
