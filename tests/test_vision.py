@@ -68,7 +68,6 @@ def test_blocks_and_merger_match_hf(pair):
   grid = MULTI_GRID
   hv = hf.model.visual
   vis = qwen2_5_vl.prepare_vision_inputs(cfg, grid)
-  g = torch.as_tensor(grid)
   rot = torch.as_tensor(positions.vision_rotary_ids(grid, cfg.spatial_merge_size))
   win_index, cu_win = positions.window_index(grid, window_size=cfg.window_size,
                                              patch_size=cfg.patch_size)
@@ -83,8 +82,7 @@ def test_blocks_and_merger_match_hf(pair):
                                cfg.vision_num_heads, cfg.vision_rope_theta)
   np.testing.assert_allclose(np.asarray(c), cos.numpy(), atol=1e-6)
   np.testing.assert_allclose(np.asarray(s), sin.numpy(), atol=1e-6)
-  del g
-  for i, (seg, cu) in enumerate((("win", cu_win), ("full", cu_full))):
+  for seg, cu in (("win", cu_win), ("full", cu_full)):
     block_idx = 0 if seg == "win" else cfg.fullatt_block_indexes[0]
     with torch.no_grad():
       ref = hv.blocks[block_idx](torch.as_tensor(x), cu_seqlens=torch.as_tensor(cu, dtype=torch.int32),
