@@ -1,5 +1,5 @@
-"""Notebooks (notebooks/NN_name.py, `# %%` percent format): structure checks, and (slow) each one run
-end to end with SMOKE=1 as a plain Python script on CPU, from a directory outside the repository."""
+"""Notebooks (notebooks/NN_name.py, `# %%` percent format): structure checks, and (slow) each one
+run end to end with SMOKE=1 as a plain Python script on CPU, from a directory outside the repo."""
 
 import ast
 import glob
