@@ -156,3 +156,60 @@ class PreemptionGuard:
     for s, prev in self._previous.items():
       signal.signal(s, prev)
     return False
+
+
+def _find_run(path):
+  """(checkpoint dir, model_config.json) for a train.py workdir or its ckpt/ directory."""
+  path = epath.Path(path)
+  for ckpt_dir, run_dir in ((path / "ckpt", path), (path, path.parent)):
+    cfg = run_dir / "model_config.json"
+    if ckpt_dir.exists() and cfg.exists():
+      return ckpt_dir, cfg
+  raise FileNotFoundError(f"{path} is neither a train.py workdir nor its ckpt/ directory "
+                          "(expected model_config.json next to ckpt/)")
+
+
+def load_model(path, *, dtype="float32", mesh=None, rules=None, step=None):
+  """The policy model of a train.py run (latest or given step), e.g. for evaluation.
+
+  Args:
+    path: the run's workdir (or its ckpt/ subdirectory).
+    dtype: compute dtype; params are cast to it too.
+    mesh, rules: optional mesh and logical-axis rules to place the params on (else one device).
+    step: checkpoint step (default: latest).
+
+  Returns:
+    qwen2_5_vl.Qwen2_5_VL with the checkpoint's parameters.
+  """
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from spacer_jax import sharding as sharding_lib
+  from spacer_jax import tree_utils
+  from spacer_jax.models import qwen2_5_vl
+
+  ckpt_dir, cfg_path = _find_run(path)
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(cfg_path))
+  dtype = jnp.dtype(dtype)
+  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                          param_dtype=dtype))
+  graphdef, abstract_params, paths = tree_utils.split_model(abstract)
+  if mesh is not None:
+    logical = sharding_lib.param_logical_axes(nnx.split(abstract)[1])
+    shardings = sharding_lib.tree_shardings(abstract_params, mesh, rules or (), logical)
+  else:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {k: dev for k in abstract_params}
+  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
+  # Restore the params subtree only (the optimizer state is not needed for inference), cast to dtype.
+  target = {"params": {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=shardings[k])
+                       for k, v in abstract_params.items()}}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))["state"]["params"]
+  manager.close()
+  return tree_utils.merge_model(graphdef, restored, paths)
