@@ -13,6 +13,10 @@ Run sheet
     frames=16            max frames per video (SpaceR: 16).
     sharding=fsdp|fsdp_tp
     smoke                tiny model, synthetic data, 2 steps on CPU (< 1 minute).
+    demo                 the CPU demo (README's first command): synthetic data, tiny random-init model,
+                         SFT warm-up on templated think/map/answer traces, then SG-RLVR; writes
+                         demo_curve.png, demo_metrics.json and a summary (spacer_jax/demo.py; settings
+                         from experiments/2026-11-26_demo).
   Recipe (spec spacer.md sections 5-6): 8 prompts x G=8 completions per step, T=1.0, top-p 0.95,
     top-k 50, 1024 new tokens, beta 0.04 k3 KL, AdamW lr 1e-6 cosine to 0 without warmup, weight decay
     0.01, clip 5.0, bf16 compute with fp32 master weights and optimizer state, one epoch = 18,914 steps.
@@ -26,10 +30,42 @@ from spacer_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", smoke=False)
+  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", smoke=False, demo=False)
   c = config_lib.base_config(a.size, a.frames, a.sharding)
   # SG-RLVR = the base recipe as is: cognitive-map prompt and map reward, temporal and length bonuses.
+  if a.demo:
+    return demo(c)
   return config_lib.smoke(c) if a.smoke else c
+
+
+def demo(c):
+  """The CPU demo: the recipe at demo scale (values from experiments/2026-11-26_demo/README.md)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = config_lib.smoke(c)
+  c.sft_warmup_steps = 150  # SFT on templated traces, then GRPO for the remaining steps.
+  c.sft_target = "process"  # process = the trace's <think>...</think>, then the solution.
+  c.total_steps = 250
+  c.ckpt_every_steps = 50  # Divides sft_warmup_steps: the held-out evaluation reads the SFT checkpoint.
+  c.keep_ckpts = 10
+  c.rollout_log_every_steps = 10
+  c.model.tiny_overrides = ml_collections.ConfigDict(dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, mrope_section=(4, 2, 2), vision_depth=2, vision_hidden_size=32,
+      vision_num_heads=2, vision_intermediate_size=64, fullatt_block_indexes=(1,)))
+  # 4 frames of 84x84 (2 temporal x 3x3 merged = 18 video tokens); every frame at full size.
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_scenes=256, num_eval_scenes=32, questions_per_scene=10, height=84, width=84))
+  c.data.max_frames = 4
+  c.data.video_min_pixels = c.data.video_max_pixels = 84 * 84
+  c.data.prompt_buckets = (512, 1024)
+  c.data.batch_size = 4  # Prompts per step (SFT rows; GRPO rows = 4 x G).
+  c.grpo.num_generations = 4
+  c.sampling.max_new_tokens = 176  # Templated traces + <|im_end|>: 108-182 tokens, 99% <= 167.
+  # SpaceR rewards 320-512-token correct answers out of 1024; the demo brackets its trace lengths.
+  c.rewards.length_range = (120, 176)
+  c.optim.lr = 6e-3  # Cosine over all steps: 6e-3 -> 2e-3 during SFT, 2e-3 -> 0 during GRPO.
+  c.demo = ml_collections.ConfigDict(dict(eval_max_items=0, eval_batch_size=16))
+  return c
 
 
 def sweep(add):

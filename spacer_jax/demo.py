@@ -1,0 +1,333 @@
+"""The CPU demo around train.py: SFT reasoning traces, held-out evaluation, plot and summary.
+
+    python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR
+
+runs the real trainer on the synthetic dataset (train.py generates it on first use) with a tiny
+random-init Qwen2.5-VL and the project's offline tokenizer: `config.sft_warmup_steps` SFT steps on
+templated think/map/answer traces, then SG-RLVR. This module holds what only the demo needs; train.py
+calls it at three points (all gated on `"demo" in config`):
+
+    traces = demo.load_traces(config, workdir)            # after the records are loaded
+    demo.attach_traces(batch, traces)                     # on every SFT batch, before sft_batch
+    demo.finish(config, workdir)                          # after the loop (checkpoints closed)
+
+`finish` evaluates the checkpoints at the end of SFT and at the last step on the held-out split
+(greedy decoding through the same pipeline, sampler and rewards, SpaceR-151k prompt format), writes
+{workdir}/demo_metrics.json and {workdir}/demo_curve.png, and prints a summary.
+
+Held-out accuracy uses the training prompt format on purpose: the held-out split's VSI-Bench prompt
+(`configs/eval_vsibench.py:demo`) lists SpaceR-Eval's 23 fixed categories, which a 0.5M-parameter
+model trained for minutes on the per-scene list has never seen.
+
+Host code (the sampler does the device work).
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+# The GRPO-step window compared by the learning check: first and last 20% of the RL steps.
+WINDOW_FRAC = 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic data and SFT traces.
+# ------------------------------------------------------------------------------------------------
+def synthetic_config(config):
+  """The SyntheticConfig train.py generates (SyntheticConfig.demo + config.data.synthetic)."""
+  from spacer_jax.data import synthetic
+  return synthetic.SyntheticConfig.demo(**config.data.synthetic.to_dict())
+
+
+def synthetic_paths(config, workdir, generate=True):
+  """SyntheticPaths of the run's dataset (train.py's default root), generated if missing."""
+  from spacer_jax.data import synthetic
+  root = config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")
+  if generate:
+    return synthetic.generate_dataset(root, synthetic_config(config), progress=False)
+  return synthetic.dataset_paths(root)
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def trace_table(paths):
+  """{record id: templated `<think>...</think>`} for every training record of a synthetic dataset.
+
+  The SFT target is `process + solution` (rollout.sft_batch, target="process"), so `process` is the
+  trace of traces.sft_completion without its final `<answer>X</answer>` (= the record's solution).
+  """
+  from spacer_jax.data.synthetic import traces
+  qtypes = {r["problem_id"]: r["question_type"] for r in _read_jsonl(paths.question_types)}
+  maps = {r["video_id"]: r["cognitive_map"] for r in _read_jsonl(paths.cognitive_map)}
+  out = {}
+  for r in _read_jsonl(paths.train_jsonl):
+    sol = r["solution"]
+    answer = sol[len("<answer>"):-len("</answer>")]
+    video_id = os.path.splitext(os.path.basename(r["path"]))[0]
+    if r["problem_id"] not in qtypes or video_id not in maps:
+      raise ValueError(f"{paths.train_jsonl}: record {r['problem_id']} has no question type in "
+                       f"{paths.question_types} or no map for {video_id} in {paths.cognitive_map}")
+    full = traces.sft_completion(qtypes[r["problem_id"]], r["problem"], r["options"], answer,
+                                 maps[video_id])
+    if not full.endswith(sol):
+      raise ValueError(f"trace of record {r['problem_id']} does not end with its solution {sol!r}")
+    out[str(r["problem_id"])] = full[:-len(sol)]
+  return out
+
+
+def load_traces(config, workdir):
+  """The trace table of a demo run (None unless it is a synthetic run with SFT on `process`)."""
+  if (config.data.source != "synthetic" or int(config.sft_warmup_steps) <= 0
+      or config.sft_target != "process"):
+    return None
+  return trace_table(synthetic_paths(config, workdir))
+
+
+def attach_traces(batch, table):
+  """Sets batch["process"] (one trace per row; padding rows get "") for rollout.sft_batch."""
+  if table is None:
+    return batch
+  missing = [i for i in batch["id"] if i is not None and i not in table]
+  if missing:
+    raise KeyError(f"no SFT trace for record ids {missing[:5]} (trace table of the synthetic set)")
+  batch["process"] = [table[i] if i is not None else "" for i in batch["id"]]
+  return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out evaluation.
+# ------------------------------------------------------------------------------------------------
+def heldout_records(paths, out_jsonl):
+  """The held-out split as SpaceR-151k records (training prompt format) -> (records, question types).
+
+  Writes `out_jsonl` (SpaceR schema, video paths relative to the held-out VSI root) and reads it back
+  with sources.load_spacer, so the records go through exactly the training loader.
+  """
+  from spacer_jax.data import sources
+  rows = _read_jsonl(paths.eval_jsonl)
+  os.makedirs(os.path.dirname(out_jsonl), exist_ok=True)
+  with open(out_jsonl, "w") as f:
+    for r in rows:
+      f.write(json.dumps({
+          "problem_id": r["id"], "problem": r["question"], "data_type": "video",
+          "problem_type": "multiple choice" if r["options"] else "numerical",
+          "options": list(r["options"] or []), "process": "",
+          "solution": f"<answer>{r['ground_truth']}</answer>",
+          "path": f"{r['dataset']}/{r['scene_name']}.mp4", "data_source": "SR_dataset"}) + "\n")
+  records = sources.load_spacer(out_jsonl, media_root=paths.eval_root,
+                                cognitive_map_path=paths.eval_cognitive_map, strict=True)
+  return records, {str(r["id"]): r["question_type"] for r in rows}
+
+
+def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_types, data_config,
+                    reward_config, max_new_tokens, batch_size=16):
+  """Greedy held-out scores of one set of weights (fractions in [0, 1]).
+
+  Args:
+    params: flat {hf_key: array} (train.py's state["params"]).
+    graphdef, paths: tree_utils.split_model of the model graph.
+    tokenizer: data.tokenizer.Tokenizer.
+    records: heldout_records(...)[0]; question_types: {id: VSI question_type}.
+    data_config: the run's pipeline.DataConfig (shuffle, temporal and batching are replaced).
+    reward_config: rewards.RewardConfig.
+    max_new_tokens: greedy budget.
+    batch_size: prompts per sampler call.
+
+  Returns:
+    {"accuracy", "accuracy_base", "map", "format": means, "per_task": {question_type: accuracy_base},
+     "num": questions scored}.
+  """
+  import jax
+  from spacer_jax import rewards as rewards_lib
+  from spacer_jax import rollout, sampling, train, tree_utils
+  from spacer_jax.data import pipeline
+  model = tree_utils.merge_model(graphdef, params, paths)
+  sampler = sampling.Sampler(model, temperature=0.0,
+                             stop_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
+  dc = dataclasses.replace(data_config, batch_size=batch_size, temporal=False, shuffle=False,
+                           num_epochs=1, drop_remainder=False, num_workers=0, prefetch_batches=0)
+  comps = {k: [] for k in ("accuracy", "accuracy_base", "map", "format")}
+  kinds = []
+  for batch in pipeline.make_iterator(records, tokenizer, dc, seed=0):
+    sampler.vision_budget = train.vision_budget(model.config, batch)
+    vision = {}
+    if rollout.present(batch, "pixel_values_videos", "video_grid_thw"):
+      vision = dict(pixel_values_videos=batch["pixel_values_videos"],
+                    video_grid_thw=batch["video_grid_thw"],
+                    second_per_grid_ts=batch["second_per_grid_ts"])
+    out = sampler(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                  rng=jax.random.key(0), **vision)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = tokenizer.decode_batch([t[:n] for t, n in zip(tokens, lengths)],
+                                   skip_special_tokens=True)
+    valid = np.asarray(batch["valid"], bool)
+    ex = {"solution": [s or "<answer>0</answer>" for s in batch["solution"]],
+          "problem_type": [p or "numerical" for p in batch["problem_type"]],
+          "cognitive_map": list(batch["cognitive_map"]), "id": list(batch["id"])}
+    c, _ = rewards_lib.compute_rewards(texts, ex, lengths, 1, None, config=reward_config)
+    for k in comps:
+      comps[k].append(c[k][valid])
+    kinds += [question_types[i] for i, v in zip(batch["id"], valid) if v]
+  comps = {k: np.concatenate(v) for k, v in comps.items()}
+  kinds = np.array(kinds)
+  per_task = {t: float(comps["accuracy_base"][kinds == t].mean()) for t in sorted(set(kinds))}
+  return {**{k: float(v.mean()) for k, v in comps.items()}, "per_task": per_task,
+          "num": int(len(kinds))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics, plot, summary.
+# ------------------------------------------------------------------------------------------------
+def read_metrics(workdir):
+  """metrics.jsonl rows (the last row per step wins, as after a resume)."""
+  rows = {}
+  for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    rows[r["step"]] = r
+  return [rows[s] for s in sorted(rows)]
+
+
+def window_means(rows, key, frac=WINDOW_FRAC):
+  """(first, last) mean of `key` over the first and last `frac` of the GRPO steps in `rows`."""
+  vals = np.array([r[key] for r in rows if not r.get("phase_sft") and key in r], np.float64)
+  if len(vals) == 0:
+    raise ValueError(f"no GRPO steps with {key!r} in the metrics")
+  n = max(1, int(round(frac * len(vals))))
+  return float(vals[:n].mean()), float(vals[-n:].mean())
+
+
+def _smooth(x, k):
+  if len(x) < k or k <= 1:
+    return np.asarray(x, np.float64)
+  c = np.cumsum(np.insert(np.asarray(x, np.float64), 0, 0.0))
+  out = (c[k:] - c[:-k]) / k
+  return np.concatenate([np.asarray(x[:k - 1], np.float64).cumsum() / np.arange(1, k), out])
+
+
+def plot_curves(rows, out_png, heldout=None, title="demo"):
+  """Writes the reward/accuracy-over-steps PNG (SFT loss, GRPO rewards; held-out points)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sft = [r for r in rows if r.get("phase_sft")]
+  rl = [r for r in rows if not r.get("phase_sft")]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2]})
+  if sft:
+    axes[0].plot([r["step"] for r in sft], [r.get("train/loss", np.nan) for r in sft], color="k")
+  axes[0].set(title="SFT warm-up on templated traces", xlabel="step", ylabel="token NLL")
+  ax = axes[1]
+  steps = np.array([r["step"] for r in rl])
+  k = max(1, len(rl) // 12)
+  for key, label, color in (("reward/accuracy", "accuracy reward (incl. map bonus)", "C0"),
+                            ("reward/accuracy_base", "answer accuracy", "C1"),
+                            ("reward/map", "map score", "C2"), ("reward/format", "format", "C7")):
+    vals = np.array([r.get(key, np.nan) for r in rl], np.float64)
+    if len(vals) and np.isfinite(vals).any():
+      ax.plot(steps, vals, color=color, alpha=0.25, lw=0.8)
+      ax.plot(steps, _smooth(vals, k), color=color, label=f"{label} (mean of {k})")
+  if heldout:
+    for name, marker in (("sft", "o"), ("final", "s")):
+      if name in heldout:
+        h = heldout[name]
+        ax.scatter([h["step"]], [h["accuracy_base"]], marker=marker, color="C3", zorder=5,
+                   label=f"held-out answer accuracy ({name}, greedy)")
+  ax.set(title="SG-RLVR (GRPO) rollouts", xlabel="step", ylabel="mean over the rollout batch")
+  ax.legend(fontsize=7, loc="best")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+
+
+def _restore(workdir, step):
+  """Flat params of checkpoint `step` of a train.py workdir, on the first device."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from spacer_jax import evaluate, tree_utils
+  from spacer_jax.models import qwen2_5_vl
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(workdir, "model_config.json"))
+  abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
+      cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32))
+  graphdef, abstract, paths = tree_utils.split_model(abstract_model)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=dev)
+              for k, v in abstract.items()}
+  return evaluate.restore_trainer_params(os.path.join(workdir, "ckpt"), abstract, step), graphdef, paths
+
+
+def finish(config, workdir, *, evaluate_heldout=True, printer=print):
+  """Held-out evaluation (end of SFT, last step), demo_metrics.json, demo_curve.png, summary.
+
+  Returns the dict written to demo_metrics.json.
+  """
+  from spacer_jax import rewards as rewards_lib
+  from spacer_jax import train
+  from spacer_jax.data import tokenizer as tokenizer_lib
+  t0 = time.perf_counter()
+  rows = read_metrics(workdir)
+  sft_steps = int(config.sft_warmup_steps)
+  last = max(r["step"] for r in rows)
+  out = {"workdir": os.path.abspath(workdir), "seed": int(config.seed), "sft_steps": sft_steps,
+         "grpo_steps": sum(1 for r in rows if not r.get("phase_sft")), "last_step": last,
+         "window_frac": WINDOW_FRAC}
+  for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/total",
+              "reward/format"):
+    first, final = window_means(rows, key)
+    out[key] = {"first": first, "last": final, "gain": final - first}
+  heldout = {}
+  if evaluate_heldout:
+    paths = synthetic_paths(config, workdir)
+    records, qtypes = heldout_records(paths, os.path.join(workdir, "demo", "heldout.jsonl"))
+    max_items = int(config.demo.eval_max_items)
+    if max_items:
+      records = records[:max_items]
+    tok_dir = config.data.tokenizer_dir or os.path.join(workdir, "tokenizer")
+    tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
+    r = config.rewards
+    reward_config = rewards_lib.RewardConfig(
+        use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
+        use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
+        use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
+        use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
+        temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
+        length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+    for name, step in (("sft", sft_steps), ("final", last)):
+      params, graphdef, mpaths = _restore(workdir, step)
+      heldout[name] = {"step": step, **evaluate_params(
+          params, graphdef=graphdef, paths=mpaths, tokenizer=tokenizer, records=records,
+          question_types=qtypes, data_config=train._data_config(config, False),  # pylint: disable=protected-access
+          reward_config=reward_config, max_new_tokens=int(config.sampling.max_new_tokens),
+          batch_size=int(config.demo.eval_batch_size))}
+    out["heldout"] = heldout
+  out["eval_seconds"] = time.perf_counter() - t0
+  out["train_seconds"] = float(sum(r.get("time/step_s", 0.0) for r in rows))
+  with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
+              title=f"spacer_jax demo (seed {config.seed})")
+  printer(summary_text(out))
+  return out
+
+
+def summary_text(m):
+  """The final summary printed by the demo."""
+  lines = [f"demo summary ({m['workdir']})",
+           f"  steps: {m['sft_steps']} SFT + {m['grpo_steps']} SG-RLVR (GRPO)"]
+  for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/format"):
+    v = m[key]
+    lines.append(f"  {key:22s} first {int(100 * m['window_frac'])}% {v['first']:.3f} -> last "
+                 f"{int(100 * m['window_frac'])}% {v['last']:.3f} ({v['gain']:+.3f})")
+  for name, h in m.get("heldout", {}).items():
+    tasks = ", ".join(f"{t} {v:.2f}" for t, v in h["per_task"].items())
+    lines.append(f"  held-out after {name:5s} (step {h['step']}): answer accuracy "
+                 f"{h['accuracy_base']:.3f}, accuracy reward {h['accuracy']:.3f}, map {h['map']:.3f}, "
+                 f"format {h['format']:.3f} on {h['num']} questions [{tasks}]")
+  lines.append(f"  curve: {os.path.join(m['workdir'], 'demo_curve.png')}; metrics: "
+               f"{os.path.join(m['workdir'], 'demo_metrics.json')}")
+  return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Tests of the CPU demo: config, synthetic-data bootstrap, SFT traces, held-out records, plot.
+
+The 3-seed learning check (experiments/2026-11-26_demo/run_seeds.py, ~45 CPU minutes) is marked slow.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spacer_jax import demo, rewards
+from spacer_jax.data import synthetic
+from spacer_jax.models import qwen2_5_vl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location("sgrlvr_cfg", os.path.join(ROOT, "configs", "sgrlvr.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _tiny_demo_config():
+  c = _get_config("demo")
+  c.data.synthetic.num_scenes = 2
+  c.data.synthetic.num_eval_scenes = 1
+  c.data.synthetic.questions_per_scene = 8
+  c.data.synthetic.height = 56
+  c.data.synthetic.width = 56
+  return c
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  config = _tiny_demo_config()
+  paths = demo.synthetic_paths(config, workdir)  # the bootstrap: generates into {workdir}/data/synthetic
+  return config, workdir, paths
+
+
+def test_demo_config_resolves():
+  c = _get_config("demo")
+  assert c.mode == "grpo" and c.data.source == "synthetic" and c.model.variant == "tiny"
+  assert 0 < c.sft_warmup_steps < c.total_steps and c.sft_target == "process"
+  # The held-out evaluation restores the checkpoint at the end of SFT, and the last one.
+  assert c.sft_warmup_steps % c.ckpt_every_steps == 0
+  assert c.keep_ckpts >= c.total_steps // c.ckpt_every_steps + 1
+  lo, hi = c.rewards.length_range
+  assert 0 < lo < hi <= c.sampling.max_new_tokens
+  assert c.rewards.use_map and c.rewards.use_temporal and c.rewards.use_length
+  assert c.grpo.num_generations >= 2 and c.data.batch_size >= 1
+  cfg = qwen2_5_vl.tiny(**c.model.tiny_overrides.to_dict())
+  head_dim = cfg.hidden_size // cfg.num_attention_heads
+  assert 2 * sum(cfg.mrope_section) == head_dim
+  sc = demo.synthetic_config(c)
+  assert sc.height % 28 == 0 and sc.width % 28 == 0
+  assert c.data.video_max_pixels >= sc.height * sc.width and c.data.max_frames >= sc.num_frames
+  # Other arguments still work next to the new flag.
+  assert _get_config("smoke").total_steps == 2
+  assert _get_config("").model.variant == ""
+
+
+def test_bootstrap_generates_once(demo_run):
+  config, workdir, paths = demo_run
+  assert paths.root == os.path.join(workdir, "data", "synthetic")
+  assert synthetic.is_generated(paths.root, demo.synthetic_config(config))
+  mtime = os.path.getmtime(paths.manifest)
+  assert demo.synthetic_paths(config, workdir) == paths
+  assert os.path.getmtime(paths.manifest) == mtime  # reused, not regenerated
+
+
+def test_traces_are_full_reward_sft_targets(demo_run):
+  config, workdir, paths = demo_run
+  table = demo.load_traces(config, workdir)
+  recs = [json.loads(line) for line in open(paths.train_jsonl)]
+  assert sorted(table) == sorted(str(r["problem_id"]) for r in recs)
+  maps = {json.loads(line)["video_id"]: json.loads(line)["cognitive_map"]
+          for line in open(paths.cognitive_map)}
+  texts = [table[str(r["problem_id"])] + r["solution"] for r in recs]
+  ex = {"solution": [r["solution"] for r in recs], "problem_type": [r["problem_type"] for r in recs],
+        "cognitive_map": [maps[os.path.basename(r["path"])[:-4]] for r in recs]}
+  comps, _ = rewards.compute_rewards(texts, ex, np.full(len(texts), 130), 1, None)
+  np.testing.assert_array_equal(comps["format"], 1.0)
+  np.testing.assert_array_equal(comps["accuracy_base"], 1.0)
+  assert all(t.startswith("<think>") and t.endswith("</think>") for t in table.values())
+  # Not a synthetic SFT run: no table.
+  c = _tiny_demo_config()
+  c.sft_target = "solution"
+  assert demo.load_traces(c, workdir) is None
+
+
+def test_attach_traces():
+  batch = {"id": ["1", None]}
+  assert demo.attach_traces(batch, {"1": "<think>x</think>"})["process"] == ["<think>x</think>", ""]
+  with pytest.raises(KeyError, match="no SFT trace for record ids"):
+    demo.attach_traces({"id": ["7"]}, {"1": "t"})
+  assert "process" not in demo.attach_traces({"id": ["1"]}, None)
+
+
+def test_heldout_records_use_the_training_prompt(demo_run, tmp_path):
+  _, _, paths = demo_run
+  records, qtypes = demo.heldout_records(paths, str(tmp_path / "heldout.jsonl"))
+  rows = [json.loads(line) for line in open(paths.eval_jsonl)]
+  assert len(records) == len(rows) == len(qtypes) > 0
+  for rec, row in zip(records, rows):
+    assert rec.solution == f"<answer>{row['ground_truth']}</answer>"
+    assert rec.problem_type == ("multiple choice" if row["options"] else "numerical")
+    assert os.path.exists(rec.media) and rec.cognitive_map
+    assert str(list(rec.cognitive_map)) in rec.prompt  # the scene's categories, as in training
+    assert qtypes[rec.id] == row["question_type"]
+
+
+def test_window_means_plot_and_summary(tmp_path):
+  rows = [{"step": s, "phase_sft": 1.0, "train/loss": 3.0 / s} for s in range(1, 6)]
+  rows += [{"step": s, "phase_sft": 0.0, "reward/accuracy": s / 100, "reward/accuracy_base": 0.5,
+            "reward/map": 0.1, "reward/format": 1.0, "reward/total": 1.0} for s in range(6, 16)]
+  first, last = demo.window_means(rows, "reward/accuracy")
+  assert first == pytest.approx(0.065) and last == pytest.approx(0.145)  # steps 6-7 and 14-15
+  with pytest.raises(ValueError, match="no GRPO steps"):
+    demo.window_means(rows[:5], "reward/accuracy")
+  png = tmp_path / "curve.png"
+  heldout = {"sft": {"step": 5, "accuracy_base": 0.3}, "final": {"step": 15, "accuracy_base": 0.4}}
+  demo.plot_curves(rows, str(png), heldout)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_learns_across_three_seeds(tmp_path):
+  """The issue-6 learning check: 3 seeds of the full demo; run_seeds.py --check asserts the margin."""
+  script = os.path.join(ROOT, "experiments", "2026-11-26_demo", "run_seeds.py")
+  proc = subprocess.run([sys.executable, script, f"--out={tmp_path}", "--check"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=3 * 3600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
