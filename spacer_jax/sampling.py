@@ -200,10 +200,14 @@ def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache
   if "pixel_values_videos" in batch:
     video_features = model.get_vision_features(batch["pixel_values_videos"], batch["video_vis"])
   embeds = model.embed(input_ids, image_features=image_features, video_features=video_features)
-  kv_mask = jnp.concatenate([batch["attention_mask"], jnp.ones((b, max_new_tokens), bool)], axis=1)
-  cache = text_lib.init_cache(model.config, b, c, cache_dtype)
-  hidden, cache = model.forward_embeds(embeds, batch["position_ids"], kv_mask, cache=cache,
+  # Prefill into a prompt-sized cache (attention over T keys, not T + N), then grow it to C.
+  prompt_mask = batch["attention_mask"].astype(bool)
+  cache = text_lib.init_cache(model.config, b, t, cache_dtype)
+  hidden, cache = model.forward_embeds(embeds, batch["position_ids"], prompt_mask, cache=cache,
                                        cache_index=jnp.int32(0))
+  grow = lambda x: jnp.pad(x, [(0, 0), (0, c - t)] + [(0, 0)] * (x.ndim - 2))  # [B, C, ...]
+  cache = jax.tree.map(grow, cache)
+  kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, C]
   # Left padding puts every row's last prompt token in column T-1.
   logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
 
