@@ -1,6 +1,7 @@
 """Sampler throughput against transformers' generate on the same random weights (issue 4).
 
-  .venv/bin/python experiments/bench_sampler.py [--reps 5] [--only decode|rollout]
+  PYTHONPATH=. .venv/bin/python -u experiments/bench_sampler.py [--reps 5] [--only decode|rollout]
+      [--torch_threads N] [--batches 1,8]
 
 Config: a ~55M-parameter Qwen2.5-VL (text hidden 512, 8 layers, 8/2 heads, FFN 1408, vocab 32000, as in
 PERF_NOTES.md, plus a 4-block vision tower of width 256), fp32, random weights shared via
@@ -85,7 +86,13 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--only", choices=["decode", "rollout"], default=None)
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="torch.set_num_threads (0 = torch's default); on a loaded machine torch's "
+                      "OpenMP barriers degrade far more than XLA's pool, so report the setting")
+  p.add_argument("--batches", default="1,8", help="plain-decode batch sizes")
   args = p.parse_args()
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
 
   torch.manual_seed(0)
   hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
@@ -96,13 +103,14 @@ def main():
     model = qwen2_5_vl.load_hf(d, dtype=jnp.float32)
   print(f"params {n_params / 1e6:.1f}M  jax {jax.__version__}  torch {torch.__version__}  "
         f"transformers {transformers.__version__}  devices {jax.devices()[0].platform}"
-        f"x{jax.device_count()}  torch threads {torch.get_num_threads()}")
+        f"x{jax.device_count()}  torch threads {torch.get_num_threads()}  "
+        f"load average {os.getloadavg()[0]:.1f} (cores {os.cpu_count()})")
   rng = np.random.default_rng(0)
   n_new = 128
 
   if args.only in (None, "decode"):
     sampler = sampling.Sampler(model, temperature=0.0, stop_ids=())
-    for b in (1, 8):
+    for b in (int(x) for x in args.batches.split(",")):
       ids = rng.integers(0, 30000, (b, 64)).astype(np.int32)
       mask = np.ones_like(ids)
       ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask)
