@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import time
 
 import jax
@@ -295,7 +294,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
-  from spacer_jax import sampling  # Imported here: pulls in the model code.
+  from spacer_jax import evaluate, sampling  # Imported here: they pull in the model code.
   from spacer_jax import rewards as rewards_lib
   from spacer_jax.data import pipeline
   from spacer_jax.models import qwen2_5_vl
@@ -411,6 +410,15 @@ def main(argv):
 
     # == Data =====================================================================================
     records, bad = _records(config, workdir)
+    logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
+                 dict(bad.counts))
+    eval_dir = config.eval.data_dir
+    if config.eval.every_steps and not eval_dir:
+      if config.data.source != "synthetic":
+        raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
+      from spacer_jax.data import synthetic
+      eval_dir = synthetic.dataset_paths(
+          config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")).eval_root
     temporal = rl_steps > 0 and bool(r.use_temporal)
     train_iter = pipeline.make_iterator(records, tokenizer, _data_config(config, temporal),
                                         seed=config.seed)
@@ -502,7 +510,8 @@ def main(argv):
           scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
                      "train/lr": float(schedule(max(step - 1, 0) * (mu if phase == "grpo" else 1))),
                      "phase_sft": float(phase == "sft"),
-                     "data/bad_records": int(sum(batch.get("bad_records", {}).values()))}
+                     **bad.metrics("data/bad_records_at_load"),
+                     **batch.get("bad_records", {})}
           wall = time.perf_counter() - t0
           scalars["time/step_s"] = wall
           if "rollout/tokens" in roll_metrics:
@@ -525,6 +534,16 @@ def main(argv):
         if guard.requested:
           logging.warning("signal %s: saved step %d, exiting", guard.signum, step)
           break
+        if metrics_lib.every(step, config.eval.every_steps):
+          with writer.timed("eval"):
+            scores = evaluate.run(
+                abstract_model, tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
+                max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                params=tree_utils.to_state(state["params"], paths), mesh=mesh,
+                workdir=os.path.join(workdir, "eval", f"step_{step}"),
+                video_kwargs=config.eval.video.to_dict() or None,
+                max_items=config.eval.max_items, progress=False)
+          writer.write(step, {**evaluate.scalars(scores, prefix="eval/"), **writer.pop_timers()})
     bar.close()
     ckpt.close()
     writer.close()
