@@ -12,7 +12,9 @@ Run sheet
   Recipe (spec spacer.md 6.2): global batch 16 (8 GPUs x 1 x grad-accum 2), lr 1e-6, linear decay, no
   warmup, weight decay 0, clip 5, bf16, one epoch = ceil(151,310 / 16) = 9,457 steps. The loss covers the
   assistant completion only (the reference also trains on the system/user text; we do not reproduce that
-  collator quirk).
+  collator quirk), and the prompt is the RL prompt of the data pipeline without the map instructions
+  (the reference SFT script words the question slightly differently, spec 6.2).
+  target=process needs a `process` field in the pipeline's batches (the CoT trace of the record).
   Expected: the loss drops within the first hundred steps (answers are a few tokens); VSI-Bench below
   SG-RLVR.
 """

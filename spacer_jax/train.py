@@ -419,6 +419,10 @@ def main(argv):
       from spacer_jax.data import synthetic
       eval_dir = synthetic.dataset_paths(
           config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")).eval_root
+    demo = None
+    if "demo" in config:
+      from spacer_jax import demo  # The CPU demo's extras (SFT traces, held-out summary).
+    traces = demo.load_traces(config, workdir) if demo else None
     temporal = rl_steps > 0 and bool(r.use_temporal)
     train_iter = pipeline.make_iterator(records, tokenizer, _data_config(config, temporal),
                                         seed=config.seed)
@@ -478,6 +482,8 @@ def main(argv):
         sampler.vision_budget = vision_budget(cfg, batch)
         with writer.timed("rollout"):
           if phase == "sft":
+            if traces is not None:
+              batch = demo.attach_traces(batch, traces)
             tb, roll_metrics, samples = rollout.sft_batch(
                 sampler, batch, tokenizer=tokenizer, max_new_tokens=config.sampling.max_new_tokens,
                 target=config.sft_target)
@@ -547,6 +553,8 @@ def main(argv):
     bar.close()
     ckpt.close()
     writer.close()
+    if demo and not guard.requested:
+      demo.finish(config, workdir)
     if config.export_hf_subdir and not guard.requested:
       out = os.path.join(workdir, config.export_hf_subdir)
       qwen2_5_vl.save_hf(tree_utils.merge_model(graphdef, state["params"], paths), out)
