@@ -12,7 +12,7 @@ from spacer_jax import config_lib
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 ARGS = {
     "sgrlvr.py": ["", "size=3b", "size=7b", "size=32b", "size=72b", "frames=32", "sharding=fsdp_tp",
-                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke"],
+                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo"],
     "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke"],
     "sft.py": ["", "size=3b", "size=72b", "target=process", "sharding=fsdp_tp", "smoke",
                "target=process,smoke"],
@@ -52,6 +52,9 @@ def test_config_loads(name, arg):
   if "smoke" in arg:
     assert c.model.variant == "tiny" and c.total_steps == 2 and c.data.source == "synthetic"
     assert c.grpo.num_generations == 2 and c.sampling.max_new_tokens == 8
+  elif "demo" in arg:
+    assert c.model.variant == "tiny" and c.data.source == "synthetic"
+    assert 0 < c.sft_warmup_steps < c.total_steps and c.sft_warmup_steps % c.ckpt_every_steps == 0
   else:
     assert c.model.hf_dir and c.data.annotations and c.model.variant == ""
   if "size=72b" in arg and "sharding=fsdp" not in arg:
