@@ -162,7 +162,6 @@ def tiny():
   return cfg, model, graphdef, flat, paths, logical
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("axes", [MESHES_8["fsdp_tp"], MESHES_8["fsdp"]],
                          ids=["fsdp4_tensor2", "fsdp8"])
 def test_tiny_forward_sharded_equals_single_device(tiny, axes):
