@@ -211,15 +211,18 @@ def sft_batch(sampler, batch, *, tokenizer, max_new_tokens, target="solution"):
     raise ValueError(f"config.sft_target must be solution|process, got {target!r}")
   ids = np.full((b, max_new_tokens), tokenizer.pad_token_id, np.int32)
   lengths = np.zeros(b, np.int32)
+  truncated = 0
   for i, row in enumerate(tokenizer.encode_batch(texts)):
-    row = (row + [tokenizer.eos_token_id])[:max_new_tokens]
+    row = row + [tokenizer.eos_token_id]
+    truncated += len(row) > max_new_tokens
+    row = row[:max_new_tokens]
     ids[i, :len(row)] = row
     lengths[i] = len(row)
   tb = assemble(prepared, ids, lengths, 1)
   tb["advantages"] = np.zeros(b, np.float32)
   tb["sampler_logps"] = np.zeros(ids.shape, np.float32)
   metrics = {"sft/target_tokens": int(lengths.sum()),
-             "sft/truncated_frac": float((lengths >= max_new_tokens).mean())}
+             "sft/truncated_frac": truncated / max(b, 1)}
   samples = [{"prompt_id": (batch.get("id") or [None] * b)[i], "target": t, "length": int(lengths[i])}
              for i, t in enumerate(texts)]
   return tb, metrics, samples

@@ -528,8 +528,9 @@ def main(argv):
           scalars.update(_compiles({"train_step_" + k: v for k, v in step_fns.items()}))
           scalars.update(_compiles({"token_logps": logps_fn, "prefill": sampling._prefill,  # pylint: disable=protected-access
                                     "decode": sampling._decode}))  # pylint: disable=protected-access
-          writer.write(step, scalars, nonfinite_ok=("train/loss", "train/grad_norm") if
-                       step_metrics["skipped"] else ())
+          # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.
+          writer.write(step, scalars, nonfinite_ok=tuple(k for k in scalars if k.startswith(
+              "train/")) if step_metrics["skipped"] else ())
           bar.set_postfix(loss=f"{step_metrics['loss']:.4f}",
                           reward=f"{roll_metrics.get('reward/total', 0.0):.3f}")
         if metrics_lib.every(step, config.rollout_log_every_steps):
