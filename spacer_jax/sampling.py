@@ -96,7 +96,8 @@ def vision_placeholder_ids(cfg) -> tuple[int, ...]:
   """<|image_pad|>, <|video_pad|> and <|vision_pad|>: never sampled (they would break the feature count
   of any prompt that reuses the completion text)."""
   ids = [cfg.image_token_id, cfg.video_token_id, getattr(cfg, "vision_token_id", None)]
-  return tuple(sorted(set(int(i) for i in ids if i is not None)))
+  # Ids outside the vocabulary cannot be sampled anyway (e.g. Qwen's default ids on a tiny vocab).
+  return tuple(sorted(set(int(i) for i in ids if i is not None and 0 <= int(i) < cfg.vocab_size)))
 
 
 def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extra_stop_ids=(),

@@ -336,7 +336,19 @@ def test_stop_ids_pad_after_stop(model):
 def test_default_stop_ids_include_pad():
   cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(_hf_config().to_dict())
   assert set(sampling.default_stop_ids(cfg)) == {EOS_ID, PAD_ID}
-  assert set(sampling.vision_placeholder_ids(cfg)) >= {IMAGE_ID, VIDEO_ID}
+  assert set(sampling.vision_placeholder_ids(cfg)) == {IMAGE_ID, VIDEO_ID, VISION_PAD_ID}
+
+
+def test_vision_pad_id_from_config_is_forbidden():
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(_hf_config().to_dict())
+  assert cfg.vision_token_id == VISION_PAD_ID
+  assert qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(cfg.to_hf_dict()) == cfg
+  assert VISION_PAD_ID in sampling.make_config(cfg).forbidden_ids
+  # Qwen's presets carry <|vision_pad|> = 151654; tiny() has no such token in its 131-token vocab.
+  assert set(sampling.vision_placeholder_ids(qwen2_5_vl.qwen2p5_vl_7b())) == {151654, 151655, 151656}
+  assert set(sampling.vision_placeholder_ids(qwen2_5_vl.tiny())) == {120, 121}
+  # An id outside the vocabulary is not a placeholder the sampler could emit.
+  assert sampling.vision_placeholder_ids(qwen2_5_vl.tiny(vision_token_id=500)) == (120, 121)
 
 
 def test_fixed_rng_reproducible(model):
@@ -514,3 +526,45 @@ def test_generate_cli_streams_an_answer(tmp_path, cli_model_dir, capsys):
   captured = capsys.readouterr()
   assert captured.out.strip() == text.strip()
   assert "tokens in" in captured.err
+
+
+@pytest.mark.slow
+def test_generate_cli_reads_a_trainer_workdir(tmp_path, cli_model_dir, capsys):
+  """An orbax checkpoint written by spacer_jax.checkpoint (train.py's layout: model_config.json,
+  ckpt/<step>/, tokenizer/) answers exactly like the HF checkpoint holding the same weights."""
+  import json
+  import shutil
+
+  from spacer_jax import checkpoint
+  from spacer_jax import generate as generate_cli
+  from spacer_jax import tree_utils
+  from flax import nnx as nnx_lib
+  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(cli_model_dir))
+  # Seed 1: weights no fresh Rngs(0) init could reproduce, so a restore that fell back to an init fails.
+  hf_model = qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx_lib.Rngs(1))
+  hf_dir, run = tmp_path / "hf", tmp_path / "run"
+  qwen2_5_vl.save_hf(hf_model, hf_dir)
+  _, params, _ = tree_utils.split_model(hf_model)
+  (run / "tokenizer").mkdir(parents=True)
+  for f in cli_model_dir.iterdir():
+    if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+      shutil.copy(f, run / "tokenizer" / f.name)
+      shutil.copy(f, hf_dir / f.name)
+  (run / "model_config.json").write_text(json.dumps(hf_model.config.to_hf_dict()))
+  (run / "config.json").write_text(json.dumps({"model": {"hf_dir": ""}}))  # the training record
+  ck = checkpoint.Checkpointer(run / "ckpt", use_async=False)
+  ck.save(3, {"step": jnp.asarray(3, jnp.int32), "params": params})
+  ck.close()
+  argv = ["--question", "How many chairs are there?", "--max_new_tokens", "8", "--chunk", "4"]
+  want = generate_cli.main(["--model_dir", str(hf_dir)] + argv)
+  assert want != generate_cli.main(["--model_dir", str(cli_model_dir)] + argv)
+  for where in (run, run / "ckpt"):
+    assert generate_cli.main(["--model_dir", str(where)] + argv) == want
+  assert generate_cli.main(["--model_dir", str(run), "--step", "3"] + argv) == want
+  capsys.readouterr()
+  with pytest.raises(ValueError, match="only a train.py workdir has steps"):
+    generate_cli.main(["--model_dir", str(hf_dir), "--step", "3"] + argv)
+  shutil.rmtree(run / "tokenizer")
+  with pytest.raises(FileNotFoundError, match="--tokenizer_dir"):
+    generate_cli.main(["--model_dir", str(run)] + argv)
+  assert generate_cli.main(["--model_dir", str(run), "--tokenizer_dir", str(hf_dir)] + argv) == want

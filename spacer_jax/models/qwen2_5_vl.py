@@ -65,6 +65,7 @@ class Qwen2_5_VLConfig:
   video_token_id: int = 151656
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  vision_token_id: int | None = 151654  # <|vision_pad|>: never in prompts; the sampler forbids it
   bos_token_id: int = 151643
   eos_token_id: tuple[int, ...] = (151645, 151643)
   pad_token_id: int = 151643
@@ -141,6 +142,7 @@ class Qwen2_5_VLConfig:
         image_token_id=d["image_token_id"], video_token_id=d["video_token_id"],
         vision_start_token_id=d["vision_start_token_id"],
         vision_end_token_id=d["vision_end_token_id"],
+        vision_token_id=d.get("vision_token_id"),  # absent (older configs): None, not a guess
         bos_token_id=pick("bos_token_id", cls.bos_token_id),
         eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
         pad_token_id=pick("pad_token_id", cls.pad_token_id),
@@ -170,12 +172,15 @@ class Qwen2_5_VLConfig:
         window_size=self.window_size, fullatt_block_indexes=list(self.fullatt_block_indexes),
         tokens_per_second=self.tokens_per_second, hidden_act="silu",
         rope_parameters=dict(rope_type="axial", rope_theta=self.vision_rope_theta))
-    return dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
-                text_config=text_cfg, vision_config=vision_cfg,
-                tie_word_embeddings=self.tie_word_embeddings,
-                image_token_id=self.image_token_id, video_token_id=self.video_token_id,
-                vision_start_token_id=self.vision_start_token_id,
-                vision_end_token_id=self.vision_end_token_id)
+    out = dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+               text_config=text_cfg, vision_config=vision_cfg,
+               tie_word_embeddings=self.tie_word_embeddings,
+               image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+               vision_start_token_id=self.vision_start_token_id,
+               vision_end_token_id=self.vision_end_token_id)
+    if self.vision_token_id is not None:
+      out["vision_token_id"] = self.vision_token_id
+    return out
 
 
 def qwen2p5_vl_3b(**overrides):
@@ -207,14 +212,18 @@ def qwen2p5_vl_72b(**overrides):
 
 
 def tiny(**overrides):
-  """Test/smoke size with odd dimensions; window_size 56 gives 2x2-token (4x4-patch) windows."""
+  """Test/smoke size with odd dimensions; window_size 56 gives 2x2-token (4x4-patch) windows.
+
+  vision_token_id defaults to None (the 131-token vocab has no <|vision_pad|>); pass it when the
+  tokenizer has one.
+  """
   kw = dict(
       vocab_size=131, hidden_size=56, intermediate_size=37, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, mrope_section=(3, 2, 2),
       max_position_embeddings=4096, vision_depth=3, vision_hidden_size=36, vision_num_heads=3,
       vision_intermediate_size=29, out_hidden_size=56, window_size=56, fullatt_block_indexes=(1,),
       image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
-      bos_token_id=124, eos_token_id=(125,), pad_token_id=124)
+      vision_token_id=None, bos_token_id=124, eos_token_id=(125,), pad_token_id=124)
   kw.update(overrides)
   if "hidden_size" in overrides and "out_hidden_size" not in overrides:
     kw["out_hidden_size"] = kw["hidden_size"]
