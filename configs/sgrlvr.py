@@ -44,7 +44,7 @@ def demo(c):
   c = config_lib.smoke(c)
   c.sft_warmup_steps = 150  # SFT on templated traces, then GRPO for the remaining steps.
   c.sft_target = "process"  # process = the trace's <think>...</think>, then the solution.
-  c.total_steps = 250
+  c.total_steps = 200
   c.ckpt_every_steps = 50  # Divides sft_warmup_steps: the held-out evaluation reads the SFT checkpoint.
   c.keep_ckpts = 10
   c.rollout_log_every_steps = 10
@@ -63,8 +63,8 @@ def demo(c):
   c.sampling.max_new_tokens = 176  # Templated traces + <|im_end|>: 108-182 tokens, 99% <= 167.
   # SpaceR rewards 320-512-token correct answers out of 1024; the demo brackets its trace lengths.
   c.rewards.length_range = (120, 176)
-  c.optim.lr = 6e-3  # Cosine over all steps: 6e-3 -> 2e-3 during SFT, 2e-3 -> 0 during GRPO.
-  c.demo = ml_collections.ConfigDict(dict(eval_max_items=0, eval_batch_size=16))
+  c.optim.lr = 6e-3  # Cosine over all steps: 6e-3 -> 0.9e-3 during SFT, 0.9e-3 -> 0 during GRPO.
+  c.demo = ml_collections.ConfigDict(dict(eval_max_items=0, eval_batch_size=32))
   return c
 
 

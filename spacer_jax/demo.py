@@ -153,8 +153,13 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
   dc = dataclasses.replace(data_config, batch_size=batch_size, temporal=False, shuffle=False,
                            num_epochs=1, drop_remainder=False, num_workers=0, prefetch_batches=0)
   comps = {k: [] for k in ("accuracy", "accuracy_base", "map", "format")}
-  kinds = []
-  for batch in pipeline.make_iterator(records, tokenizer, dc, seed=0):
+  kinds, samples = [], []
+  # Full batches only (the sampler rejects empty padding rows, and one shape means one compile): the
+  # list is padded with repeats of its first records, which are not scored.
+  n = len(records)
+  padded = list(records) + list(records[:(-n) % batch_size])
+  seen = 0
+  for batch in pipeline.make_iterator(padded, tokenizer, dc, seed=0):
     sampler.vision_budget = train.vision_budget(model.config, batch)
     vision = {}
     if rollout.present(batch, "pixel_values_videos", "video_grid_thw"):
@@ -166,7 +171,8 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     texts = tokenizer.decode_batch([t[:n] for t, n in zip(tokens, lengths)],
                                    skip_special_tokens=True)
-    valid = np.asarray(batch["valid"], bool)
+    valid = np.asarray(batch["valid"], bool) & (seen + np.arange(len(texts)) < n)
+    seen += len(texts)
     ex = {"solution": [s or "<answer>0</answer>" for s in batch["solution"]],
           "problem_type": [p or "numerical" for p in batch["problem_type"]],
           "cognitive_map": list(batch["cognitive_map"]), "id": list(batch["id"])}
@@ -174,11 +180,13 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
     for k in comps:
       comps[k].append(c[k][valid])
     kinds += [question_types[i] for i, v in zip(batch["id"], valid) if v]
+    samples += [{"id": i, "completion": t, "solution": sol}
+                for i, t, sol, v in zip(batch["id"], texts, batch["solution"], valid) if v]
   comps = {k: np.concatenate(v) for k, v in comps.items()}
   kinds = np.array(kinds)
   per_task = {t: float(comps["accuracy_base"][kinds == t].mean()) for t in sorted(set(kinds))}
   return {**{k: float(v.mean()) for k, v in comps.items()}, "per_task": per_task,
-          "num": int(len(kinds))}
+          "num": int(len(kinds)), "samples": samples}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,8 +260,9 @@ def _restore(workdir, step):
   from spacer_jax import evaluate, tree_utils
   from spacer_jax.models import qwen2_5_vl
   cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(workdir, "model_config.json"))
-  abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
-      cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32))
+  with jax.set_mesh(None):  # Called inside train.py's mesh: logical names are not mesh axes.
+    abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32))
   graphdef, abstract, paths = tree_utils.split_model(abstract_model)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=dev)
@@ -297,13 +306,24 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
         use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
         temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
         length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
-    for name, step in (("sft", sft_steps), ("final", last)):
+    from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+    final = evaluate.latest_checkpoint_step(os.path.join(workdir, "ckpt"))
+    import jax  # pylint: disable=g-import-not-at-top
+    for name, step in (("sft", sft_steps), ("final", final)):
+      if not os.path.isdir(os.path.join(workdir, "ckpt", str(step), "state")):
+        raise FileNotFoundError(f"{workdir}/ckpt/{step}: no checkpoint at step {step}; "
+                                f"config.ckpt_every_steps must divide config.sft_warmup_steps")
       params, graphdef, mpaths = _restore(workdir, step)
-      heldout[name] = {"step": step, **evaluate_params(
-          params, graphdef=graphdef, paths=mpaths, tokenizer=tokenizer, records=records,
-          question_types=qtypes, data_config=train._data_config(config, False),  # pylint: disable=protected-access
-          reward_config=reward_config, max_new_tokens=int(config.sampling.max_new_tokens),
-          batch_size=int(config.demo.eval_batch_size))}
+      with jax.set_mesh(None):  # One device, whatever mesh the trainer runs under.
+        heldout[name] = {"step": step, **evaluate_params(
+            params, graphdef=graphdef, paths=mpaths, tokenizer=tokenizer, records=records,
+            question_types=qtypes, data_config=train._data_config(config, False),  # pylint: disable=protected-access
+            reward_config=reward_config, max_new_tokens=int(config.sampling.max_new_tokens),
+            batch_size=int(config.demo.eval_batch_size))}
+    with open(os.path.join(workdir, "demo_heldout_samples.jsonl"), "w") as f:
+      for name, h in heldout.items():
+        for smp in h.pop("samples"):
+          f.write(json.dumps({"checkpoint": name, "step": h["step"], **smp}) + "\n")
     out["heldout"] = heldout
   out["eval_seconds"] = time.perf_counter() - t0
   out["train_seconds"] = float(sum(r.get("time/step_s", 0.0) for r in rows))

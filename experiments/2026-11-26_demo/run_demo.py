@@ -3,9 +3,10 @@
   .venv/bin/python experiments/2026-11-26_demo/run_demo.py --config=configs/sgrlvr.py:demo \
       --workdir=/tmp/demo [--config.seed=1 ...]
 
-Same as `python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR` once train.py calls
-spacer_jax.demo (load_traces / attach_traces / finish; see that module's docstring). Until then this
-script wraps rollout.sft_batch to attach the templated traces and calls demo.finish after train.main.
+Same as `python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR` (train.py calls
+spacer_jax.demo's load_traces / attach_traces / finish since a502244). With an older train.py this
+script wraps rollout.sft_batch to attach the templated traces and calls demo.finish after train.main
+(the 3-seed runs of README.md were started that way, at 55ac3c7).
 Also writes {workdir}/demo_time.json: wall and CPU seconds (user+sys of this process and children).
 """
 
