@@ -23,14 +23,25 @@ Host code (the sampler does the device work).
 """
 
 import dataclasses
+import importlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 # The GRPO-step window compared by the learning check: first and last 20% of the RL steps.
 WINDOW_FRAC = 0.2
+
+
+def _train_module():
+  """spacer_jax.train without importing it twice: under `python -m spacer_jax.train` it is __main__
+  (a second import would define its absl flags again)."""
+  main = sys.modules.get("__main__")
+  if getattr(getattr(main, "__spec__", None), "name", None) == "spacer_jax.train":
+    return main
+  return importlib.import_module("spacer_jax.train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +156,7 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
   """
   import jax
   from spacer_jax import rewards as rewards_lib
-  from spacer_jax import rollout, sampling, train, tree_utils
+  from spacer_jax import rollout, sampling, tree_utils
   from spacer_jax.data import pipeline
   model = tree_utils.merge_model(graphdef, params, paths)
   sampler = sampling.Sampler(model, temperature=0.0,
@@ -160,7 +171,7 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
   padded = list(records) + list(records[:(-n) % batch_size])
   seen = 0
   for batch in pipeline.make_iterator(padded, tokenizer, dc, seed=0):
-    sampler.vision_budget = train.vision_budget(model.config, batch)
+    sampler.vision_budget = _train_module().vision_budget(model.config, batch)
     vision = {}
     if rollout.present(batch, "pixel_values_videos", "video_grid_thw"):
       vision = dict(pixel_values_videos=batch["pixel_values_videos"],
@@ -276,8 +287,8 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
   Returns the dict written to demo_metrics.json.
   """
   from spacer_jax import rewards as rewards_lib
-  from spacer_jax import train
   from spacer_jax.data import tokenizer as tokenizer_lib
+  train = _train_module()
   t0 = time.perf_counter()
   rows = read_metrics(workdir)
   sft_steps = int(config.sft_warmup_steps)

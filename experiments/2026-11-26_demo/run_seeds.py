@@ -1,7 +1,7 @@
 """The issue-6 learning check: the demo for 3 seeds; prints per-seed numbers and the margin test.
 
   .venv/bin/python experiments/2026-11-26_demo/run_seeds.py --out=/tmp/demo_seeds [--check] \
-      [--seeds=1,2,3] [--parallel=1] [--extra=--config.x=y ...]
+      [--seeds=1,2,3] [--parallel=1] [--extra=--config.x=y ...] [--summarize_only]
 
 Each seed runs `run_demo.py --config=configs/sgrlvr.py:demo --config.seed=S` (the real trainer) in
 {out}/seed_S, sharing one synthetic dataset ({out}/data). Per seed: the mean accuracy reward
@@ -38,7 +38,9 @@ def run_seed(seed, out, extra):
 
 def seed_numbers(workdir):
   m = json.load(open(os.path.join(workdir, "demo_metrics.json")))
-  t = json.load(open(os.path.join(workdir, "demo_time.json")))
+  tp = os.path.join(workdir, "demo_time.json")
+  t = json.load(open(tp)) if os.path.exists(tp) else {"total_wall_s": float("nan"),
+                                                      "total_cpu_s": float("nan")}
   h = m["heldout"]
   return {"first20_acc": m["reward/accuracy"]["first"], "last20_acc": m["reward/accuracy"]["last"],
           "gain_acc": m["reward/accuracy"]["gain"],
@@ -57,10 +59,14 @@ def main():
   ap.add_argument("--check", action="store_true", help="exit 1 unless the learning check passes")
   ap.add_argument("--margin", type=float, default=MARGIN)
   ap.add_argument("--extra", action="append", default=[], help="extra flags for every seed")
+  ap.add_argument("--summarize_only", action="store_true",
+                  help="only read {out}/seed_S/demo_metrics.json of finished runs")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   seeds = [int(s) for s in args.seeds.split(",")]
-  pending, running, done = list(seeds), [], {}
+  pending, running, done = ([] if args.summarize_only else list(seeds)), [], {}
+  if args.summarize_only:
+    done = {s: seed_numbers(os.path.join(args.out, f"seed_{s}")) for s in seeds}
   while pending or running:
     while pending and len(running) < args.parallel:
       s = pending.pop(0)
