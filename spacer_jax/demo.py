@@ -286,7 +286,6 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
 
   Returns the dict written to demo_metrics.json.
   """
-  from spacer_jax import rewards as rewards_lib
   from spacer_jax.data import tokenizer as tokenizer_lib
   train = _train_module()
   t0 = time.perf_counter()
@@ -309,14 +308,7 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
       records = records[:max_items]
     tok_dir = config.data.tokenizer_dir or os.path.join(workdir, "tokenizer")
     tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
-    r = config.rewards
-    reward_config = rewards_lib.RewardConfig(
-        use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
-        use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
-        use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
-        use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
-        temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
-        length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+    reward_config = train.make_reward_config(config)
     from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
     final = evaluate.latest_checkpoint_step(os.path.join(workdir, "ckpt"))
     import jax  # pylint: disable=g-import-not-at-top

@@ -162,6 +162,18 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
 # ------------------------------------------------------------------------------------------------
 # Host helpers (config -> library keyword arguments; only train.py reads the ConfigDict).
 # ------------------------------------------------------------------------------------------------
+def make_reward_config(config):
+  """rewards.RewardConfig from `config.rewards` (the library never sees a ConfigDict)."""
+  r = config.rewards
+  return rewards_lib.RewardConfig(
+      use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
+      use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
+      use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
+      use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
+      temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
+      length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+
+
 def _check_paths(config):
   """Fails at start-up, naming the config field, when a checkpoint or data path is missing."""
   need = []
@@ -322,14 +334,7 @@ def main(argv):
       reward_scaling=config.grpo.reward_scaling,
       importance_sampling=config.grpo.importance_sampling, adv_eps=config.grpo.adv_eps,
       kl_clamp=config.grpo.kl_clamp)
-  r = config.rewards
-  reward_config = rewards_lib.RewardConfig(
-      use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
-      use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
-      use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
-      use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
-      temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
-      length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+  reward_config = make_reward_config(config)
   use_ref = rl_steps > 0 and config.grpo.beta > 0
 
   # == Tokenizer and model ======================================================================
