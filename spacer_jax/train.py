@@ -164,6 +164,7 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
 # ------------------------------------------------------------------------------------------------
 def make_reward_config(config):
   """rewards.RewardConfig from `config.rewards` (the library never sees a ConfigDict)."""
+  from spacer_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
   r = config.rewards
   return rewards_lib.RewardConfig(
       use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
@@ -307,7 +308,6 @@ def main(argv):
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
   from spacer_jax import evaluate, sampling  # Imported here: they pull in the model code.
-  from spacer_jax import rewards as rewards_lib
   from spacer_jax.data import pipeline
   from spacer_jax.models import qwen2_5_vl
 
@@ -428,7 +428,7 @@ def main(argv):
     if "demo" in config:
       from spacer_jax import demo  # The CPU demo's extras (SFT traces, held-out summary).
     traces = demo.load_traces(config, workdir) if demo else None
-    temporal = rl_steps > 0 and bool(r.use_temporal)
+    temporal = rl_steps > 0 and bool(config.rewards.use_temporal)
     train_iter = pipeline.make_iterator(records, tokenizer, _data_config(config, temporal),
                                         seed=config.seed)
 
@@ -497,7 +497,7 @@ def main(argv):
             tb, roll_metrics, samples = rollout.run(
                 sampler, params_state, batch, tokenizer=tokenizer, num_generations=g,
                 max_new_tokens=config.sampling.max_new_tokens, rng=rng,
-                reward_config=reward_config, use_temporal=temporal, use_map=bool(r.use_map),
+                reward_config=reward_config, use_temporal=temporal, use_map=bool(config.rewards.use_map),
                 reward_scaling=grpo_config.reward_scaling, adv_eps=grpo_config.adv_eps)
         tb.pop("sampler_logps")
         tb = put_batch(tb)
