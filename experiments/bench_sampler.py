@@ -23,9 +23,12 @@ sgrlvr.py:demo` run of another helper held about one core during runs B-E):
   C    17:24  3.4   2 (default)    68.3/11.5    5.92x      315.8/212.8  1.48x
   D    17:31  1.6   2 (default)    73.5/11.5    6.37x      302.9/187.9  1.61x
   E    17:33  2.3   1              77.3/45.6    1.70x      206.8/164.8  1.25x
-torch's 2-thread OpenMP collapses at b=1 when another process holds a core (11.5 tok/s), so the 6x of
-runs C/D is an artifact of contention, not a win. Against torch at 1 thread, or on the quietest run (A),
-the plain-decode goals (>= 2.5x at b=1, >= 2x at b=8) are NOT met; the rollout goal (>= 3x) is met.
+  F    17:36  1.5   1              (--only rollout --reps 2: one timed rep)             7.82/21.83   2.79x
+  G    17:42  1.5   2 (default)    (--only rollout --reps 2: one timed rep)             8.39/17.22   2.05x
+torch's 2-thread OpenMP collapses when another process holds a core (b=1: 11.5 tok/s; rollout: 120 s in
+run A against 17 s in run G), so the 6x of runs C/D and the 10.8x of run A are artifacts of contention,
+not wins. On the quieter runs none of the goals is met: plain decode 1.7-2.2x at b=1 (goal 2.5x) and
+1.2-1.7x at b=8 (goal 2x); rollout 2.0-2.8x (goal 3x).
 Profile of the decode loop (b=8, HLO of the compiled `_decode`): no sort (greedy is argmax only), all 26
 state buffers aliased (donated), the per-layer cache updates are in-place dynamic-update-slice fusions
 with no copy of a [R, C, K, H] buffer; replacing select_tokens by a bare argmax (no log_softmax, no
