@@ -13,6 +13,7 @@ handler only sets a flag; the loop finishes the current step, saves and exits cl
 """
 
 import json
+import os
 import signal
 
 import jax
@@ -24,7 +25,8 @@ class Checkpointer:
   """CheckpointManager over `{state, data}` in `directory`."""
 
   def __init__(self, directory, max_to_keep=3, use_async=True):
-    self.directory = epath.Path(directory)
+    # orbax (ocdbt) requires absolute paths; a relative --workdir is the common case.
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     # The cadence (every N steps, on preemption, at the end) is decided by the loop, not by orbax.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=use_async)
@@ -160,7 +162,7 @@ class PreemptionGuard:
 
 def _find_run(path):
   """(checkpoint dir, model_config.json) for a train.py workdir or its ckpt/ directory."""
-  path = epath.Path(path)
+  path = epath.Path(os.path.abspath(os.fspath(path)))  # orbax needs absolute paths.
   for ckpt_dir, run_dir in ((path / "ckpt", path), (path, path.parent)):
     cfg = run_dir / "model_config.json"
     if ckpt_dir.exists() and cfg.exists():

@@ -307,6 +307,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths; a relative --workdir is common.
   from spacer_jax import evaluate, sampling  # Imported here: they pull in the model code.
   from spacer_jax.data import pipeline
   from spacer_jax.models import qwen2_5_vl

@@ -142,3 +142,14 @@ def test_load_model_from_a_run_directory(tmp_path):
   assert checkpoint.load_model(tmp_path, dtype="bfloat16").lm_head.weight[...].dtype == jnp.bfloat16
   with pytest.raises(FileNotFoundError, match="workdir"):
     checkpoint.load_model(tmp_path / "nowhere")
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  # `--workdir=runs/demo` is the README's form; orbax alone rejects relative paths.
+  monkeypatch.chdir(tmp_path)
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+  st = _state(mesh)
+  ck = checkpoint.Checkpointer(os.path.join("runs", "ckpt"), use_async=False)
+  assert ck.save(1, st)
+  ck.close()
+  assert ck.latest_step() == 1 and os.path.isdir(tmp_path / "runs" / "ckpt" / "1")
