@@ -1,13 +1,15 @@
-"""Autoregressive sampling for Qwen2.5-VL with a pre-allocated KV cache.
+"""Autoregressive sampling for Qwen2.5-VL with a pre-allocated, prompt-shared KV cache.
 
 Two jitted functions over pytrees (STYLE 3.7), both module-level and compiled once per
 (batch, prompt bucket, max_new_tokens, vision budget, SamplingConfig):
 
   prefill(params, batch) -> SamplingState
-      Runs the vision tower and the text prefill ONCE per prompt, writes the prompt's k/v into a cache
-      sized prompt bucket + max_new_tokens, then repeats cache, last logits and positions G times
-      (row b*G + g; the same order as transformers' num_return_sequences). GRPO samples 8 completions
-      per video prompt, so the vision tower and the ~1000-token prefill are paid once, not 8 times.
+      Runs the vision tower and the text prefill ONCE per prompt and keeps the prompt's k/v once per
+      prompt (the prefix); last logits and positions are repeated G times (row b*G + g; the same
+      order as transformers' num_return_sequences) and each row gets an empty cache of
+      max_new_tokens slots for its own tokens (the suffix). GRPO samples 8 completions per video
+      prompt, so the vision tower and the ~1000-token prefill are paid once, not 8 times, and every
+      decode step reads the prompt's k/v once for all G rows instead of G copies of it.
   decode(params, state, until) -> SamplingState   (state donated)
       A lax.while_loop that samples one token per row per iteration and feeds it back through the
       cache; it stops when every row has emitted a stop id, when `until` steps are done, or at
@@ -27,12 +29,12 @@ to and including the stop id.
 Host code (numpy) lives in `Sampler` / `generate`: bucketing, rope indices, vision index arrays.
 
 Axis legend: B prompts, G samples per prompt, R = B*G rows, T prompt length (bucket),
-N max_new_tokens, C cache length (T + N), V vocab, P vision patches.
+N max_new_tokens, K kv heads, H head dim, V vocab, P vision patches.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax
 import jax
@@ -68,11 +70,11 @@ class SamplingState:
   lengths: jax.Array     # int32[R] tokens emitted up to and including the stop id
   done: jax.Array        # bool[R]
   logits: jax.Array      # float32[R, V] logits for the next token
-  cache: Any             # text.init_cache pytree, per-layer k/v [R, C, K, H]
-  kv_mask: jax.Array     # bool[R, C] valid keys (prompt mask, then True for generated slots)
+  prefix: Any            # prompt k/v once per prompt (text.prefix_from_cache): k [B, K, H, T]
+  prefix_mask: jax.Array  # bool[B, T] valid prompt keys (left padding is False)
+  suffix: Any            # generated k/v per row (text.init_suffix_cache): k [R, K, H, N]
   base_pos: jax.Array    # int32[3, R] M-RoPE id of generated token 0
-  prompt_len: jax.Array  # int32[] T: cache slot of generated token 0
-  step: jax.Array        # int32[] tokens generated so far
+  step: jax.Array        # int32[] tokens generated so far (= suffix slot of the next token)
   rng: jax.Array         # PRNG key
 
 
@@ -187,44 +189,46 @@ def _constrain_rows(x, row_sharding, axis=0):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens",
-                                             "cache_dtype", "row_sharding"))
+                                             "cache_dtype", "row_sharding", "prompt_sharding"))
 def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache_dtype,
-             row_sharding):
-  """Vision + text prefill once per prompt, then repeat G times into a fresh SamplingState."""
+             row_sharding, prompt_sharding):
+  """Vision + text prefill once per prompt -> a fresh SamplingState with B*G rows.
+
+  The prompt's keys/values stay one copy per prompt (the prefix); only the last logits, positions
+  and the empty generated-token cache (the suffix) are per row."""
   model = nnx.merge(graphdef, params)
   input_ids = batch["input_ids"]  # int32[B, T]
   b, t = input_ids.shape
-  c = t + max_new_tokens
   image_features = video_features = None
   if "pixel_values" in batch:
     image_features = model.get_vision_features(batch["pixel_values"], batch["image_vis"])
   if "pixel_values_videos" in batch:
     video_features = model.get_vision_features(batch["pixel_values_videos"], batch["video_vis"])
   embeds = model.embed(input_ids, image_features=image_features, video_features=video_features)
-  # Prefill into a prompt-sized cache (attention over T keys, not T + N), then grow it to C.
   prompt_mask = batch["attention_mask"].astype(bool)
   cache = text_lib.init_cache(model.config, b, t, cache_dtype)
   hidden, cache = model.forward_embeds(embeds, batch["position_ids"], prompt_mask, cache=cache,
                                        cache_index=jnp.int32(0))
-  grow = lambda x: jnp.pad(x, [(0, 0), (0, c - t)] + [(0, 0)] * (x.ndim - 2))  # [B, C, ...]
-  cache = jax.tree.map(grow, cache)
-  kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, C]
+  prefix = jax.tree.map(lambda x: _constrain_rows(x, prompt_sharding),
+                        text_lib.prefix_from_cache(cache))
   # Left padding puts every row's last prompt token in column T-1.
   logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
 
   g = num_samples
   rep = lambda x: _constrain_rows(jnp.repeat(x, g, axis=0), row_sharding)
   r = b * g
+  rows = lambda x: _constrain_rows(x, row_sharding)
   return SamplingState(
-      tokens=_constrain_rows(jnp.zeros((r, max_new_tokens), jnp.int32), row_sharding),
-      logprobs=_constrain_rows(jnp.zeros((r, max_new_tokens), jnp.float32), row_sharding),
-      lengths=_constrain_rows(jnp.zeros((r,), jnp.int32), row_sharding),
-      done=_constrain_rows(jnp.zeros((r,), bool), row_sharding),
+      tokens=rows(jnp.zeros((r, max_new_tokens), jnp.int32)),
+      logprobs=rows(jnp.zeros((r, max_new_tokens), jnp.float32)),
+      lengths=rows(jnp.zeros((r,), jnp.int32)),
+      done=rows(jnp.zeros((r,), bool)),
       logits=rep(logits),
-      cache=jax.tree.map(rep, cache),
-      kv_mask=rep(kv_mask),
+      prefix=prefix,
+      prefix_mask=_constrain_rows(prompt_mask, prompt_sharding),
+      suffix=jax.tree.map(rows, text_lib.init_suffix_cache(model.config, r, max_new_tokens,
+                                                           cache_dtype)),
       base_pos=_constrain_rows(jnp.repeat(batch["base_pos"], g, axis=1), row_sharding, axis=1),
-      prompt_len=jnp.int32(t),
       step=jnp.int32(0),
       rng=rng,
   )
@@ -254,11 +258,10 @@ def _decode(params, state, until, *, graphdef, scfg):
     # Feed the new token. Done rows feed the pad id; their outputs are never read again.
     pos = (s.base_pos + s.step)[:, :, None]  # [3, R, 1]
     embeds = model.embed(tok[:, None])
-    hidden, cache = model.forward_embeds(embeds, pos, s.kv_mask, cache=s.cache,
-                                         cache_index=s.prompt_len + s.step)
+    hidden, suffix = model.decode_step(embeds, pos, s.prefix, s.prefix_mask, s.suffix, s.step)
     logits = model.logits(hidden)[:, 0].astype(jnp.float32)
     return s.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, logits=logits,
-                     cache=cache, step=s.step + 1)
+                     suffix=suffix, step=s.step + 1)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -412,7 +415,8 @@ class Sampler:
     return _prefill(self.params if params is None else params, self._put(batch), rng,
                     graphdef=self.graphdef, num_samples=int(num_samples),
                     max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
-                    row_sharding=self._row_sharding(rows))
+                    row_sharding=self._row_sharding(rows),
+                    prompt_sharding=self._row_sharding(batch["input_ids"].shape[0]))
 
   def decode(self, state, *, until=None, params=None):
     """Jitted decode loop (donates `state`)."""

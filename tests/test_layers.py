@@ -77,3 +77,41 @@ def test_constrain_is_identity_without_mesh_and_shards_with_one():
     y = jax.jit(lambda a: layers.constrain(a * 2, ("batch", "embed")))(x)
   assert y.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tp")
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_shared_prefix_decode_attention_equals_attention_over_concatenation(dtype, atol):
+  """Prefix (one copy per prompt, G rows each) + per-row suffix == plain attention of each row over
+  its prompt's keys followed by its own keys, with left padding and unwritten suffix slots masked.
+  bf16 tolerance: one bf16 rounding of the probabilities and of the output (|out| <= ~3)."""
+  b, g, n, k, h, t, s = 2, 3, 8, 2, 16, 7, 5
+  rng = np.random.default_rng(0)
+  r = b * g
+  q = rng.normal(size=(r, n, h)).astype(np.float32)
+  pk, pv = (rng.normal(size=(b, t, k, h)).astype(np.float32) for _ in range(2))
+  sk, sv = (rng.normal(size=(r, s, k, h)).astype(np.float32) for _ in range(2))
+  prefix_mask = np.ones((b, t), bool)
+  prefix_mask[1, :3] = False  # left padding of prompt 1
+  suffix_len = 3  # slots 3, 4 unwritten: their (random) contents must not matter
+  cast = lambda x: jnp.asarray(x, dtype)
+  got = layers.shared_prefix_decode_attention(
+      cast(q), cast(pk.transpose(0, 2, 3, 1)), cast(pv.transpose(0, 2, 1, 3)),
+      jnp.asarray(prefix_mask), cast(sk.transpose(0, 2, 3, 1)), cast(sv.transpose(0, 2, 1, 3)),
+      jnp.int32(suffix_len))
+  keys = np.concatenate([np.repeat(pk, g, 0), sk], axis=1)  # [R, T + S, K, H]
+  vals = np.concatenate([np.repeat(pv, g, 0), sv], axis=1)
+  valid = np.concatenate([np.repeat(prefix_mask, g, 0),
+                          np.broadcast_to(np.arange(s) < suffix_len, (r, s))], axis=1)
+  want = jax.nn.dot_product_attention(
+      jnp.asarray(q[:, None]), jnp.asarray(keys), jnp.asarray(vals),
+      mask=jnp.asarray(valid[:, None, None, :]), scale=h ** -0.5)[:, 0]  # fp32 reference
+  assert got.dtype == dtype and got.shape == (r, n, h)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=atol, rtol=0)
+  # The unwritten suffix slots really are ignored.
+  sk2 = sk.copy()
+  sk2[:, suffix_len:] = 1e3
+  got2 = layers.shared_prefix_decode_attention(
+      cast(q), cast(pk.transpose(0, 2, 3, 1)), cast(pv.transpose(0, 2, 1, 3)),
+      jnp.asarray(prefix_mask), cast(sk2.transpose(0, 2, 3, 1)), cast(sv.transpose(0, 2, 1, 3)),
+      jnp.int32(suffix_len))
+  np.testing.assert_array_equal(np.asarray(got2, np.float32), np.asarray(got, np.float32))

@@ -154,6 +154,67 @@ def attention(q, k, v, *, mask=None, kv_lengths=None, implementation=None):
                                       implementation=implementation)
 
 
+def _large_negative(dtype):
+  # Same masking constant as jax.nn.dot_product_attention's XLA path.
+  return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
+
+
+def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v,
+                                   suffix_len):
+  """Attention of one new token per row over a prompt cache shared by groups of rows.
+
+  GRPO samples G completions of the same prompt: the G rows of a prompt attend to one copy of its
+  keys/values (the prefix, never repeated) plus their own generated keys/values (the suffix). The
+  softmax runs jointly over both parts in float32, so the result is the attention over the
+  concatenated sequence. The G rows of a prompt meet the prefix in one batched matmul with G*Q
+  query rows, instead of G matvecs over G copies of the cache.
+
+  Layouts put the batch axes first and contract K over its second-minor axis, the forms XLA's CPU
+  dot emitter takes without transposing the cache on every step (tests/test_sampling.py checks the
+  compiled decode loop for cache copies).
+
+  Args:
+    q: [R, N, H], R = B*G rows, row r belongs to prompt r // G.
+    prefix_k: [B, K, H, T]; prefix_v: [B, K, T, H]; prefix_mask: bool[B, T] (True = valid key).
+    suffix_k: [R, K, H, S]; suffix_v: [R, K, S, H]; slots s < suffix_len are valid.
+    suffix_len: int32 scalar.
+
+  Returns:
+    [R, N, H] in q's dtype.
+  """
+  r, n, h = q.shape
+  b, kh, _, _ = prefix_k.shape
+  g, qg, s = r // b, n // kh, suffix_k.shape[-1]
+  f32 = jnp.float32
+  scale = jnp.asarray(h ** -0.5, f32)
+  neg = _large_negative(f32)
+
+  def to_prefix(x):  # [R, K, Q, ...] -> [B, K, G*Q, ...]
+    x = x.reshape((b, g, kh, qg) + x.shape[3:])
+    return jnp.swapaxes(x, 1, 2).reshape((b, kh, g * qg) + x.shape[4:])
+
+  def to_rows(x):  # [B, K, G*Q, ...] -> [R, K, Q, ...]
+    x = x.reshape((b, kh, g, qg) + x.shape[3:])
+    return jnp.swapaxes(x, 1, 2).reshape((r, kh, qg) + x.shape[4:])
+
+  qs = q.reshape(r, kh, qg, h)  # [R, K, Q, H]
+  sp = jnp.einsum("bkmh,bkht->bkmt", to_prefix(qs), prefix_k.astype(q.dtype),
+                  preferred_element_type=f32) * scale  # [B, K, G*Q, T]
+  sp = jnp.where(prefix_mask[:, None, None, :], sp, neg)
+  ss = jnp.einsum("rkqh,rkhs->rkqs", qs, suffix_k.astype(q.dtype),
+                  preferred_element_type=f32) * scale  # [R, K, Q, S]
+  ss = jnp.where(jnp.arange(s) < suffix_len, ss, neg)
+  m = jnp.maximum(to_rows(jnp.max(sp, axis=-1)), jnp.max(ss, axis=-1))  # [R, K, Q]
+  ep = jnp.exp(sp - to_prefix(m)[..., None])
+  es = jnp.exp(ss - m[..., None])
+  denom = to_rows(jnp.sum(ep, axis=-1)) + jnp.sum(es, axis=-1)  # [R, K, Q]
+  pp = (ep / to_prefix(denom)[..., None]).astype(prefix_v.dtype)
+  ps = (es / denom[..., None]).astype(suffix_v.dtype)
+  op = jnp.einsum("bkmt,bkth->bkmh", pp, prefix_v, preferred_element_type=f32)  # [B, K, G*Q, H]
+  os_ = jnp.einsum("rkqs,rksh->rkqh", ps, suffix_v, preferred_element_type=f32)  # [R, K, Q, H]
+  return (to_rows(op) + os_).reshape(r, n, h).astype(q.dtype)
+
+
 def constrain(x, names):
   """Constrains activation `x` to the logical axes `names` (e.g. ("batch", "seq", "embed")).
 

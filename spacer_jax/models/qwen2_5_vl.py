@@ -8,7 +8,8 @@ Two ways to run it:
 * `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=..., ...)`: convenience,
   computes every index array on the host and returns float32 logits [B, T, V].
 * Jit-friendly pieces for the sampler/trainer: `prepare_vision_inputs` (host), then
-  `get_vision_features`, `embed`, `forward_embeds` (optionally with a KV cache) and `logits`.
+  `get_vision_features`, `embed`, `forward_embeds` (optionally with a KV cache), `decode_step`
+  (sampling with a shared prompt cache) and `logits`.
 
 Axis legend: B batch, T query length, S key/value length, D text hidden, V vocab, P patches,
 Q merged vision tokens, C cache length.
@@ -340,6 +341,10 @@ class Qwen2_5_VL(nnx.Module):
   def forward_embeds(self, embeds, position_ids, kv_mask, cache=None, cache_index=None):
     """Text decoder on embeddings; see text.Qwen2Model.__call__. Returns (hidden, cache)."""
     return self.model(embeds, position_ids, kv_mask, cache, cache_index)
+
+  def decode_step(self, embeds, position_ids, prefix, prefix_mask, suffix, step):
+    """One sampling step against a shared prompt cache; see text.Qwen2Model.decode_step."""
+    return self.model.decode_step(embeds, position_ids, prefix, prefix_mask, suffix, step)
 
   def logits(self, hidden):
     """[B, T, D] -> float32[B, T, V]."""

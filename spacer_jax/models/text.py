@@ -5,9 +5,14 @@ q/k/v bias and no o_proj bias, SwiGLU MLP without bias, RMSNorm, and multimodal 
 64 frequency pairs are split into contiguous sections taking their angle from the t, h and w
 position streams (spec §4.1).
 
-KV cache: a list (one entry per layer) of {"k", "v"} arrays [B, C, K, H]. New keys/values are
-written at slots [cache_index, cache_index + T); cache_index is one scalar for the whole batch
-because batches are left-padded.
+KV cache (`__call__`): a list (one entry per layer) of {"k", "v"} arrays [B, C, K, H]. New
+keys/values are written at slots [cache_index, cache_index + T); cache_index is one scalar for the
+whole batch because batches are left-padded.
+
+Sampling cache (`decode_step`): the prompt's keys/values once per prompt (the prefix, from
+`prefix_from_cache` after prefill: k [B, K, H, T], v [B, K, T, H]) and the generated tokens'
+keys/values per row (the suffix, `init_suffix_cache`: k [R, K, H, N], v [R, K, N, H]); the G
+samples of a prompt share its prefix (layers.shared_prefix_decode_attention).
 
 Axis legend: B batch, T query length, S key/value length, D text hidden, N query heads,
 K kv heads, H head dim, F MLP hidden, V vocab, C cache length.
@@ -25,6 +30,19 @@ def init_cache(cfg, batch: int, length: int, dtype=jnp.bfloat16):
   shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(cfg.num_hidden_layers)]
+
+
+def init_suffix_cache(cfg, rows: int, length: int, dtype=jnp.bfloat16):
+  """Zero generated-token cache: list over layers of {"k": [R, K, H, N], "v": [R, K, N, H]}."""
+  k, h = cfg.num_key_value_heads, cfg.head_dim
+  return [{"k": jnp.zeros((rows, k, h, length), dtype), "v": jnp.zeros((rows, k, length, h), dtype)}
+          for _ in range(cfg.num_hidden_layers)]
+
+
+def prefix_from_cache(cache):
+  """A prompt-sized `__call__` cache ([B, T, K, H] per layer) in `decode_step`'s prefix layout."""
+  return [{"k": jnp.transpose(c["k"], (0, 2, 3, 1)), "v": jnp.transpose(c["v"], (0, 2, 1, 3))}
+          for c in cache]
 
 
 def mrope_cos_sin(position_ids, *, head_dim: int, theta: float, mrope_section, dtype):
@@ -62,15 +80,19 @@ class Attention(nnx.Module):
     self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("kv_heads", "embed"), **kw)
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("embed", "heads"), **kw)
 
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-    """x: [B, T, D]; cos/sin: [B, T, H]; mask: bool[B, 1, T, S]. Returns ([B, T, D], cache)."""
+  def _qkv(self, x, cos, sin):
+    """x: [B, T, D]; cos/sin: [B, T, H] -> q [B, T, N, H], k and v [B, T, K, H] (rotary applied)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, H]
-    q = layers.apply_rotary(q, cos, sin)
-    k = layers.apply_rotary(k, cos, sin)
+    return layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin), v
+
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    """x: [B, T, D]; cos/sin: [B, T, H]; mask: bool[B, 1, T, S]. Returns ([B, T, D], cache)."""
+    b, t, _ = x.shape
+    q, k, v = self._qkv(x, cos, sin)
     if cache is not None:
       start = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, C, K, H]
@@ -79,6 +101,20 @@ class Attention(nnx.Module):
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = layers.attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, H]
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+  def decode(self, x, cos, sin, prefix, prefix_mask, suffix, step):
+    """One new token per row. x: [R, 1, D]; cos/sin: [R, 1, H]; prefix/suffix: one layer's entries
+    of `prefix_from_cache` / `init_suffix_cache`; prefix_mask: bool[B, T]; step: int32 suffix slot
+    of this token. Returns ([R, 1, D], updated suffix)."""
+    r = x.shape[0]
+    q, k, v = self._qkv(x, cos, sin)  # [R, 1, N, H], [R, 1, K, H]
+    sk = jax.lax.dynamic_update_slice(
+        suffix["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(suffix["k"].dtype), (0, 0, 0, step))
+    sv = jax.lax.dynamic_update_slice(
+        suffix["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(suffix["v"].dtype), (0, 0, step, 0))
+    out = layers.shared_prefix_decode_attention(q[:, 0], prefix["k"], prefix["v"], prefix_mask,
+                                                sk, sv, step + 1)  # [R, N, H]
+    return self.o_proj(out.reshape(r, 1, self.num_heads * self.head_dim)), {"k": sk, "v": sv}
 
 
 class MLP(nnx.Module):
@@ -111,6 +147,15 @@ class DecoderLayer(nnx.Module):
       x = x + h
       x = x + self.mlp(self.post_attention_layernorm(x))
       return layers.constrain(x, ("batch", "seq", "embed")), cache
+
+  def decode(self, x, cos, sin, prefix, prefix_mask, suffix, step):
+    """`__call__` for one new token per row against a shared prefix (see Attention.decode)."""
+    with jax.named_scope("decoder_layer"):
+      h, suffix = self.self_attn.decode(self.input_layernorm(x), cos, sin, prefix, prefix_mask,
+                                        suffix, step)
+      x = x + h
+      x = x + self.mlp(self.post_attention_layernorm(x))
+      return layers.constrain(x, ("batch", "seq", "embed")), suffix
 
 
 def _layer_forward(layer, x, cos, sin, mask, cache, cache_index):
@@ -163,3 +208,24 @@ class Qwen2Model(nnx.Module):
       if cache is not None:
         new_cache.append(c)
     return self.norm(x), new_cache
+
+  def decode_step(self, embeds, position_ids, prefix, prefix_mask, suffix, step):
+    """One sampling step: each of the R = B*G rows feeds one token.
+
+    Args:
+      embeds: [R, 1, D]; position_ids: int32[3, R, 1].
+      prefix: `prefix_from_cache` of the prompt cache (B prompts); prefix_mask: bool[B, T].
+      suffix: `init_suffix_cache` (R rows, N slots); step: int32 scalar slot written by this token
+        (slots < step hold the earlier generated tokens).
+
+    Returns:
+      (hidden [R, 1, D] after the final norm, updated suffix).
+    """
+    cos, sin = mrope_cos_sin(position_ids, head_dim=self.head_dim, theta=self.rope_theta,
+                             mrope_section=self.mrope_section, dtype=self.dtype)
+    x = layers.constrain(embeds.astype(self.dtype), ("batch", "seq", "embed"))
+    new_suffix = []
+    for i, layer in enumerate(self.layers):
+      x, c = layer.decode(x, cos, sin, prefix[i], prefix_mask, suffix[i], step)
+      new_suffix.append(c)
+    return self.norm(x), new_suffix
