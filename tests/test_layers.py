@@ -96,7 +96,8 @@ def test_shared_prefix_decode_attention_equals_attention_over_concatenation(dtyp
   cast = lambda x: jnp.asarray(x, dtype)
   got = layers.shared_prefix_decode_attention(
       cast(q), cast(pk.transpose(0, 2, 3, 1)), cast(pv.transpose(0, 2, 1, 3)),
-      jnp.asarray(prefix_mask), cast(sk.transpose(0, 2, 3, 1)), cast(sv.transpose(0, 2, 1, 3)),
+      jnp.asarray(prefix_mask), cast(sk.transpose(0, 2, 3, 1).reshape(r * k, h, s)),
+      cast(sv.transpose(0, 2, 1, 3).reshape(r * k, s, h)),
       jnp.int32(suffix_len))
   keys = np.concatenate([np.repeat(pk, g, 0), sk], axis=1)  # [R, T + S, K, H]
   vals = np.concatenate([np.repeat(pv, g, 0), sv], axis=1)
@@ -112,6 +113,7 @@ def test_shared_prefix_decode_attention_equals_attention_over_concatenation(dtyp
   sk2[:, suffix_len:] = 1e3
   got2 = layers.shared_prefix_decode_attention(
       cast(q), cast(pk.transpose(0, 2, 3, 1)), cast(pv.transpose(0, 2, 1, 3)),
-      jnp.asarray(prefix_mask), cast(sk2.transpose(0, 2, 3, 1)), cast(sv.transpose(0, 2, 1, 3)),
+      jnp.asarray(prefix_mask), cast(sk2.transpose(0, 2, 3, 1).reshape(r * k, h, s)),
+      cast(sv.transpose(0, 2, 1, 3).reshape(r * k, s, h)),
       jnp.int32(suffix_len))
   np.testing.assert_array_equal(np.asarray(got2, np.float32), np.asarray(got, np.float32))

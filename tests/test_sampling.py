@@ -448,19 +448,22 @@ def _cache_copies(hlo, sizes):
   return found
 
 
-def test_decode_step_never_copies_the_cache():
+@pytest.mark.parametrize("num_samples", [1, 8])
+def test_decode_step_never_copies_the_cache(num_samples):
   """The compiled decode loop never copies or transposes a cache buffer per step. Structural
   check on the optimized HLO, not a timing. Control: a cached T=1 step through the generic
   [R, C, K, H] cache path (what the sampler used before) does transpose the keys every step, so the
   check can fail; head_dim 64 so XLA takes its library dot path (tiny dims are emitted as loops that
-  accept any layout)."""
+  accept any layout). One row (plain decode) and eight (GRPO): a unit row axis once made XLA copy
+  the suffix cache (see text.init_suffix_cache)."""
   cfg = qwen2_5_vl.tiny(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                         mrope_section=(16, 8, 8), num_hidden_layers=1)
   big = qwen2_5_vl.init_model(cfg)
   ids = np.random.default_rng(12).integers(0, 100, (1, 256)).astype(np.int32)
   sampler = sampling.Sampler(big, temperature=1.0, top_k=10, stop_ids=())
-  state = sampler.prefill(sampler.prepare(ids, None), max_new_tokens=16, num_samples=8)
-  assert state.prefix[0]["k"].shape[0] == 1 and state.suffix[0]["k"].shape[0] == 8
+  state = sampler.prefill(sampler.prepare(ids, None), max_new_tokens=16, num_samples=num_samples)
+  assert state.prefix[0]["k"].shape[0] == 1
+  assert state.suffix[0]["k"].shape[0] == num_samples * cfg.num_key_value_heads
   hlo = sampling._decode.lower(sampler.params, state, jnp.int32(16), graphdef=sampler.graphdef,
                                scfg=sampler.scfg).compile().as_text()
   sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves((state.prefix, state.suffix))}

@@ -2,7 +2,6 @@
 
 import ast
 import importlib.util
-import io
 import logging
 import math
 import os

@@ -176,7 +176,8 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k,
   Args:
     q: [R, N, H], R = B*G rows, row r belongs to prompt r // G.
     prefix_k: [B, K, H, T]; prefix_v: [B, K, T, H]; prefix_mask: bool[B, T] (True = valid key).
-    suffix_k: [R, K, H, S]; suffix_v: [R, K, S, H]; slots s < suffix_len are valid.
+    suffix_k: [R*K, H, S]; suffix_v: [R*K, S, H] (row-major: entry r*K + k); slots
+      s < suffix_len are valid.
     suffix_len: int32 scalar.
 
   Returns:
@@ -185,6 +186,7 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k,
   r, n, h = q.shape
   b, kh, _, _ = prefix_k.shape
   g, qg, s = r // b, n // kh, suffix_k.shape[-1]
+  x = r * kh
   f32 = jnp.float32
   scale = jnp.asarray(h ** -0.5, f32)
   neg = _large_negative(f32)
@@ -201,8 +203,8 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k,
   sp = jnp.einsum("bkmh,bkht->bkmt", to_prefix(qs), prefix_k.astype(q.dtype),
                   preferred_element_type=f32) * scale  # [B, K, G*Q, T]
   sp = jnp.where(prefix_mask[:, None, None, :], sp, neg)
-  ss = jnp.einsum("rkqh,rkhs->rkqs", qs, suffix_k.astype(q.dtype),
-                  preferred_element_type=f32) * scale  # [R, K, Q, S]
+  ss = jnp.einsum("xqh,xhs->xqs", qs.reshape(x, qg, h), suffix_k.astype(q.dtype),
+                  preferred_element_type=f32).reshape(r, kh, qg, s) * scale  # [R, K, Q, S]
   ss = jnp.where(jnp.arange(s) < suffix_len, ss, neg)
   m = jnp.maximum(to_rows(jnp.max(sp, axis=-1)), jnp.max(ss, axis=-1))  # [R, K, Q]
   ep = jnp.exp(sp - to_prefix(m)[..., None])
@@ -211,7 +213,8 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k,
   pp = (ep / to_prefix(denom)[..., None]).astype(prefix_v.dtype)
   ps = (es / denom[..., None]).astype(suffix_v.dtype)
   op = jnp.einsum("bkmt,bkth->bkmh", pp, prefix_v, preferred_element_type=f32)  # [B, K, G*Q, H]
-  os_ = jnp.einsum("rkqs,rksh->rkqh", ps, suffix_v, preferred_element_type=f32)  # [R, K, Q, H]
+  os_ = jnp.einsum("xqs,xsh->xqh", ps.reshape(x, qg, s), suffix_v,
+                   preferred_element_type=f32).reshape(r, kh, qg, h)  # [R, K, Q, H]
   return (to_rows(op) + os_).reshape(r, n, h).astype(q.dtype)
 
 

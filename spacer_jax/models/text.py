@@ -11,7 +11,7 @@ whole batch because batches are left-padded.
 
 Sampling cache (`decode_step`): the prompt's keys/values once per prompt (the prefix, from
 `prefix_from_cache` after prefill: k [B, K, H, T], v [B, K, T, H]) and the generated tokens'
-keys/values per row (the suffix, `init_suffix_cache`: k [R, K, H, N], v [R, K, N, H]); the G
+keys/values per row (the suffix, `init_suffix_cache`: k [R*K, H, N], v [R*K, N, H]); the G
 samples of a prompt share its prefix (layers.shared_prefix_decode_attention).
 
 Axis legend: B batch, T query length, S key/value length, D text hidden, N query heads,
@@ -33,9 +33,14 @@ def init_cache(cfg, batch: int, length: int, dtype=jnp.bfloat16):
 
 
 def init_suffix_cache(cfg, rows: int, length: int, dtype=jnp.bfloat16):
-  """Zero generated-token cache: list over layers of {"k": [R, K, H, N], "v": [R, K, N, H]}."""
-  k, h = cfg.num_key_value_heads, cfg.head_dim
-  return [{"k": jnp.zeros((rows, k, h, length), dtype), "v": jnp.zeros((rows, k, length, h), dtype)}
+  """Zero generated-token cache: list over layers of {"k": [R*K, H, N], "v": [R*K, N, H]}.
+
+  Rows and kv heads share one leading axis (row-major, so row sharding carries over): with a
+  separate row axis of size 1, XLA drops it from the attention dot with a bitcast, duplicates the
+  cache update for the two readers (attention, loop carry) and copies the cache every step.
+  """
+  x, h = rows * cfg.num_key_value_heads, cfg.head_dim
+  return [{"k": jnp.zeros((x, h, length), dtype), "v": jnp.zeros((x, length, h), dtype)}
           for _ in range(cfg.num_hidden_layers)]
 
 
@@ -108,10 +113,10 @@ class Attention(nnx.Module):
     of this token. Returns ([R, 1, D], updated suffix)."""
     r = x.shape[0]
     q, k, v = self._qkv(x, cos, sin)  # [R, 1, N, H], [R, 1, K, H]
-    sk = jax.lax.dynamic_update_slice(
-        suffix["k"], jnp.transpose(k, (0, 2, 3, 1)).astype(suffix["k"].dtype), (0, 0, 0, step))
-    sv = jax.lax.dynamic_update_slice(
-        suffix["v"], jnp.transpose(v, (0, 2, 1, 3)).astype(suffix["v"].dtype), (0, 0, step, 0))
+    k = jnp.transpose(k, (0, 2, 3, 1)).reshape(r * self.num_kv_heads, self.head_dim, 1)
+    v = jnp.transpose(v, (0, 2, 1, 3)).reshape(r * self.num_kv_heads, 1, self.head_dim)
+    sk = jax.lax.dynamic_update_slice(suffix["k"], k.astype(suffix["k"].dtype), (0, 0, step))
+    sv = jax.lax.dynamic_update_slice(suffix["v"], v.astype(suffix["v"].dtype), (0, step, 0))
     out = layers.shared_prefix_decode_attention(q[:, 0], prefix["k"], prefix["v"], prefix_mask,
                                                 sk, sv, step + 1)  # [R, N, H]
     return self.o_proj(out.reshape(r, 1, self.num_heads * self.head_dim)), {"k": sk, "v": sv}
