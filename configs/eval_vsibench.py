@@ -51,6 +51,8 @@ def get_config(arg=None):
   c.data_dir = ""         # VSI-Bench directory.
   c.protocol = arg.protocol
   c.max_new_tokens = 1024 if arg.protocol == "spacer" else 16
+  # SpaceR-Eval's greedy decoding carries Qwen2.5-VL's generation_config repetition penalty (spec 7.1).
+  c.repetition_penalty = 1.05 if arg.protocol == "spacer" else 1.0
   c.batch_size = 8        # global; a multiple of the device count shards rows over devices.
   c.dtype = "bfloat16"
   c.cache_dtype = ""      # "" = dtype.
@@ -76,6 +78,7 @@ def get_config(arg=None):
     c.tokenizer_dir = f"{arg.demo_workdir}/{DEMO_TOKENIZER_SUBDIR}"
     c.data_dir = synthetic.dataset_paths(f"{arg.demo_workdir}/{DEMO_SYNTHETIC_SUBDIR}").eval_root
     c.max_new_tokens = 128 if arg.protocol == "spacer" else 16
+    c.repetition_penalty = 1.0  # as the trainer's in-run evaluation
     c.batch_size = 8
     c.dtype = "float32"
     c.prompt_buckets = (256, 512, 1024, 2048)

@@ -21,7 +21,9 @@ wrong and the run stops before loading the model.
 
 Frames (`config.video.sampler`): "spacer_eval" reproduces SpaceR-Eval's frame selection and its
 width/height swap (spec 7.1, `load_video_spacer_eval`); "pipeline" uses this project's training video
-path. Decoding is plain greedy (SpaceR-Eval's checkpoints add a repetition penalty of 1.05).
+path. Decoding is greedy; `repetition_penalty` (transformers' semantics) is 1.05 for the spacer
+protocol in configs/eval_vsibench.py, as SpaceR-Eval inherits it from Qwen2.5-VL's
+generation_config.json (spec 7.1), and 1.0 for the official protocol and the demo.
 """
 
 import concurrent.futures
@@ -343,7 +345,8 @@ def find_videos(data_dir, records, allow_missing_videos=True):
 def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_tokens=None,
         batch_size=8, workdir=None, video_kwargs=None, prompt_buckets=prompts.DEFAULT_BUCKETS,
         mesh=None, params=None, cache_dtype=None, vision_budget=None, name="model",
-        allow_missing_videos=True, max_items=0, num_workers=2, progress=True, run_info=None):
+        allow_missing_videos=True, max_items=0, num_workers=2, progress=True, run_info=None,
+        repetition_penalty=1.0):
   """Evaluates `model` on a VSI-Bench-format split; returns the scores (x100).
 
   The trainer calls this every `eval_every_steps` with its current weights:
@@ -377,6 +380,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
     max_items: evaluate only the first N records (0 = all); for smoke runs.
     num_workers: threads decoding the next batch's videos while the model runs.
     progress: show a tqdm progress bar.
+    repetition_penalty: greedy decoding with transformers' repetition penalty (1.0 = off).
     run_info: extra settings identifying the run (evaluate() passes model_dir, dtype, ...). With
       `workdir`, they are written to run_info.json together with protocol, max_new_tokens, data_dir
       and video_kwargs; resuming with any of them changed raises instead of mixing two runs.
@@ -402,13 +406,14 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   check_tokenizer(tokenizer, model.config)
   if workdir:
     check_run_info(workdir, dict(run_info or {}, protocol=protocol, max_new_tokens=max_new_tokens,
+                                 repetition_penalty=float(repetition_penalty),
                                  data_dir=os.path.abspath(data_dir), video_kwargs=video_kwargs or {}))
   preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
            if workdir else None)
   done = dict(preds.done) if preds else {}
   todo = [rec for rec in present if rec["id"] not in done]
   sampler = sampling.Sampler(model, temperature=0.0, mesh=mesh, cache_dtype=cache_dtype,
-                             vision_budget=vision_budget)
+                             vision_budget=vision_budget, repetition_penalty=repetition_penalty)
 
   # Questions are grouped by video (VSI-Bench asks ~18 questions per scene), so each video is
   # decoded once per batch that uses it and the decoded clip is shared by its questions.
@@ -542,6 +547,7 @@ def evaluate(config, workdir):
                  name=config.name or os.path.basename(os.path.normpath(config.model_dir)),
                  allow_missing_videos=config.allow_missing_videos, max_items=config.max_items,
                  num_workers=config.num_workers, progress=config.progress,
+                 repetition_penalty=config.repetition_penalty,
                  run_info=dict(model_dir=os.path.abspath(config.model_dir),
                                tokenizer_dir=config.tokenizer_dir, dtype=config.dtype,
                                max_items=config.max_items))

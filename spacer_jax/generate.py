@@ -172,6 +172,8 @@ def main(argv=None):
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--repetition_penalty", type=float, default=1.0,
+                 help="transformers' repetition penalty (SpaceR-Eval decodes with 1.05)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--chunk", type=int, default=8, help="tokens decoded between prints")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -197,6 +199,7 @@ def main(argv=None):
   vision_pad = tok.token_to_id("<|vision_pad|>")
   sampler = sampling.Sampler(model, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, extra_stop_ids=extra,
+                             repetition_penalty=args.repetition_penalty,
                              extra_forbidden_ids=() if vision_pad is None else (vision_pad,))
   printer = _Printer(tok, sampler.scfg.stop_ids)
   t0 = time.perf_counter()

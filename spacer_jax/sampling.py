@@ -53,10 +53,15 @@ class SamplingConfig:
 
   temperature 0 means greedy. top_k 0 and top_p 1.0 disable the filters. SpaceR's GRPO rollouts use
   temperature 1.0, top_p 0.95, top_k 50 (spec spacer.md §5.1: transformers' implicit top_k default).
+  repetition_penalty p != 1 is transformers' RepetitionPenaltyLogitsProcessor, applied first: the
+  logit of every token already in the row (prompt or completion) is divided by p if positive and
+  multiplied by p if not (SpaceR-Eval decodes greedily with p = 1.05, spec spacer.md §7.1). Unlike
+  transformers, left padding does not count as "already in the row".
   """
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  repetition_penalty: float = 1.0
   stop_ids: tuple[int, ...] = ()
   forbidden_ids: tuple[int, ...] = ()
   pad_id: int = 0
@@ -76,6 +81,7 @@ class SamplingState:
   base_pos: jax.Array    # int32[3, R] M-RoPE id of generated token 0
   step: jax.Array        # int32[] tokens generated so far (= suffix slot of the next token)
   rng: jax.Array         # PRNG key
+  seen: jax.Array        # bool[R, V] tokens in the row so far (repetition penalty), else bool[R, 0]
 
 
 @flax.struct.dataclass
@@ -103,7 +109,7 @@ def vision_placeholder_ids(cfg) -> tuple[int, ...]:
 
 
 def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extra_stop_ids=(),
-                pad_id=None, extra_forbidden_ids=()) -> SamplingConfig:
+                pad_id=None, extra_forbidden_ids=(), repetition_penalty=1.0) -> SamplingConfig:
   """SamplingConfig from a model config. `stop_ids=None` means `default_stop_ids(cfg)`; `()` disables
   stopping (all max_new_tokens are generated). `extra_forbidden_ids` adds never-sampled ids to the
   vision placeholders (e.g. <|vision_pad|> from the tokenizer when the config does not carry it)."""
@@ -115,7 +121,10 @@ def make_config(cfg, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, extr
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not repetition_penalty > 0:
+    raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
   return SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                        repetition_penalty=float(repetition_penalty),
                         stop_ids=stops, pad_id=int(pad_id),
                         forbidden_ids=tuple(sorted(set(vision_placeholder_ids(cfg))
                                                    | set(int(i) for i in extra_forbidden_ids))))
@@ -136,13 +145,14 @@ def _filter_top_p(sorted_logits, top_p):
   return jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
 
 
-def select_tokens(logits, key, scfg: SamplingConfig):
+def select_tokens(logits, key, scfg: SamplingConfig, seen=None):
   """Picks one token per row.
 
   Args:
     logits: float32[R, V] raw logits.
     key: PRNG key (unused for greedy).
     scfg: static settings.
+    seen: bool[R, V] tokens already in each row; required when scfg.repetition_penalty != 1.
 
   Returns:
     (int32[R] tokens, float32[R] log pi(token) at temperature 1 from the raw logits).
@@ -150,6 +160,9 @@ def select_tokens(logits, key, scfg: SamplingConfig):
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   x = logits
+  if scfg.repetition_penalty != 1.0:
+    p = jnp.float32(scfg.repetition_penalty)
+    x = jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)
   if scfg.forbidden_ids:
     x = x.at[:, jnp.asarray(scfg.forbidden_ids)].set(-jnp.inf)
   if scfg.temperature == 0.0:
@@ -189,9 +202,10 @@ def _constrain_rows(x, row_sharding, axis=0):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens",
-                                             "cache_dtype", "row_sharding", "prompt_sharding"))
+                                             "cache_dtype", "row_sharding", "prompt_sharding",
+                                             "track_seen"))
 def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache_dtype,
-             row_sharding, prompt_sharding):
+             row_sharding, prompt_sharding, track_seen=False):
   """Vision + text prefill once per prompt -> a fresh SamplingState with B*G rows.
 
   The prompt's keys/values stay one copy per prompt (the prefix); only the last logits, positions
@@ -218,6 +232,11 @@ def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache
   rep = lambda x: _constrain_rows(jnp.repeat(x, g, axis=0), row_sharding)
   r = b * g
   rows = lambda x: _constrain_rows(x, row_sharding)
+  if track_seen:  # prompt tokens (not the left padding) count as already generated
+    seen = jnp.zeros((b, logits.shape[-1]), bool).at[jnp.arange(b)[:, None], input_ids].max(
+        prompt_mask, mode="drop")
+  else:
+    seen = jnp.zeros((b, 0), bool)
   return SamplingState(
       tokens=rows(jnp.zeros((r, max_new_tokens), jnp.int32)),
       logprobs=rows(jnp.zeros((r, max_new_tokens), jnp.float32)),
@@ -231,6 +250,7 @@ def _prefill(params, batch, rng, *, graphdef, num_samples, max_new_tokens, cache
       base_pos=_constrain_rows(jnp.repeat(batch["base_pos"], g, axis=1), row_sharding, axis=1),
       step=jnp.int32(0),
       rng=rng,
+      seen=rep(seen),
   )
 
 
@@ -246,7 +266,7 @@ def _decode(params, state, until, *, graphdef, scfg):
 
   def body(s):
     model = nnx.merge(graphdef, params)
-    tok, lp = select_tokens(s.logits, jax.random.fold_in(s.rng, s.step), scfg)
+    tok, lp = select_tokens(s.logits, jax.random.fold_in(s.rng, s.step), scfg, s.seen)
     tok = jnp.where(s.done, scfg.pad_id, tok)
     lp = jnp.where(s.done, 0.0, lp)
     tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
@@ -260,8 +280,11 @@ def _decode(params, state, until, *, graphdef, scfg):
     embeds = model.embed(tok[:, None])
     hidden, suffix = model.decode_step(embeds, pos, s.prefix, s.prefix_mask, s.suffix, s.step)
     logits = model.logits(hidden)[:, 0].astype(jnp.float32)
+    seen = s.seen
+    if scfg.repetition_penalty != 1.0:
+      seen = seen.at[jnp.arange(seen.shape[0]), tok].set(True)
     return s.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, logits=logits,
-                     suffix=suffix, step=s.step + 1)
+                     suffix=suffix, step=s.step + 1, seen=seen)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -300,8 +323,8 @@ class Sampler:
 
   Args:
     model: a `qwen2_5_vl.Qwen2_5_VL`; it is split once here.
-    temperature, top_k, top_p, stop_ids, extra_stop_ids, pad_id, extra_forbidden_ids: see
-      `make_config`.
+    temperature, top_k, top_p, stop_ids, extra_stop_ids, pad_id, extra_forbidden_ids,
+      repetition_penalty: see `make_config` / `SamplingConfig`.
     prompt_bucket: prompts are left-padded to a multiple of this (1 = use the given length).
     cache_dtype: KV-cache dtype (default: the model's compute dtype; bf16 halves cache memory).
     mesh, batch_axes: when a mesh is given, rows are sharded over `batch_axes` (default data+fsdp)
@@ -313,12 +336,14 @@ class Sampler:
 
   def __init__(self, model, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
                extra_stop_ids=(), pad_id=None, extra_forbidden_ids=(), prompt_bucket=1,
-               cache_dtype=None, mesh=None, batch_axes=("data", "fsdp"), vision_budget=None):
+               cache_dtype=None, mesh=None, batch_axes=("data", "fsdp"), vision_budget=None,
+               repetition_penalty=1.0):
     self.cfg = model.config
     self.graphdef, self.params = nnx.split(model)
     self.scfg = make_config(self.cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_ids=stop_ids, extra_stop_ids=extra_stop_ids, pad_id=pad_id,
-                            extra_forbidden_ids=extra_forbidden_ids)
+                            extra_forbidden_ids=extra_forbidden_ids,
+                            repetition_penalty=repetition_penalty)
     self.prompt_bucket = max(1, int(prompt_bucket))
     self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None
                                  else getattr(model, "dtype", jnp.float32))
@@ -416,7 +441,8 @@ class Sampler:
                     graphdef=self.graphdef, num_samples=int(num_samples),
                     max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
                     row_sharding=self._row_sharding(rows),
-                    prompt_sharding=self._row_sharding(batch["input_ids"].shape[0]))
+                    prompt_sharding=self._row_sharding(batch["input_ids"].shape[0]),
+                    track_seen=self.scfg.repetition_penalty != 1.0)
 
   def decode(self, state, *, until=None, params=None):
     """Jitted decode loop (donates `state`)."""
@@ -463,7 +489,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, temperatu
              top_p=1.0, num_samples=1, rng=None, stop_ids=None, extra_stop_ids=(), pad_id=None,
              cache_dtype=None, prompt_bucket=1, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-             mesh=None) -> SampleOutput:
+             mesh=None, repetition_penalty=1.0) -> SampleOutput:
   """One-shot sampling (acceptance API). See `Sampler` for the arguments.
 
   Returns out.tokens int32[B*num_samples, N] (pad id after the stop id), out.logprobs float32
@@ -471,7 +497,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens, temperatu
   """
   sampler = Sampler(model, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
                     extra_stop_ids=extra_stop_ids, pad_id=pad_id, prompt_bucket=prompt_bucket,
-                    cache_dtype=cache_dtype, mesh=mesh)
+                    cache_dtype=cache_dtype, mesh=mesh, repetition_penalty=repetition_penalty)
   return sampler(input_ids, attention_mask, max_new_tokens=max_new_tokens, num_samples=num_samples,
                  rng=rng, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                  pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,

@@ -73,6 +73,10 @@ def test_recipe_values():
   assert not g.data.use_cogmap_prompt
   s = _load("sft.py").get_config("")
   assert s.mode == "sft" and s.optim.schedule == "linear" and s.optim.wd == 0.0
+  e = _load("eval_vsibench.py")
+  assert e.get_config("").repetition_penalty == 1.05  # SpaceR-Eval (spec 7.1)
+  assert e.get_config("protocol=official").repetition_penalty == 1.0
+  assert e.get_config("demo,demo_workdir=/tmp/x").repetition_penalty == 1.0
 
 
 @pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe"])

@@ -387,6 +387,11 @@ def test_end_to_end_resume_and_missing_video(tiny_setup, monkeypatch):
   c.max_new_tokens = 7
   with pytest.raises(ValueError, match=r"run_info.json.*max_new_tokens: 6 then, 7 now"):
     evaluate.evaluate(c, full)
+  c = _eval_config(model_dir, data_dir)
+  assert c.repetition_penalty == 1.05  # SpaceR-Eval's decoding
+  c.repetition_penalty = 1.0
+  with pytest.raises(ValueError, match=r"run_info.json.*repetition_penalty: 1.05 then, 1.0 now"):
+    evaluate.evaluate(c, full)
 
   # 4. A missing video: its questions are skipped, counted and named in the table's footer.
   data2 = str(root / "data_missing")

@@ -122,12 +122,13 @@ def _vision_batch(rng, rows, image_grids=None, video_grids=None):
   return ids, mask, vision
 
 
-def _hf_greedy(hf, ids, mask, n, **vision):
+def _hf_greedy(hf, ids, mask, n, repetition_penalty=1.0, **vision):
   """transformers generate, greedy with the KV cache, EOS disabled, placeholders suppressed (our
   sampler never emits them)."""
   gc = transformers.GenerationConfig(do_sample=False, use_cache=True, max_new_tokens=n,
                                      min_new_tokens=0, eos_token_id=None, pad_token_id=PAD_ID,
-                                     suppress_tokens=PLACEHOLDERS)
+                                     suppress_tokens=PLACEHOLDERS,
+                                     repetition_penalty=repetition_penalty)
   hf.generation_config.eos_token_id = None
   t = {k: torch.as_tensor(np.asarray(v)) for k, v in vision.items() if v is not None}
   if vision:
@@ -200,6 +201,40 @@ def test_greedy_text_matches_hf_left_padded(hf_pair, model):
     out = sampling.generate(model, ids, mask, max_new_tokens=n, temperature=0.0, stop_ids=())
   np.testing.assert_array_equal(np.asarray(out.tokens), want)
   np.testing.assert_array_equal(np.asarray(out.lengths), [n, n])
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.8])
+def test_greedy_repetition_penalty_matches_hf(hf_pair, model, penalty):
+  """transformers' RepetitionPenaltyLogitsProcessor (prompt and completion tokens). Rows of equal
+  length: transformers also penalises the pad id of left-padded rows, which we deliberately do not."""
+  hf, _ = hf_pair
+  ids, mask = _text_batch(np.random.default_rng(30), [10, 10])
+  n = 24
+  want = _hf_greedy(hf, ids, mask, n, repetition_penalty=penalty)
+  with jax.default_matmul_precision("highest"):
+    out = sampling.generate(model, ids, mask, max_new_tokens=n, stop_ids=(),
+                            repetition_penalty=penalty)
+    plain = sampling.generate(model, ids, mask, max_new_tokens=n, stop_ids=())
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
+  if penalty > 1.5:  # the penalty really changes the greedy path of this random model
+    assert not np.array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+  # Log-probs stay those of the policy (unpenalised), as GRPO needs.
+  seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+  full = _full_logits(model, seq, np.ones_like(seq))[:, ids.shape[1] - 1:-1]
+  ref = np.asarray(grpo.token_logps(jnp.asarray(full), jnp.asarray(out.tokens)))
+  np.testing.assert_allclose(np.asarray(out.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_repetition_penalty_select_tokens():
+  logits = np.array([[3.0, 2.9, -1.0, -1.05], [3.0, 2.9, -1.0, -1.05]], np.float32)
+  seen = np.array([[True, False, False, False], [False, False, True, False]])
+  scfg = sampling.SamplingConfig(temperature=0.0, repetition_penalty=1.1)
+  tok, lp = sampling.select_tokens(jnp.asarray(logits), None, scfg, jnp.asarray(seen))
+  np.testing.assert_array_equal(np.asarray(tok), [1, 0])  # 3.0/1.1 < 2.9
+  np.testing.assert_allclose(np.asarray(lp), np.asarray(jax.nn.log_softmax(logits))[[0, 1], [1, 0]],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="repetition_penalty"):
+    sampling.make_config(qwen2_5_vl.tiny(), repetition_penalty=0.0)
 
 
 IMAGE_ROWS = [[("text", 5), ("image", 0), ("text", 4)],
