@@ -2,7 +2,6 @@
 
 import json
 
-import av
 import jax
 import numpy as np
 import PIL.Image
@@ -13,28 +12,12 @@ from spacer_jax.data import prompts
 from spacer_jax.data import sources
 from spacer_jax.data import tokenizer as tokenizer_lib
 from spacer_jax.data import video
+from tests.media import make_mp4
 
 # Tiny budgets: 56x84 clips resize to 56x84 (4x6 patches), images to <= 8 patches per side.
 CFG = pipeline.DataConfig(
     batch_size=2, buckets=(128, 256, 512), video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 8,
     image_min_pixels=28 * 28, image_max_pixels=28 * 28 * 16, max_frames=8, prefetch_batches=0)
-
-
-def make_mp4(path, frames=8, height=56, width=84, fps=4, seed=0, colors=None):
-  """A tiny h264 clip (random content, or one flat colour per frame)."""
-  rng = np.random.default_rng(seed)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with av.open(str(path), "w") as c:
-    s = c.add_stream("libx264", rate=fps)
-    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-    for k in range(frames):
-      img = (np.full((height, width, 3), colors[k], np.uint8) if colors is not None
-             else rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-      for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-        c.mux(p)
-    for p in s.encode():
-      c.mux(p)
-  return path
 
 
 def _row(pid, path, **kw):

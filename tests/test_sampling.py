@@ -572,20 +572,6 @@ def cli_model_dir(tmp_path_factory):
   return d
 
 
-def _write_video(path, n=8, fps=4, w=64, h=48):
-  av = pytest.importorskip("av")
-  rng = np.random.default_rng(0)
-  with av.open(str(path), "w") as c:
-    s = c.add_stream("mpeg4", rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    for _ in range(n):
-      frame = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-      for pkt in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-        c.mux(pkt)
-    for pkt in s.encode():
-      c.mux(pkt)
-
-
 def test_generate_cli_errors(tmp_path):
   from spacer_jax import generate as generate_cli
   from spacer_jax.data import video as video_lib
@@ -608,7 +594,9 @@ def test_generate_cli_errors(tmp_path):
 def test_generate_cli_streams_an_answer(tmp_path, cli_model_dir, capsys):
   from spacer_jax import generate as generate_cli
   video = tmp_path / "clip.mp4"
-  _write_video(video)
+  pytest.importorskip("av")
+  from tests.media import make_mp4  # pylint: disable=g-import-not-at-top
+  make_mp4(video, frames=8, height=48, width=64, fps=4, codec="mpeg4")
   text = generate_cli.main(["--model_dir", str(cli_model_dir), "--video", str(video),
                             "--question", "How many chairs are there?", "--max_new_tokens", "12",
                             "--chunk", "4"])

@@ -3,7 +3,6 @@
 import json
 import sys
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,22 +12,7 @@ import pytest
 from spacer_jax.data import sources
 from spacer_jax.data import tfds_builders
 from spacer_jax.data import video
-
-
-def make_mp4(path, frames=8, height=56, width=84, fps=4, seed=0):
-  """A tiny h264 clip with random content (PyAV)."""
-  rng = np.random.default_rng(seed)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with av.open(str(path), "w") as c:
-    s = c.add_stream("libx264", rate=fps)
-    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-    for _ in range(frames):
-      img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-      for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-        c.mux(p)
-    for p in s.encode():
-      c.mux(p)
-  return path
+from tests.media import make_mp4
 
 
 def _jsonl(path, rows):
