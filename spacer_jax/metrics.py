@@ -10,9 +10,33 @@ import contextlib
 import json
 import math
 import os
+import resource
+import sys
 import time
 
 import numpy as np
+
+
+def memory_scalars(devices=None):
+  """Memory in GiB: the accelerators' peak / current / limit (max over `devices`, default the local
+  devices) where the backend reports them (GPU, TPU; XLA:CPU does not), and this process's peak RSS.
+
+  Returns a dict of "memory/..." scalars for MetricWriter.write.
+  """
+  if devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    devices = jax.local_devices()
+  gib = 2.0 ** 30
+  out = {}
+  stats = [s for s in (d.memory_stats() for d in devices) if s]
+  for key, name in (("peak_bytes_in_use", "device_peak"), ("bytes_in_use", "device_in_use"),
+                    ("bytes_limit", "device_limit")):
+    values = [s[key] for s in stats if key in s]
+    if values:
+      out[f"memory/{name}_gib"] = max(values) / gib
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+  out["memory/host_peak_gib"] = rss / gib * (1 if sys.platform == "darwin" else 1024)
+  return out
 
 
 def every(step, n):

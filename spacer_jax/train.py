@@ -478,6 +478,7 @@ def main(argv):
                                       use_tensorboard=config.use_tensorboard)
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
+    logged_memory = False
     with checkpoint.PreemptionGuard() as guard:
       for step in range(start, config.total_steps + 1):
         phase = "sft" if step <= sft_steps else "grpo"
@@ -532,6 +533,11 @@ def main(argv):
           scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
               timers.get("time/train_s", wall), 1e-9)
           scalars.update(_compiles({"train_step_" + k: v for k, v in step_fns.items()}))
+          scalars.update(metrics_lib.memory_scalars())
+          if not logged_memory:
+            logged_memory = True
+            logging.info("memory after step %d: %s", step, ", ".join(
+                f"{k.split('/')[1]} {v:.2f} GiB" for k, v in metrics_lib.memory_scalars().items()))
           scalars.update(_compiles({"token_logps": logps_fn, "prefill": sampling._prefill,  # pylint: disable=protected-access
                                     "decode": sampling._decode}))  # pylint: disable=protected-access
           # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.

@@ -15,7 +15,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time/", "compiles/", "rollout/tokens_per_s", "train/tokens_per_s")
+VOLATILE = ("time/", "compiles/", "memory/", "rollout/tokens_per_s", "train/tokens_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,7 @@ def test_smoke_runs_two_steps_then_resumes_at_step_3(tmp_path, shared):
   # Each jitted function compiled during warm-up (step 1) and never again.
   compiles = {k: v for k, v in rows[0].items() if k.startswith("compiles/")}
   assert compiles["compiles/train_step_grpo"] == 1 and compiles["compiles/token_logps"] == 1
+  assert rows[0]["memory/host_peak_gib"] > 0
   assert {k: rows[1][k] for k in compiles} == compiles
   with open(wd / "rollouts.jsonl") as f:
     samples = [json.loads(l) for l in f]
