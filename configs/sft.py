@@ -14,7 +14,9 @@ Run sheet
   assistant completion only (the reference also trains on the system/user text; we do not reproduce that
   collator quirk), and the prompt is the RL prompt of the data pipeline without the map instructions
   (the reference SFT script words the question slightly differently, spec 6.2).
-  target=process needs a `process` field in the pipeline's batches (the CoT trace of the record).
+  target=process trains on SpaceR-151k's `process` field (Video-R1 `<think>` traces, carried by
+  the pipeline and the TFDS builder >= 1.1.0); rows without a trace train on the solution alone,
+  logged as sft/empty_process_frac.
   Expected: the loss drops within the first hundred steps (answers are a few tokens); VSI-Bench below
   SG-RLVR.
 """

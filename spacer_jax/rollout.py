@@ -203,10 +203,11 @@ def sft_batch(sampler, batch, *, tokenizer, max_new_tokens, target="solution"):
   """
   b = len(batch["input_ids"])
   prepared = sampler.prepare(batch["input_ids"], batch["attention_mask"], **_vision_kwargs(batch))
+  processes = batch.get("process") or [""] * b
   if target == "process":
-    texts = [f"{p or ''}{s}" for p, s in zip(batch.get("process") or [""] * b, batch["solution"])]
+    texts = [f"{p or ''}{s or ''}" for p, s in zip(processes, batch["solution"])]
   elif target == "solution":
-    texts = list(batch["solution"])
+    texts = [s or "" for s in batch["solution"]]  # None on padding rows of a partial batch
   else:
     raise ValueError(f"config.sft_target must be solution|process, got {target!r}")
   ids = np.full((b, max_new_tokens), tokenizer.pad_token_id, np.int32)
@@ -223,6 +224,10 @@ def sft_batch(sampler, batch, *, tokenizer, max_new_tokens, target="solution"):
   tb["sampler_logps"] = np.zeros(ids.shape, np.float32)
   metrics = {"sft/target_tokens": int(lengths.sum()),
              "sft/truncated_frac": truncated / max(b, 1)}
+  if target == "process":  # real rows trained on the bare solution because the record has no trace
+    valid = batch.get("valid", [True] * b)
+    metrics["sft/empty_process_frac"] = (sum(bool(v) and not p for p, v in zip(processes, valid))
+                                         / max(int(np.sum(valid)), 1))
   samples = [{"prompt_id": (batch.get("id") or [None] * b)[i], "target": t, "length": int(lengths[i])}
              for i, t in enumerate(texts)]
   return tb, metrics, samples

@@ -32,7 +32,7 @@ def data(tmp_path_factory):
   good = []
   for i in range(6):
     make_mp4(d / "v" / f"clip{i}.mp4", frames=6 + 2 * i, seed=i)
-    good.append(_row(i, f"v/clip{i}.mp4"))
+    good.append(_row(i, f"v/clip{i}.mp4", process=f"<think>room {i}</think>" if i == 1 else ""))
   PIL.Image.fromarray(np.random.default_rng(9).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(d / "img.png")
   good.append(_row(6, "img.png", data_type="image", problem_type="multiple choice", options=["A. 1", "B. 2"],
                    solution="<answer>B</answer>"))
@@ -112,6 +112,7 @@ def test_batch_shapes_dtypes_and_content(data, tok):
   first = batches[0]
   assert first["id"] == ["0", "1"] and first["problem_type"] == ["numerical", "numerical"]
   assert first["solution"] == ["<answer>2</answer>"] * 2 and first["data_source"] == ["LLaVA-Video"] * 2
+  assert first["process"] == ["", "<think>room 1</think>"]
   # Rows are the video module's output for each clip, concatenated, then zeros.
   v0 = video.load_video(recs[0].media, read_kwargs=dict(max_frames=8),
                         min_pixels=CFG.video_min_pixels, max_pixels=CFG.video_max_pixels)
@@ -255,3 +256,27 @@ def test_orbax_checkpoint_round_trip(data, tok, tmp_path):
     mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   for x, y in zip(want, _take(fresh, 3)):
     _same_batch(x, y)
+
+
+def test_sft_batch_trains_on_process_then_solution(tok):
+  """sft_target="process": completion = the record's chain of thought + solution + <|im_end|>; rows
+  without a trace fall back to the solution and are counted (padding rows are not)."""
+  from spacer_jax import rollout  # pylint: disable=g-import-not-at-top
+  from spacer_jax import sampling  # pylint: disable=g-import-not-at-top
+  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
+  sampler = sampling.Sampler(qwen2_5_vl.init_model(qwen2_5_vl.tiny()))
+  batch = {"input_ids": np.array([[5, 6, 7], [0, 8, 9], [0, 0, 4]], np.int32),
+           "attention_mask": np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], np.int32),
+           "solution": ["<answer>2</answer>", "<answer>B</answer>", None],
+           "process": ["<think>two chairs</think>", "", None], "valid": [True, True, False],
+           "id": ["a", "b", None]}
+  tb, metrics, samples = rollout.sft_batch(sampler, batch, tokenizer=tok, max_new_tokens=48,
+                                           target="process")
+  assert [s["target"] for s in samples[:2]] == ["<think>two chairs</think><answer>2</answer>",
+                                                "<answer>B</answer>"]
+  want = tok.encode("<think>two chairs</think><answer>2</answer>") + [tok.eos_token_id]
+  np.testing.assert_array_equal(tb["completion_ids"][0, :len(want)], want)
+  assert tb["completion_mask"][0].sum() == len(want)
+  assert metrics["sft/empty_process_frac"] == 0.5
+  _, plain, _ = rollout.sft_batch(sampler, batch, tokenizer=tok, max_new_tokens=48)
+  assert "sft/empty_process_frac" not in plain

@@ -96,6 +96,16 @@ def test_strict_mode_raises_with_detail(tmp_path, row, match):
     sources.load_spacer(path, strict=True)
 
 
+def test_process_kept_and_checked(tmp_path):
+  path = _write_jsonl(tmp_path / "d.jsonl", [_spacer_row(1, process="<think>hmm</think>"),
+                                             _spacer_row(2, process=None),
+                                             _spacer_row(3, process=["not", "text"])])
+  bad = sources.BadRecords()
+  recs = sources.load_spacer(path, bad=bad)
+  assert [(r.id, r.process) for r in recs] == [("1", "<think>hmm</think>"), ("2", "")]
+  assert bad.counts == {"bad_field": 1}
+
+
 def test_bad_cognitive_map_lines(tmp_path):
   path = _write_jsonl(tmp_path / "m.jsonl", [{"video_id": "a", "cognitive_map": {"x": [[1, 1]]}},
                                               {"video_id": "b"}, "oops", {"video_id": "c", "cognitive_map": [1]}])

@@ -32,7 +32,8 @@ def spacer_manual(tmp_path):
   base = {"problem": "How many sofa(s)?", "problem_type": "numerical", "options": [], "solution": "<answer>1</answer>",
           "data_source": "LLaVA-Video", "data_type": "video"}
   _jsonl(d / "SpaceR-151k.jsonl", [
-      {**base, "problem_id": 1, "path": "vids/scene0001_00.mp4", "data_source": "SR_dataset"},
+      {**base, "problem_id": 1, "path": "vids/scene0001_00.mp4", "data_source": "SR_dataset",
+       "process": "<think>one sofa</think>"},
       {**base, "problem_id": 2, "path": "vids/clip2.mp4", "problem_type": "multiple choice",
        "options": ["A. a", "B. b"], "solution": "<answer>A</answer>"},
       {**base, "problem_id": 3, "path": "imgs/a.png", "data_type": "image"},
@@ -55,6 +56,10 @@ def test_spacer151k_round_trip(spacer_manual, tmp_path):
     assert rec.media_bytes == open(want[rid].media, "rb").read()
     assert rec == want[rid].__class__(**{**want[rid].__dict__, "media_bytes": rec.media_bytes})
   assert got["1"].cognitive_map == {"sofa": [[1, 2]], "tv": [[3, 4]]} and got["1"].categories == ("sofa", "tv")
+  assert got["1"].process == "<think>one sofa</think>" and got["2"].process == ""
+  # Datasets prepared by 1.0.0 have no `process` feature: read as "".
+  old = {k: v for k, v in src[0].items() if k != "process"}
+  assert tfds_builders.record_from_example(old).process == ""
   clip = video.read_video(got["2"].media_bytes, name=got["2"].media)
   direct = video.read_video(want["2"].media)
   np.testing.assert_array_equal(clip.frames, direct.frames)

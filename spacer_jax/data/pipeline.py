@@ -29,8 +29,8 @@ budgets, nv/ni = videos/images in the batch, in row order):
   video_grid_thw int64[nv, 3], second_per_grid_ts float32[nv]
   pixel_values float32[B*Pi, 1176], image_grid_thw int64[ni, 3]
   valid bool[B]                                        False on padding rows of a final partial batch
-  host metadata lists (len B): id, problem_type, solution, cognitive_map, categories, data_source,
-  question_type, ground_truth, data_type, media
+  host metadata lists (len B): id, problem_type, solution, process, cognitive_map, categories,
+  data_source, question_type, ground_truth, data_type, media
   bad_records dict: skipped-record counts so far, by reason (sources.BadRecords.metrics format)
 Grids stay host arrays with only the real rows: they feed host index code (positions.get_rope_index,
 qwen2_5_vl.prepare_vision_inputs with the patch budgets as pad-to sizes), never a jitted function.
@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 PATCH_DIM = video.PATCH_DIM  # 3 * 2 * 14 * 14 = 1176
 DEVICE_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "pixel_values_videos_shuffled",
                "pixel_values")
-META_KEYS = ("id", "problem_type", "solution", "cognitive_map", "categories", "data_source",
-             "question_type", "ground_truth", "data_type", "media")
+META_KEYS = ("id", "problem_type", "solution", "process", "cognitive_map", "categories",
+             "data_source", "question_type", "ground_truth", "data_type", "media")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,8 @@ class Record:
       MCA -> "multiple choice", NA -> "numerical").
     options: option strings ("A. sofa", ...); empty if none.
     solution: "<answer>...</answer>" (VSI-Bench ground_truth wrapped the same way, for the rewards).
+    process: SpaceR-151k's chain of thought "<think>...</think>" (Video-R1 traces; may be empty);
+      unused by SG-RLVR, the completion of SFT with `sft_target="process"` (process + solution).
     data_source: SpaceR data_source ("SR_dataset", ...) or "vsibench".
     cognitive_map: {category: [[x, y], ...]} for SR items with a map, else None.
     categories: category list shown in the prompt (map keys / VSI list), else empty.
@@ -101,6 +103,7 @@ class Record:
   problem_type: str
   options: tuple = ()
   solution: str = ""
+  process: str = ""
   data_source: str = ""
   cognitive_map: dict | None = None
   categories: tuple = ()
@@ -172,6 +175,9 @@ def spacer_record(obj: dict, *, source_file, media_root, cognitive_maps, line=No
   for k in ("problem", "solution", "path"):
     if not isinstance(obj[k], str):
       raise _Bad("bad_field", rid, f"{k} must be a string, got {type(obj[k]).__name__}")
+  process = obj.get("process") or ""
+  if not isinstance(process, str):
+    raise _Bad("bad_field", rid, f"process must be a string, got {type(process).__name__}")
   data_source = obj.get("data_source") or ""
   cmap, categories = None, ()
   if data_source == prompts.SR_DATA_SOURCE:
@@ -184,8 +190,8 @@ def spacer_record(obj: dict, *, source_file, media_root, cognitive_maps, line=No
   return Record(
       id=str(rid), source_file=str(source_file), data_type=obj["data_type"],
       media=_resolve(pathlib.Path(media_root), obj["path"]), prompt=prompt, problem=obj["problem"],
-      problem_type=ptype, options=tuple(options), solution=obj["solution"], data_source=data_source,
-      cognitive_map=cmap, categories=categories,
+      problem_type=ptype, options=tuple(options), solution=obj["solution"], process=process,
+      data_source=data_source, cognitive_map=cmap, categories=categories,
   )
 
 

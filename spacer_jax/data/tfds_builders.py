@@ -46,6 +46,7 @@ def _features() -> tfds.features.FeaturesDict:
       "problem_type": text(),
       "options": tfds.features.Sequence(text()),
       "solution": text(),
+      "process": text(),  # SpaceR-151k chain of thought, "" when absent (added in 1.1.0)
       "data_source": text(),
       "cognitive_map": text(),  # JSON, "" when the record has none
       "categories": tfds.features.Sequence(text()),
@@ -60,7 +61,7 @@ def example_from_record(rec: sources.Record, media_bytes: bytes) -> dict:
       "id": rec.id, "source_file": rec.source_file, "data_type": rec.data_type, "media": rec.media,
       "media_bytes": media_bytes, "prompt": rec.prompt, "problem": rec.problem,
       "problem_type": rec.problem_type, "options": list(rec.options), "solution": rec.solution,
-      "data_source": rec.data_source,
+      "process": rec.process, "data_source": rec.data_source,
       "cognitive_map": json.dumps(rec.cognitive_map) if rec.cognitive_map is not None else "",
       "categories": list(rec.categories), "question_type": rec.question_type or "",
       "ground_truth": rec.ground_truth or "",
@@ -79,6 +80,7 @@ def record_from_example(ex: dict) -> sources.Record:
       media=_str(ex["media"]), prompt=_str(ex["prompt"]), problem=_str(ex["problem"]),
       problem_type=_str(ex["problem_type"]), options=tuple(_str(o) for o in ex["options"]),
       solution=_str(ex["solution"]), data_source=_str(ex["data_source"]),
+      process=_str(ex["process"]) if "process" in ex else "",  # 1.0.0 datasets lack it
       cognitive_map=json.loads(cmap) if cmap else None,
       categories=tuple(_str(c) for c in ex["categories"]),
       question_type=_str(ex["question_type"]) or None, ground_truth=_str(ex["ground_truth"]) or None,
@@ -89,8 +91,9 @@ def record_from_example(ex: dict) -> sources.Record:
 class _MediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared generation: records from a loader, media read as bytes; bad records skipped and counted."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Records + raw media bytes (array_record)."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Records + raw media bytes (array_record).",
+                   "1.1.0": "SpaceR-151k's `process` (chain of thought) kept."}
 
   @tfds.core.utils.classproperty
   @classmethod
