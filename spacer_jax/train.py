@@ -124,10 +124,21 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
                               grpo_config=grpo_config)
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
   rows = _micro(_rows(batch, ref_logps), num_micro)
+  # Token-mean losses (SFT, loss_agg="token_mean") are means over each micro-batch's tokens:
+  # re-weight them by the micro-batch's share of the batch's tokens so that the accumulated
+  # gradient is the global token mean (what transformers' num_items_in_batch does). Per-sequence
+  # aggregations over equal row counts are exact without it.
+  token_mean = mode == "sft" or grpo_config.loss_agg == "token_mean"
+  total_tokens = jnp.maximum(batch["completion_mask"].sum(), 1.0)
 
   def body(carry, mb):
     g_acc, pe_acc, m_acc = carry
     (_, m), (g, g_pe) = grad_fn(trainable, frozen, pe, mb)
+    if token_mean and num_micro > 1:
+      w = num_micro * mb["completion_mask"].sum() / total_tokens
+      g = jax.tree.map(lambda x: x * w.astype(x.dtype), g)
+      g_pe = g_pe * w.astype(g_pe.dtype)
+      m = {k: v * w if k in ("loss", "sft/nll") else v for k, v in m.items()}
     return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), pe_acc + g_pe,
             jax.tree.map(jnp.add, m_acc, m)), None
 

@@ -193,12 +193,13 @@ def tiny_step():
   tb = rollout.assemble(prepared, tokens, lengths, g)
   tb["advantages"] = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
 
-  def make(mode="grpo", num_micro=1, freeze=(), beta=0.04):
+  def make(mode="grpo", num_micro=1, freeze=(), beta=0.04, loss_agg="seq_mean_token_mean"):
     keys = tuple(k for k in sorted(flat) if not any(__import__("re").search(p, k) for p in freeze))
     tx = optax.sgd(1.0)
     fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, paths=paths, tx=tx,
                                    trainable_keys=keys, mode=mode,
-                                   grpo_config=grpo.GRPOConfig(beta=beta), num_micro=num_micro))
+                                   grpo_config=grpo.GRPOConfig(beta=beta, loss_agg=loss_agg),
+                                   num_micro=num_micro))
     state = {"step": jax.numpy.zeros((), "int32"), "params": dict(flat),
              "opt_state": tx.init({k: flat[k] for k in keys}), "rng": jax.random.PRNGKey(0)}
     return fn, state
@@ -217,15 +218,19 @@ def test_trainer_logps_equal_sampler_logps(tiny_step):
 
 
 @pytest.mark.slow
-def test_grad_accumulation_scan_equals_one_batch(tiny_step):
+@pytest.mark.parametrize("mode,loss_agg", [("grpo", "seq_mean_token_mean"), ("grpo", "token_mean"),
+                                           ("grpo", "seq_mean_token_sum_norm"), ("sft", None)])
+def test_grad_accumulation_scan_equals_one_batch(tiny_step, mode, loss_agg):
   import numpy as np
-  ref = tiny_step["logps_fn"](tiny_step["flat"], tiny_step["tb"]) - 0.1
-  f1, s1 = tiny_step["make"](num_micro=1)
-  f2, s2 = tiny_step["make"](num_micro=2)
+  ref = tiny_step["logps_fn"](tiny_step["flat"], tiny_step["tb"]) - 0.1 if mode == "grpo" else None
+  kw = dict(mode=mode, loss_agg=loss_agg or "seq_mean_token_mean")
+  f1, s1 = tiny_step["make"](num_micro=1, **kw)
+  f2, s2 = tiny_step["make"](num_micro=2, **kw)
   a, ma = f1(s1, tiny_step["tb"], ref)
   b, mb = f2(s2, tiny_step["tb"], ref)
-  # seq-mean-token-mean over 4 rows = mean of the two 2-row micro-batch losses, so grads agree.
-  # (The loss is ~2e-4 here because the advantages sum to 0: compare absolutely.)
+  # Micro-batches hold 9 and 7 completion tokens (ragged masks): per-sequence aggregations average
+  # exactly, token means (SFT, token_mean) only with the token-share weights of train_step.
+  # (The GRPO loss is ~2e-4 here because the advantages sum to 0: compare absolutely.)
   np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), rtol=1e-5, atol=1e-8)
   np.testing.assert_allclose(float(mb["grad_norm"]), float(ma["grad_norm"]), rtol=1e-5)
   for k in a["params"]:  # SGD with lr 1: parameter change = gradient
