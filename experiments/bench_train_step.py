@@ -9,12 +9,20 @@ beta 0.04) + AdamW update, on G=8 completions of 128 tokens after one 16-frame v
   theirs: what the PyTorch SpaceR/Video-R1 trainer does: the prompt inputs, pixel values included,
           repeated G times; `model(...)` for the reference under no_grad, then for the policy; loss
           as SG_RLVR_trainer.py; backward; torch.optim.AdamW step.
-Timings are interleaved (ours, theirs, ...) so machine load hits both alike; medians after one
+Timings are interleaved (ours, theirs, ...); medians after one
 warm-up (compiling) call. Both in float32. The printed loss of both steps should agree (same
 weights, same positions via text_after_vision="hf5").
 
   python experiments/bench_train_step.py                    # ~50M params, 16 frames, G=8 x 128
   python experiments/bench_train_step.py --repeats=5 --size=112
+
+Measured 2026-11-26 on the 2-core machine (jax 0.10.2, torch 2.13 with its default 2 threads):
+  nothing else running (load 1.4): ours 9.28 s, theirs 11.22 s (medians of 3) -> 1.21x
+  machine saturated by other jobs: ours 24.7 s, theirs 69.7 s -> 2.8x, an artifact: torch's 2-thread
+  OpenMP collapses when another process holds a core, so interleaving does not make load hit both alike.
+On an idle CPU the step is close to parity: sharing the vision tower and prompt across the G rows saves
+work, and XLA:CPU's backward is slower than torch's (PERF_NOTES.md: fp32 forward+backward 4.2-4.6 s vs
+3.6-3.7 s for the text model alone).
 """
 
 import argparse
