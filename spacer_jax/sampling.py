@@ -77,7 +77,7 @@ class SamplingState:
   logits: jax.Array      # float32[R, V] logits for the next token
   prefix: Any            # prompt k/v once per prompt (text.prefix_from_cache): k [B, K, H, T]
   prefix_mask: jax.Array  # bool[B, T] valid prompt keys (left padding is False)
-  suffix: Any            # generated k/v per row (text.init_suffix_cache): k [R, K, H, N]
+  suffix: Any            # generated k/v per row (text.init_suffix_cache): k [R*K, H, N]
   base_pos: jax.Array    # int32[3, R] M-RoPE id of generated token 0
   step: jax.Array        # int32[] tokens generated so far (= suffix slot of the next token)
   rng: jax.Array         # PRNG key

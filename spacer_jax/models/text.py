@@ -146,21 +146,21 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
-  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+  def _block(self, x, attend):
+    """Pre-norm residual block; attend(normed x) -> (attention output, updated cache)."""
     with jax.named_scope("decoder_layer"):  # readable profiles
-      h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+      h, cache = attend(self.input_layernorm(x))
       x = x + h
       x = x + self.mlp(self.post_attention_layernorm(x))
       return layers.constrain(x, ("batch", "seq", "embed")), cache
 
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    return self._block(x, lambda h: self.self_attn(h, cos, sin, mask, cache, cache_index))
+
   def decode(self, x, cos, sin, prefix, prefix_mask, suffix, step):
     """`__call__` for one new token per row against a shared prefix (see Attention.decode)."""
-    with jax.named_scope("decoder_layer"):
-      h, suffix = self.self_attn.decode(self.input_layernorm(x), cos, sin, prefix, prefix_mask,
-                                        suffix, step)
-      x = x + h
-      x = x + self.mlp(self.post_attention_layernorm(x))
-      return layers.constrain(x, ("batch", "seq", "embed")), suffix
+    return self._block(x, lambda h: self.self_attn.decode(h, cos, sin, prefix, prefix_mask,
+                                                          suffix, step))
 
 
 def _layer_forward(layer, x, cos, sin, mask, cache, cache_index):
