@@ -544,13 +544,14 @@ def main(argv):
           scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
               timers.get("time/train_s", wall), 1e-9)
           scalars.update(_compiles({"train_step_" + k: v for k, v in step_fns.items()}))
-          scalars.update(metrics_lib.memory_scalars())
+          scalars.update(_compiles({"token_logps": logps_fn, "prefill": sampling._prefill,  # pylint: disable=protected-access
+                                    "decode": sampling._decode}))  # pylint: disable=protected-access
+          memory = metrics_lib.memory_scalars()
+          scalars.update(memory)
           if not logged_memory:
             logged_memory = True
             logging.info("memory after step %d: %s", step, ", ".join(
-                f"{k.split('/')[1]} {v:.2f} GiB" for k, v in metrics_lib.memory_scalars().items()))
-          scalars.update(_compiles({"token_logps": logps_fn, "prefill": sampling._prefill,  # pylint: disable=protected-access
-                                    "decode": sampling._decode}))  # pylint: disable=protected-access
+                f"{k.split('/')[1]} {v:.2f} GiB" for k, v in memory.items()))
           # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.
           writer.write(step, scalars, nonfinite_ok=tuple(k for k in scalars if k.startswith(
               "train/")) if step_metrics["skipped"] else ())
