@@ -149,15 +149,8 @@ def _put(tb, mesh, rules):
 def tiny():
   # Odd sizes on purpose: some dims split over fsdp/tensor, others fall back to replication.
   cfg = qwen2_5_vl.tiny()
-
-  def init():
-    # unsafe_rbg: a jitted init compiles several times faster than threefry on CPU.
-    with jax.default_prng_impl("unsafe_rbg"):
-      return tree_utils.split_model(qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))[1]
-
-  model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
-  graphdef, _, paths = tree_utils.split_model(model)
-  flat = jax.jit(init)()
+  model = qwen2_5_vl.init_model(cfg)  # host init: no XLA random-number program to compile
+  graphdef, flat, paths = tree_utils.split_model(model)
   logical = sharding.param_logical_axes(nnx.split(model)[1])
   return cfg, model, graphdef, flat, paths, logical
 

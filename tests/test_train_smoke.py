@@ -156,20 +156,13 @@ def tiny_step():
   import jax
   import numpy as np
   import optax
-  from flax import nnx
 
   from spacer_jax import grpo, rollout, sampling, train, tree_utils
   from spacer_jax.models import qwen2_5_vl
 
   cfg = qwen2_5_vl.tiny()
-
-  def init():
-    with jax.default_prng_impl("unsafe_rbg"):
-      return tree_utils.split_model(qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))[1]
-
-  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
-  graphdef, _, paths = tree_utils.split_model(abstract)
-  flat = jax.jit(init)()
+  model = qwen2_5_vl.init_model(cfg)  # host init: no XLA random-number program to compile
+  graphdef, flat, paths = tree_utils.split_model(model)
   rng = np.random.default_rng(0)
   grid = np.array([[2, 4, 4], [2, 4, 4]])
   prompts = [[cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]
@@ -180,7 +173,7 @@ def tiny_step():
   for i, p in enumerate(prompts):
     ids[i, t - len(p):], mask[i, t - len(p):] = p, True
   pv = rng.normal(size=(64, 1176)).astype(np.float32)
-  sampler = sampling.Sampler(abstract, temperature=1.0)
+  sampler = sampling.Sampler(model, temperature=1.0)
   prepared = sampler.prepare(ids, mask, pixel_values_videos=pv, video_grid_thw=grid,
                              second_per_grid_ts=np.ones(2))
   g = 2
