@@ -51,7 +51,8 @@ def get_config(arg=None):
   c.data_dir = ""         # VSI-Bench directory.
   c.protocol = arg.protocol
   c.max_new_tokens = 1024 if arg.protocol == "spacer" else 16
-  # SpaceR-Eval's greedy decoding carries Qwen2.5-VL's generation_config repetition penalty (spec 7.1).
+  # SpaceR-Eval's greedy decoding carries Qwen2.5-VL's generation_config repetition penalty
+  # (spec 7.1).
   c.repetition_penalty = 1.05 if arg.protocol == "spacer" else 1.0
   c.batch_size = 8        # global; a multiple of the device count shards rows over devices.
   c.dtype = "bfloat16"

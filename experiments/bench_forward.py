@@ -2,17 +2,18 @@
 
 A randomly initialised small config (set by flags) is saved with save_hf, loaded into both
 frameworks, and run on one 16-frame video prompt (vision tower + text decoder, fp32 logits).
-The timings are interleaved (ours, theirs, ours, ...); medians are printed with the ratio. Our time is the convenience `model(...)` call, so it includes
-the host-side index code (get_rope_index, window indices), as HF's forward does; the jitted device
-part alone is printed too. The first (compiling) call is excluded.
+The timings are interleaved (ours, theirs, ours, ...); medians are printed with the ratio. Our
+time is the convenience `model(...)` call, so it includes the host-side index code (get_rope_index,
+window indices), as HF's forward does; the jitted device part alone is printed too. The first
+(compiling) call is excluded.
 
   python experiments/bench_forward.py                       # defaults: small config, 16 frames
   python experiments/bench_forward.py --frames=16 --size=224 --hidden=512 --layers=8 --repeats=5
 
-Measured 2026-11-26 on the 2-core machine (defaults): idle (load 1.6): ours 65.9 ms, transformers 64.9 ms
--> 0.99x (another idle run 0.85x); the forward is at parity on CPU. With other jobs holding a core an
-earlier run gave 405 ms vs 4,885 ms (12.1x): torch's 2-thread OpenMP collapses under contention, so
-that ratio says nothing about the code.
+Measured 2026-11-26 on the 2-core machine (defaults), idle (load 1.6): ours 65.9 ms, transformers
+64.9 ms -> 0.99x (another idle run 0.85x); the forward is at parity on CPU. With other jobs holding
+a core an earlier run gave 405 ms vs 4,885 ms (12.1x): torch's 2-thread OpenMP collapses under
+contention, so that ratio says nothing about the code.
 """
 
 import argparse

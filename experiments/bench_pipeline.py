@@ -14,8 +14,8 @@ on N free cores.
 
 Measured 2026-11-26 on the 2-core machine, nothing else running (load 1.4-1.6), --clips 12:
   workers=0: 1.49 clips/s, CPU s/clip main 0.675;  workers=2: 2.36 clips/s, CPU s/clip main 0.013,
-  workers 0.790  ->  1.58x (the ideal on 2 cores with this per-clip CPU is 2 x 0.675 / 0.790 = 1.71x;
-  a worker spends ~17% more CPU per clip than the in-process path, likely moving the patch arrays
+  workers 0.790  ->  1.58x (the ideal on 2 cores with this per-clip CPU is 2 x 0.675 / 0.790 =
+  1.71x; a worker spends ~17% more CPU per clip than the in-process path, likely moving the patch arrays
   between processes).
 An earlier run with the machine saturated by other jobs (load ~12) gave 0.43 vs 0.44 clips/s.
 """
