@@ -28,6 +28,7 @@ tokenizer files. The abstract model is built outside any mesh context: `nnx.eval
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -230,21 +231,27 @@ def check_tokenizer(tokenizer, cfg, where="the tokenizer directory"):
     raise ValueError(f"the tokenizer does not match the model (check {where}): " + "; ".join(bad))
 
 
-def _random_params(abstract, seed):
-  """The modules' own initialisers, jitted straight onto the shardings.
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg, dtype, param_dtype, shardings):
+  """The modules' own initialisers as one jitted program onto `shardings` (a tuple of (key,
+  sharding)), the seed an argument: compiled once per model, dtypes and layout."""
 
-  unsafe_rbg: XLA compiles threefry for the ~100 parameter draws 2-3x slower on CPU, and this init
-  only has to be deterministic, not a particular stream. Each call returns fresh buffers (the
-  trainer donates the policy's and keeps the reference's).
-  """
-  cfg, dtype, param_dtype = abstract.config, abstract.dtype, abstract.param_dtype
-
-  def init():
+  def init(seed):
+    # unsafe_rbg: XLA compiles threefry for the ~100 parameter draws 2-3x slower on CPU, and this
+    # init only has to be deterministic, not a particular stream.
     with jax.default_prng_impl("unsafe_rbg"):
-      return tree_utils.split_model(_module(cfg, dtype, param_dtype, seed))[1]
+      return tree_utils.split_model(_module(cfg, dtype, param_dtype, jax.random.key(seed)))[1]
 
+  return jax.jit(init, out_shardings=dict(shardings))
+
+
+def _random_params(abstract, seed):
+  """Random init on the shardings. Each call returns fresh buffers (the trainer donates the
+  policy's and keeps the reference's)."""
+  fn = _jitted_init(abstract.config, abstract.dtype, abstract.param_dtype,
+                    tuple(sorted(abstract.shardings.items())))
   with jax.set_mesh(None):
-    return jax.jit(init, out_shardings=abstract.shardings)()
+    return fn(jnp.int32(seed))
 
 
 def load_params(source, abstract, *, step=None, seed=0):

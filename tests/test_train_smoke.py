@@ -144,3 +144,22 @@ def test_missing_data_names_the_config_field(tmp_path):
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "config.data.annotations" in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_from_hf_checkpoint_with_qwen_tokenizer(tmp_path, shared):
+  """The README's real-recipe command on a tiny checkpoint written by transformers with Qwen2.5's real
+  tokenizer (vocab 151,936), on one device: 2 steps, then a resumed third."""
+  from conftest import write_tiny_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  hf = tmp_path / "hf"
+  write_tiny_hf_checkpoint(str(hf), tokenizer="qwen")
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "spacer_jax.train", "--config=configs/sgrlvr.py:smoke",
+         "--config.model.variant=", f"--config.model.hf_dir={hf}", f"--workdir={wd}",
+         f"--config.data.synthetic_root={shared / 'synthetic'}", "--config.use_progress_bar=False"]
+  for steps in (2, 3):
+    out = subprocess.run(cmd + [f"--config.total_steps={steps}"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert [r["step"] for r in _metrics(wd)] == list(range(1, steps + 1))
+  assert json.loads((wd / "model_config.json").read_text())["text_config"]["vocab_size"] == 151936
