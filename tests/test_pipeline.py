@@ -173,6 +173,32 @@ def test_bad_input_skipped_and_counted(data, tok, caplog):
   assert any("aspect ratio" in m for m in msgs)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_records_counted_once_across_epochs(data, tok, caplog, num_workers):
+  """Three passes over 6 bad records: 6 warnings and data/bad_records = 6, also through worker
+  processes and through a checkpoint of the iterator taken in the second epoch."""
+  recs = _records(data)
+  caplog.clear()  # the malformed line, reported at load
+  with caplog.at_level("WARNING", logger="spacer_jax.data.sources"):
+    it = _iter(recs, tok, seed=3, num_epochs=3, num_workers=num_workers, drop_remainder=False)
+    try:
+      batches = _take(it, 5)  # 7 good records per epoch, batch 2: into the second epoch
+      state = it.get_state()
+      json.dumps(state)
+      batches += list(it)
+    finally:
+      if num_workers:
+        it.close()
+  assert sum(bool(v) for b in batches for v in b["valid"]) == 21  # 3 epochs x 7 good records
+  want = {"data/bad_records": 6, "data/bad_records/media": 5, "data/bad_records/prompt_too_long": 1}
+  assert batches[-1]["bad_records"] == want
+  assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 6
+  if not num_workers:
+    fresh = _iter(recs, tok, seed=3, num_epochs=3)
+    fresh.set_state(state)
+    assert list(fresh)[-1]["bad_records"] == want
+
+
 def test_strict_mode_raises(data, tok):
   with pytest.raises(sources.BadRecordError, match=r"record '100' in .*d.jsonl: media: .*missing.mp4"):
     list(_iter(_records(data), tok, num_epochs=1, shuffle=False, strict=True))
