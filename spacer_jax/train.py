@@ -33,7 +33,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, grpo, metrics as metrics_lib, optim, rollout, sharding, tree_utils
+from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, optim, rollout, sharding
+from spacer_jax import tree_utils
 
 # Keys of a TrainBatch that have one entry per completion row (split into micro-batches).
 ROW_KEYS = ("completion_ids", "completion_mask", "attention_mask", "position_ids", "prompt_index",
@@ -186,26 +187,6 @@ def make_reward_config(config):
       length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
 
 
-def _check_paths(config):
-  """Fails at start-up, naming the config field, when a checkpoint or data path is missing."""
-  need = []
-  if not config.model.variant:
-    need.append(("config.model.hf_dir", config.model.hf_dir, "config.json"))
-  if config.data.source == "spacer":
-    need.append(("config.data.annotations", config.data.annotations, None))
-    need.append(("config.data.media_root", config.data.media_root, None))
-    if config.rewards.use_map and config.data.cognitive_maps:
-      need.append(("config.data.cognitive_maps", config.data.cognitive_maps, None))
-  elif config.data.source != "synthetic":
-    raise ValueError(f"config.data.source must be spacer|synthetic, got {config.data.source!r}")
-  if config.data.tokenizer_dir:
-    need.append(("config.data.tokenizer_dir", config.data.tokenizer_dir, None))
-  for field, path, inner in need:
-    if not path or not os.path.exists(path) or (inner and not os.path.exists(os.path.join(path, inner))):
-      what = f"{path!r}" + (f" (no {inner})" if path and inner and os.path.exists(path) else "")
-      raise FileNotFoundError(f"{field} = {what} does not exist; set --{field}=...")
-
-
 def _git_commit():
   here = os.path.dirname(os.path.abspath(__file__))
   try:
@@ -324,7 +305,10 @@ def main(argv):
   from spacer_jax.models import qwen2_5_vl
 
   # == Workdir record ===========================================================================
-  _check_paths(config)
+  try:  # Every problem of the config (values, combinations, missing paths) at once, before any work.
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
   if config.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -334,8 +318,6 @@ def main(argv):
   with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
     f.write(_git_commit() + "\n")
   mode = config.mode
-  if mode not in ("grpo", "sft"):
-    raise ValueError(f"config.mode must be grpo|sft, got {mode!r}")
   sft_steps = config.total_steps if mode == "sft" else int(config.sft_warmup_steps)
   rl_steps = config.total_steps - sft_steps
   g = int(config.grpo.num_generations)
@@ -430,9 +412,7 @@ def main(argv):
     logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
                  dict(bad.counts))
     eval_dir = config.eval.data_dir
-    if config.eval.every_steps and not eval_dir:
-      if config.data.source != "synthetic":
-        raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
+    if config.eval.every_steps and not eval_dir:  # Synthetic data (config_lib.validate).
       from spacer_jax.data import synthetic
       eval_dir = synthetic.dataset_paths(
           config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")).eval_root

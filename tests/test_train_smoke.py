@@ -125,25 +125,22 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, shared):
   assert [_stable(r) for r in _metrics(killed)] == [_stable(r) for r in _metrics(straight)]
 
 
-def test_missing_checkpoint_names_the_config_field(tmp_path):
+def test_bad_config_lists_every_problem_without_a_traceback(tmp_path):
+  """Missing paths and impossible values are all reported in one message, before any work."""
   out = subprocess.run(
       [sys.executable, "-m", "spacer_jax.train", "--config=configs/sgrlvr.py",
-       f"--workdir={tmp_path}", f"--config.model.hf_dir={tmp_path / 'nope'}"],
+       f"--workdir={tmp_path / 'w'}", f"--config.model.hf_dir={tmp_path / 'nope'}",
+       f"--config.data.annotations={tmp_path / 'missing.jsonl'}", "--config.data.batch_size=0",
+       "--config.grpo.num_generations=1"],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert "config.model.hf_dir" in out.stderr
-
-
-def test_missing_data_names_the_config_field(tmp_path):
-  (tmp_path / "ckpt").mkdir()
-  (tmp_path / "ckpt" / "config.json").write_text("{}")
-  out = subprocess.run(
-      [sys.executable, "-m", "spacer_jax.train", "--config=configs/grpo.py",
-       f"--workdir={tmp_path / 'w'}", f"--config.model.hf_dir={tmp_path / 'ckpt'}",
-       f"--config.data.annotations={tmp_path / 'missing.jsonl'}"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert "config.data.annotations" in out.stderr
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert "the config has 6 problems" in out.stderr, out.stderr[-3000:]
+  for field in ("config.model.hf_dir", "config.data.annotations", "config.data.media_root",
+                "config.data.cognitive_maps", "config.data.batch_size = 0",
+                "config.grpo.num_generations = 1"):
+    assert field in out.stderr, field
+  assert not (tmp_path / "w").exists()  # nothing written, nothing compiled
 
 
 # ------------------------------------------------------------------------------------------------
