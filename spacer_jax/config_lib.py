@@ -128,6 +128,9 @@ def base_config(size="7b", frames=16, sharding=""):
   c.keep_ckpts = 3
   c.max_skipped_steps = 10  # Non-finite gradient steps in a row before the run stops.
   c.resume = ""  # Checkpoint dir of another run to take the full train state from.
+  # An unreadable newest checkpoint (truncated/missing file, corrupt metadata) stops the run instead
+  # of being logged, moved aside to ckpt/<step>.unreadable and skipped for the newest readable one.
+  c.resume_strict = False
   # Periodic VSI-Bench-format evaluation with the current weights (spacer_jax.evaluate.run).
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,  # 0 = off.

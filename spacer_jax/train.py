@@ -427,7 +427,7 @@ def main(argv):
     # == Restore or init (resume order: checkpoint.restore_or_init) ==============================
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=config.keep_ckpts)
     state, source = checkpoint.restore_or_init(ckpt, abstract_state, init_state, train_iter,
-                                               resume_dir=config.resume)
+                                               resume_dir=config.resume, strict=config.resume_strict)
     start = int(state["step"]) + 1
     logging.info("state from %s; starting at step %d of %d", source, start, config.total_steps)
     # The reference policy is the initial model, reloaded (never checkpointed).

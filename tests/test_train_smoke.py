@@ -125,6 +125,24 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, shared):
   assert [_stable(r) for r in _metrics(killed)] == [_stable(r) for r in _metrics(straight)]
 
 
+@pytest.mark.slow
+def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(tmp_path, shared):
+  wd = tmp_path / "run"
+  _run(wd, shared, "--config.ckpt_every_steps=1")
+  chunk = max((wd / "ckpt" / "2" / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+  chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])  # e.g. a full disk
+  strict = subprocess.run(_cmd(wd, shared, "--config.total_steps=3", "--config.resume_strict=True"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+  assert strict.returncode != 0 and "config.resume_strict=True" in strict.stderr
+  assert f"checkpoint step 2 is unreadable: {chunk}" in strict.stderr
+  log = _run(wd, shared, "--config.total_steps=3", "--config.ckpt_every_steps=1")
+  (line,) = [l for l in log.splitlines() if "is unreadable" in l]
+  assert f"checkpoint step 2 is unreadable: {chunk}" in line and "resuming from step 1" in line
+  assert "starting at step 2 of 3" in log
+  assert [r["step"] for r in _metrics(wd)] == [1, 2, 3]
+  assert sorted(os.listdir(wd / "ckpt")) == ["1", "2", "2.unreadable", "3"]
+
+
 def test_bad_config_lists_every_problem_without_a_traceback(tmp_path):
   """Missing paths and impossible values are all reported in one message, before any work."""
   out = subprocess.run(
