@@ -24,7 +24,14 @@ public API, the config, number parsing and the batch assembly.
 Where the original raises inside the reward (caught by its blanket `except: reward = 0`), this
 module detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
 
-Deviations (all outside what the reference can produce on sane input):
+Deviations:
+* Problem type per prompt. SG-RLVR.py reads `problem_type` of the first element of each reward call
+  and scores every completion of the call as that type. Its calls hold one prompt's completions
+  (one prompt per device), so that is each prompt's own type; `compute_rewards` scores B prompts at
+  once and uses each completion's own type, which is the same scoring. Reproducing "the first
+  element" literally would score a whole multi-prompt batch as its first prompt's type, which the
+  reference never does at its batch size.
+Deviations outside what the reference can produce on sane input:
 * Map scores are float32 (differences from the float64 reference are ~1e-7; the map bonus is only
   added to accuracies >= 0.6, far from any threshold). ROUGE uses our own port of NLTK's Porter
   stemmer (text_metrics.py), so neither nltk nor rouge_score is needed.
@@ -74,6 +81,12 @@ class RewardConfig:
   # the reference: in a dict literal it silently falls back to the positional parser, in the
   # positional parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is invalid.
   use_overflow_fix: bool = False
+  # Completion mask: the reference ends a completion's mask at its first <|im_end|> only, so a
+  # completion that stopped on <|endoftext|> (Qwen2.5-VL's other EOS, also its pad token) keeps the
+  # padded width of its group (the longest completion of the prompt) for the loss mask and the
+  # length bonus, pad tokens included. Fix: every completion ends at its own stop token.
+  # (rollout.mask_lengths applies it; the rewards see the resulting lengths.)
+  use_stop_token_mask_fix: bool = False
   grid_size: int = 10
   temporal_alpha: float = 0.3        # SG_RLVR_trainer.py: + 0.3 ...
   temporal_mu: float = 0.8           # ... if mean(acc) >= 0.8 * mean(shuffled acc)

@@ -182,7 +182,8 @@ def make_reward_config(config):
       use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
       use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
       use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
-      use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
+      use_overflow_fix=r.use_overflow_fix, use_stop_token_mask_fix=r.use_stop_token_mask_fix,
+      temporal_alpha=r.temporal_alpha,
       temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
       length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
 

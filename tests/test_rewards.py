@@ -480,6 +480,64 @@ def test_map_overflow_boundary_is_pythons_int_to_float():
 
 
 # ------------------------------------------------------------------------------------------------
+# Completion mask and problem type: what the reference's trainer does around the reward functions.
+# ------------------------------------------------------------------------------------------------
+IM_END, ENDOFTEXT = 7, 3
+
+
+def _tokens(lengths, stops, width=600):
+  toks = np.full((len(lengths), width), ENDOFTEXT, np.int32)   # the sampler pads with <|endoftext|>
+  for r, (n, stop) in enumerate(zip(lengths, stops)):
+    toks[r, :n - 1] = 11
+    if stop is not None:
+      toks[r, n - 1] = stop
+  return toks
+
+
+@pytest.mark.parametrize("lengths,stops,want", [
+    # <|im_end|> ends the mask; <|endoftext|> keeps the group's width (its longest completion).
+    ([400, 100, 450, 300], [IM_END, ENDOFTEXT, IM_END, ENDOFTEXT], [400, 450, 450, 450]),
+    ([50, 60, 70, 80], [IM_END] * 4, [50, 60, 70, 80]),
+    ([600, 10, 20, 30], [None, ENDOFTEXT, IM_END, IM_END], [600, 600, 20, 30]),  # cut off at 600
+    ([5, 9], [ENDOFTEXT, ENDOFTEXT], [9, 9]),
+])
+def test_mask_lengths_recognise_only_im_end(lengths, stops, want):
+  from spacer_jax import rollout
+  g = len(lengths)
+  two_groups = rollout.mask_lengths(_tokens(lengths * 2, stops * 2), lengths * 2, g, IM_END)
+  assert two_groups.tolist() == want * 2
+
+
+def test_length_bonus_on_the_references_mask_lengths_and_the_fix():
+  from spacer_jax import rollout
+  lengths, stops = [400, 100, 450, 300], [IM_END, ENDOFTEXT, IM_END, ENDOFTEXT]
+  extended = rollout.mask_lengths(_tokens(lengths, stops), lengths, 4, IM_END)
+  examples = {"solution": ["<answer>B</answer>"], "problem_type": [MC], "cognitive_map": [None]}
+  done = ["<think>t</think><answer>B</answer>"] * 4
+  comps, _ = rewards.compute_rewards(done, examples, extended, 4)
+  assert comps["length"].tolist() == [F32(0.2)] * 4    # 100 and 300 count as 450
+  assert comps["total"].tolist() == [F32(2.2)] * 4
+  comps, _ = rewards.compute_rewards(done, examples, lengths, 4,
+                                     config=cfg(use_stop_token_mask_fix=True))
+  assert comps["length"].tolist() == [F32(0.2), 0.0, F32(0.2), 0.0]
+
+
+def test_problem_type_is_each_prompts_own():
+  """The reference takes the type of a reward call's first element; its calls hold one prompt,
+  so a batch of B prompts scores exactly as B separate calls (not all as the first's type)."""
+  completions = ["<think>t</think><answer>B</answer>", "<think>t</think><answer>4.5</answer>",
+                 "<think>t</think><answer>a x c</answer>", "<think>t</think><answer>12</answer>"]
+  sols = ["<answer>B</answer>", "<answer>5</answer>", "<answer>a b c</answer>", "<answer>10</answer>"]
+  types = [MC, NUM, "OCR", "regression"]
+  together, _ = rewards.compute_rewards(completions, {"solution": sols, "problem_type": types,
+                                                      "cognitive_map": [None] * 4}, [10] * 4, 1)
+  alone = [rewards.compute_rewards([c], {"solution": [s], "problem_type": [t],
+                                         "cognitive_map": [None]}, [10], 1)[0]["accuracy"][0]
+           for c, s, t in zip(completions, sols, types)]
+  assert together["accuracy"].tolist() == alone == [1.0, F32(0.9), F32(2 / 3), F32(0.79999999992)]
+
+
+# ------------------------------------------------------------------------------------------------
 # Batch entry point.
 # ------------------------------------------------------------------------------------------------
 def test_compute_rewards_batch():
