@@ -162,6 +162,9 @@ def base_config(size="7b", frames=16, sharding=""):
       image_min_pixels=4 * 28 * 28, image_max_pixels=256 * 28 * 28,
       prompt_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384),
       use_cogmap_prompt=True, shuffle=True, num_workers=4, skip_bad_records=True,
+      # A record whose media path is absolute or resolves outside media_root (`..`, symlinks) is a
+      # bad record unless this is True (for datasets laid out that way on purpose).
+      allow_media_outside_root=False,
       synthetic_root="",  # Default: {workdir}/data/synthetic.
       synthetic=ml_collections.ConfigDict(dict(num_scenes=256, num_eval_scenes=32,
                                                questions_per_scene=8))))

@@ -239,7 +239,8 @@ def _records(config, workdir):
     annotations, media_root = config.data.annotations, config.data.media_root
     maps = config.data.cognitive_maps or None
   bad = sources.BadRecords(strict=not config.data.skip_bad_records)
-  records = sources.load_spacer(annotations, media_root=media_root, cognitive_map_path=maps, bad=bad)
+  records = sources.load_spacer(annotations, media_root=media_root, cognitive_map_path=maps, bad=bad,
+                                allow_media_outside_root=config.data.allow_media_outside_root)
   if not config.data.use_cogmap_prompt:
     # Plain GRPO: every record gets the QUESTION_TEMPLATE prompt (no map instructions).
     records = [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type,
