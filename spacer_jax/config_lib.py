@@ -185,7 +185,8 @@ def base_config(size="7b", frames=16, sharding=""):
       # rewards.RewardConfig fields (defaults reproduce SpaceR's quirks; spec 4.9):
       use_article_fix=False, use_first_number_fix=False, use_zero_map_fix=False,
       use_non_sr_map_fix=False, use_empty_gt_map_fix=False, use_nan_fix=False,
-      use_overflow_fix=False, use_stop_token_mask_fix=False, temporal_alpha=0.3, temporal_mu=0.8, bonus_threshold=0.1,
+      use_overflow_fix=False, use_stop_token_mask_fix=False,
+      temporal_alpha=0.3, temporal_mu=0.8, bonus_threshold=0.1,
       length_bonus=0.2, length_range=(320, 512)))
 
   c.optim = ml_collections.ConfigDict(dict(

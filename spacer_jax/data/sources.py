@@ -158,8 +158,8 @@ def iter_jsonl(path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
       try:
         line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
       except UnicodeDecodeError as e:
-        bad.report("not_utf8", f"line {n}", path,
-                   f"byte {raw[e.start:e.start + 1]!r} at column {e.start + 1} is not UTF-8 ({e.reason})")
+        bad.report("not_utf8", f"line {n}", path, f"byte {raw[e.start:e.start + 1]!r} at column "
+                   f"{e.start + 1} is not UTF-8 ({e.reason})")
         continue
       if not line.strip():
         continue
