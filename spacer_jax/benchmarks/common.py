@@ -201,6 +201,20 @@ def maybe_extract(text, protocol):
   return extract_answer(text) if protocol == "spacer" else text
 
 
+def first_option_letter(text, prefixes, letters):
+  """The option-letter extraction of SpaceR-Eval's Video-MME / LongVideoBench code: strip the text,
+  delete every occurrence of each answer prefix (in order), then the first character that is one of
+  `letters`, "" if none (the reference's extra "more than 10 words and no letter -> ''" rule gives
+  the same). It is the first such capital anywhere: "Based on the video, A" gives "B"."""
+  s = text.strip()
+  for prefix in prefixes:
+    s = s.replace(prefix, "")
+  for ch in s:
+    if ch in letters:
+      return ch
+  return ""
+
+
 def to_float(text):
   """float(text) or None (SpaceR-Eval's `to_float`, which catches everything)."""
   try:
