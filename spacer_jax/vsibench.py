@@ -32,6 +32,7 @@ import collections
 import math
 import os
 import re
+import sys
 
 from spacer_jax import rewards
 from spacer_jax.benchmarks import common
@@ -270,13 +271,19 @@ def aggregate(predictions, aggregation="code"):
     elif task in per_type:
       tasks[task] = per_type[task]
   overall = sum(tasks.values()) / len(tasks) if tasks else None
-  return {"per_type": per_type, "counts": dict(counts), "tasks": tasks, "overall": overall,
+  counts = {q: counts[q] for q in QUESTION_TYPES if counts[q]}
+  return {"per_type": per_type, "counts": counts, "tasks": tasks, "overall": overall,
           "num_scored": sum(counts.values())}
 
 
 def table_columns(metrics):
   """[(title, value)]: Avg then the 8 tasks in the paper's order."""
   return [("Avg", metrics["overall"])] + [(title, metrics["tasks"].get(t)) for t, title in TASKS]
+
+
+def table_notes(metrics):
+  del metrics
+  return "Avg = mean of the task columns shown; Rel.Dir = mean of its easy/medium/hard levels."
 
 
 def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num_records=None,
@@ -286,15 +293,9 @@ def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num
   metrics: the output of aggregate(). skipped_videos: the videos that were missing or unreadable
   (shown in the footer, first five); num_skipped: how many questions they held.
   """
-  counts = metrics["counts"]
-  scored = ", ".join(f"{q} {counts[q]}" for q in QUESTION_TYPES if q in counts)
-  total = f" of {num_records}" if num_records is not None else ""
-  proto = f" Protocol: {protocol}." if protocol else ""
-  return common.render_table(
-      table_columns(metrics), name=name,
-      scored_line=f"Scored {metrics['num_scored']}{total} questions ({scored or 'none'}).{proto}",
-      notes="Avg = mean of the task columns shown; Rel.Dir = mean of its easy/medium/hard levels.",
-      skipped=skipped_videos, num_skipped=num_skipped, bad_records=bad_records)
+  return common.benchmark_table(sys.modules[__name__], metrics, name=name, num_records=num_records,
+                                protocol=protocol, skipped=skipped_videos, num_skipped=num_skipped,
+                                bad_records=bad_records)
 
 
 # ---------------------------------------------------------------------------------------------------

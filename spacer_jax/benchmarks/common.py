@@ -278,6 +278,21 @@ def render_table(columns, *, name="model", scored_line="", notes="", skipped=(),
   return "\n".join(lines) + "\n"
 
 
+def benchmark_table(bench, metrics, *, name="model", num_records=None, protocol=None, skipped=(),
+                    num_skipped=0, bad_records=None):
+  """The table.md of a benchmark module's aggregate: its columns, then what was scored (per task
+  counts, protocol, the module's notes) and skipped."""
+  counts = metrics["counts"]
+  scored = ", ".join(f"{k} {v}" for k, v in counts.items())
+  total = f" of {num_records}" if num_records is not None else ""
+  proto = f" Protocol: {protocol}." if protocol else ""
+  return render_table(
+      bench.table_columns(metrics), name=name,
+      scored_line=f"Scored {metrics['num_scored']}{total} questions ({scored or 'none'}).{proto}",
+      notes=bench.table_notes(metrics), skipped=skipped, num_skipped=num_skipped,
+      media_noun="video(s)" if bench.MEDIA == "video" else "image(s)", bad_records=bad_records)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resumable predictions file.
 # ---------------------------------------------------------------------------------------------------
