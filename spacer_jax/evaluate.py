@@ -506,9 +506,10 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
     progress: show a tqdm progress bar.
     repetition_penalty: greedy decoding with transformers' repetition penalty (1.0 = off).
     run_info: extra settings identifying the run (evaluate() passes model_dir, dtype, ...). With
-      `workdir`, they are written to run_info.json together with benchmark, protocol, aggregation,
+      `workdir`, they are written to run_info.json together with benchmark, protocol,
       max_new_tokens, data_dir, video and image settings; resuming with any of them changed raises
-      instead of mixing two runs.
+      instead of mixing two runs. (`aggregation` is not among them: rerunning a finished workdir
+      with the other aggregation rewrites metrics.json and table.md without generating anything.)
     bad_records: the common.BadItems of the read that produced `records`, if any (reported).
 
   Returns:
@@ -542,8 +543,7 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
   check_tokenizer(tokenizer, model.config)
   if workdir:
     check_run_info(workdir, dict(
-        run_info or {}, benchmark=benchmark, protocol=protocol, aggregation=aggregation,
-        max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),
+        run_info or {}, benchmark=benchmark, protocol=protocol, max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),
         data_dir=os.path.abspath(data_dir), video_kwargs=video_kwargs or {},
         **({"image_kwargs": image_kwargs or {}} if bench.MEDIA == "images" else {})))
   preds = (common.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)

@@ -486,11 +486,14 @@ def test_end_to_end(benchmark, tiny_model, tmp_path):
   assert result["num_skipped"] == 0 and result["benchmark"] == benchmark
   if benchmark == "sparbench":  # one or two images per question, each its own vision span
     assert metrics["details"]["by_img_type"].keys() == {"multi-view", "single-view"}
-  # The readme aggregation of the same predictions is one switch away (a fresh workdir).
-  again = evaluate.evaluate(_config(benchmark, tiny_model, data, aggregation="readme"),
-                            str(tmp_path / "readme"))
-  _check_run(bench, str(tmp_path / "readme"), "readme")
-  assert again["aggregation"] == "readme"
+  # The readme aggregation of the same predictions is one switch away: rerunning the finished
+  # workdir with it generates nothing and rewrites metrics.json and table.md.
+  before = open(os.path.join(out, "predictions.jsonl")).read()
+  again = evaluate.evaluate(_config(benchmark, tiny_model, data, aggregation="readme"), out)
+  assert open(os.path.join(out, "predictions.jsonl")).read() == before
+  _check_run(bench, out, "readme")
+  assert again["aggregation"] == "readme" and json.load(open(os.path.join(
+      out, "metrics.json")))["aggregation"] == "readme"
   # Scalars for TensorBoard: tag-safe task names.
   assert all(" " not in k and "&" not in k for k in evaluate.scalars(result, "eval/"))
 
@@ -510,18 +513,43 @@ def test_end_to_end_other_benchmarks(benchmark, protocol, tiny_model, tmp_path):
   assert len(preds) == metrics["num_records"]
 
 
+def _bad_videos(d):
+  """(1x2000 video, truncated video) under directory d."""
+  from spacer_jax.data.synthetic import render  # pylint: disable=g-import-not-at-top
+  import test_video  # pylint: disable=g-import-not-at-top
+  os.makedirs(d, exist_ok=True)
+  wide = os.path.join(d, "wide.mp4")
+  render.encode_mp4(np.zeros((4, 2, 2000, 3), np.uint8), wide, fps=2)
+  long = os.path.join(d, "long.mp4")
+  test_video.make_video(long, n=60, fps=30, w=64, h=64, faststart=True)  # index first
+  blob = open(long, "rb").read()
+  open(long, "wb").write(blob[:len(blob) * 2 // 3])  # truncated: declares 60 frames, holds fewer
+  return wide, long
+
+
+def test_bad_videos_same_under_both_samplers(tmp_path):
+  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  wide, long = _bad_videos(str(tmp_path))
+  for sampler in ("spacer_eval", "pipeline"):
+    vis, reason = evaluate._load_video(long, {"sampler": sampler})  # pylint: disable=protected-access
+    assert vis is None and reason.startswith("unreadable (truncated: the container declares 60")
+  # SpaceR-Eval's resize takes 2000x2 (W x H) to 448 x 0: named, not a bare PIL ValueError.
+  vis, reason = evaluate._load_video(wide, {"sampler": "spacer_eval"})  # pylint: disable=protected-access
+  assert vis is None and "resizes to" in reason
+  with pytest.raises(Exception, match="wide.mp4"):
+    evaluate.load_video_spacer_eval(wide)
+
+
+@pytest.mark.slow
 def test_bad_media_skipped_and_counted(tiny_model, tmp_path):
   """A 1x2000 video, a truncated one and a 1 MB question are skipped and listed; the rest scored."""
   from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from spacer_jax.data.synthetic import render  # pylint: disable=g-import-not-at-top
   data = str(tmp_path / "vsi")
   testdata.write_vsibench(data, num_videos=5)
-  render.encode_mp4(np.zeros((4, 2, 2000, 3), np.uint8), os.path.join(data, "scannet",
-                                                                       "scene0000_00.mp4"), fps=2)
+  wide, long = _bad_videos(str(tmp_path / "bad"))
+  os.replace(wide, os.path.join(data, "scannet", "scene0000_00.mp4"))
+  os.replace(long, os.path.join(data, "scannet", "scene0001_00.mp4"))
   long = os.path.join(data, "scannet", "scene0001_00.mp4")
-  testdata.write_video(long, frames=60, fps=2)
-  blob = open(long, "rb").read()
-  open(long, "wb").write(blob[:len(blob) * 2 // 3])  # truncated: declares 60 frames
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   path = os.path.join(data, "test-00000-of-00001.parquet")
@@ -529,7 +557,7 @@ def test_bad_media_skipped_and_counted(tiny_model, tmp_path):
   rows[2]["question"] = "x " * 500_000  # 1 MB
   pq.write_table(pa.Table.from_pylist(rows), path)
   for protocol in ("spacer", "official"):
-    c = _config("vsibench", tiny_model, data, protocol=protocol)
+    c = _config("vsibench", tiny_model, data, protocol=protocol, prompt_buckets=(1024,))
     if protocol == "official":
       c.video.sampler = "pipeline"
     out = str(tmp_path / protocol)
