@@ -128,12 +128,15 @@ def base_config(size="7b", frames=16, sharding=""):
   c.keep_ckpts = 3
   c.max_skipped_steps = 10  # Non-finite gradient steps in a row before the run stops.
   c.resume = ""  # Checkpoint dir of another run to take the full train state from.
-  # Periodic VSI-Bench-format evaluation with the current weights (spacer_jax.evaluate.run).
+  # Periodic evaluation with the current weights (spacer_jax.evaluate.run), per-task scores logged
+  # as eval/<task>. Any benchmark of EVAL_BENCHMARKS; max_items > 0 evaluates a subset.
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,  # 0 = off.
-      data_dir="",  # VSI-Bench root; "" with data.source=synthetic = the synthetic held-out split.
-      protocol="spacer", max_new_tokens=1024, batch_size=8, max_items=0,
-      video=ml_collections.ConfigDict()))  # evaluate.run video_kwargs ({} = its defaults).
+      benchmark="vsibench",
+      data_dir="",  # Benchmark root; "" with data.source=synthetic = the synthetic VSI held-out split.
+      protocol="spacer", aggregation="code", max_new_tokens=1024, batch_size=8, max_items=0,
+      video=ml_collections.ConfigDict(),  # evaluate.run video_kwargs ({} = its defaults).
+      image=ml_collections.ConfigDict()))  # evaluate.run image_kwargs ({} = its defaults).
   c.jax_cache_dir = ""  # Persistent XLA compilation cache ("" = off); speeds up restarts.
   c.export_hf_subdir = ""  # If set, the final weights are also written there in HF format.
   c.use_tensorboard = True

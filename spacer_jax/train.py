@@ -427,11 +427,12 @@ def main(argv):
 
     # == Data =====================================================================================
     records, bad = _records(config, workdir)
+    records_by_id = {r.id: r for r in records}  # rollout metrics look up each prompt's record
     logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
                  dict(bad.counts))
     eval_dir = config.eval.data_dir
     if config.eval.every_steps and not eval_dir:
-      if config.data.source != "synthetic":
+      if config.data.source != "synthetic" or config.eval.get("benchmark", "vsibench") != "vsibench":
         raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
       from spacer_jax.data import synthetic
       eval_dir = synthetic.dataset_paths(
@@ -536,6 +537,8 @@ def main(argv):
                      "phase_sft": float(phase == "sft"),
                      **bad.metrics("data/bad_records_at_load"),
                      **batch.get("bad_records", {})}
+          if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
+            scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
           wall = time.perf_counter() - t0
           scalars["time/step_s"] = wall
           if "rollout/tokens" in roll_metrics:
@@ -568,11 +571,14 @@ def main(argv):
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
             scores = evaluate.run(
-                abstract_model, tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
+                abstract_model, tokenizer, data_dir=eval_dir,
+                benchmark=config.eval.get("benchmark", "vsibench"), protocol=config.eval.protocol,
+                aggregation=config.eval.get("aggregation", "code"),
                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 params=tree_utils.to_state(state["params"], paths), mesh=mesh,
                 workdir=os.path.join(workdir, "eval", f"step_{step}"),
                 video_kwargs=config.eval.video.to_dict() or None,
+                image_kwargs=(config.eval.image.to_dict() if "image" in config.eval else None) or None,
                 max_items=config.eval.max_items, progress=False)
           writer.write(step, {**evaluate.scalars(scores, prefix="eval/"), **writer.pop_timers()})
     bar.close()

@@ -304,3 +304,61 @@ def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num
 
 
 PredictionsFile = common.PredictionsFile
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training-time metrics: VSI-Bench task accuracy of GRPO rollouts.
+# ---------------------------------------------------------------------------------------------------
+
+# VSI-Bench's question templates (which SR-91k and the synthetic data reuse), most specific first.
+_TASK_PATTERNS = (
+    ("object_rel_direction_hard", re.compile(r"standing by the .* facing the .*front-left", re.S)),
+    ("object_rel_direction_medium", re.compile(r"standing by the .* facing the .*left, right,? or"
+                                               r" back", re.S)),
+    ("object_rel_direction_easy", re.compile(r"standing by the .* facing the .*left or the right",
+                                             re.S)),
+    ("object_abs_distance", re.compile(r"direct distance between", re.I)),
+    ("object_rel_distance", re.compile(r"(closest|farthest|nearest) to the", re.I)),
+    ("object_size_estimation", re.compile(r"longest dimension", re.I)),
+    ("room_size_estimation", re.compile(r"size of (this|the) room|square meters", re.I)),
+    ("obj_appearance_order", re.compile(r"appearance order", re.I)),
+    ("route_planning", re.compile(r"\broute\b|\bnavigate\b", re.I)),
+    ("object_counting", re.compile(r"^\s*(question:\s*)?how many\b", re.I)),
+)
+
+
+def infer_question_type(question):
+  """The VSI-Bench question_type of a question written with VSI-Bench's templates, or None.
+
+  For training metrics only: SpaceR-151k records carry no task name, but SR-91k questions follow
+  VSI-Bench's wording ("How many chair(s) are in this room?", "... direct distance between ...").
+  """
+  for qtype, pattern in _TASK_PATTERNS:
+    if pattern.search(question):
+      return qtype
+  return None
+
+
+def rollout_task_scores(samples, records_by_id, prefix="rollout_vsi/"):
+  """{prefix + task: mean VSI-Bench score} of GRPO rollout samples on VSI-style questions.
+
+  samples: rollout.run's sample dicts ("prompt_id", "completion", "solution"); records_by_id:
+  {id: sources.Record}. The task is the record's question_type, else inferred from its problem
+  text; each completion is scored as SpaceR-Eval scores VSI-Bench (tag extraction, MCA letter /
+  fuzzy-number MRA) against the solution's answer. Samples of other questions are left out.
+  """
+  sums, counts = collections.defaultdict(float), collections.Counter()
+  for s in samples:
+    rec = records_by_id.get(str(s.get("prompt_id")))
+    if rec is None or "completion" not in s:
+      continue
+    qtype = getattr(rec, "question_type", None) or infer_question_type(rec.problem)
+    if qtype not in QUESTION_TYPES:
+      continue
+    gt = rewards.find_tag(s["solution"], "answer")
+    if gt is None or (not is_mca(qtype) and _to_float(gt) in (None, 0.0)):
+      continue
+    _, value = parse_and_score("spacer", qtype, s["completion"], gt)
+    sums[task_of(qtype)] += value
+    counts[task_of(qtype)] += 1
+  return {f"{prefix}{t}": sums[t] / counts[t] for t in TASK_NAMES if counts[t]}

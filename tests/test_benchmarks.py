@@ -625,3 +625,86 @@ def test_command_line_resumes_after_kill(benchmark, tiny_model, tmp_path):
   outputs = lambda d: {json.loads(l)["id"]: json.loads(l)["output"]  # noqa: E731
                        for l in open(os.path.join(d, "predictions.jsonl"))}
   assert outputs(full) == outputs(killed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training-time metrics.
+
+
+def test_infer_question_type_on_vsi_templates(tmp_path):
+  """Every question the synthetic generator writes (VSI-Bench's templates) maps to its own type."""
+  from spacer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = synthetic.SyntheticConfig(num_scenes=3, num_eval_scenes=1, questions_per_scene=40,
+                                  eval_questions_per_scene=2, num_frames=4, height=32, width=32)
+  paths = synthetic.generate_dataset(str(tmp_path / "syn"), cfg, progress=False)
+  qtypes = {json.loads(l)["problem_id"]: json.loads(l)["question_type"]
+            for l in open(paths.question_types)}
+  rows = [json.loads(l) for l in open(paths.train_jsonl)]
+  assert {qtypes[r["problem_id"]] for r in rows} == set(vsibench.QUESTION_TYPES) - {"route_planning"}
+  for r in rows:
+    assert vsibench.infer_question_type(r["problem"]) == qtypes[r["problem_id"]], r["problem"]
+  route = ("You are a robot beginning at the bed facing the tv. You want to navigate to the sofa. You"
+           " will perform the following actions (Note: for each [please fill in] step, choose either"
+           " 'Turn back.' 'Turn left.' or 'Turn right.'.): 1. Go forward until the tv 2. [please fill"
+           " in] 3. Go forward until the sofa. You have reached the final destination.")
+  assert vsibench.infer_question_type(route) == "route_planning"
+  assert vsibench.infer_question_type("What colour is the sky?") is None
+
+
+def test_rollout_task_scores():
+  import types  # pylint: disable=g-import-not-at-top
+  recs = {"1": types.SimpleNamespace(problem="How many chair(s) are in this room?",
+                                     question_type=None),
+          "2": types.SimpleNamespace(problem="anything", question_type="route_planning"),
+          "3": types.SimpleNamespace(problem="What colour is it?", question_type=None)}
+  samples = [
+      {"prompt_id": "1", "completion": "<think>x</think><answer>4</answer>",
+       "solution": "<answer>4</answer>"},
+      {"prompt_id": "1", "completion": "<answer>2</answer>", "solution": "<answer>4</answer>"},
+      {"prompt_id": "2", "completion": "<answer>B</answer>", "solution": "<answer>B</answer>"},
+      {"prompt_id": "3", "completion": "<answer>blue</answer>", "solution": "<answer>blue</answer>"},
+      {"prompt_id": "9", "completion": "<answer>4</answer>", "solution": "<answer>4</answer>"},
+      {"prompt_id": "1", "target": "<answer>4</answer>"},  # SFT sample: no completion
+  ]
+  assert vsibench.rollout_task_scores(samples, recs) == {
+      "rollout_vsi/object_counting": 0.55, "rollout_vsi/route_planning": 1.0}  # MRA(2, 4) = 0.1
+
+
+def test_metric_writer_text(tmp_path):
+  from spacer_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  text = metrics_lib.samples_markdown([{"prompt_id": "7", "reward_total": 1.5,
+                                        "completion": "<think>a```b</think>"}])
+  assert text.startswith("**prompt_id=7, reward_total=1.5**") and "```\n<think>a" in text
+  writer = metrics_lib.MetricWriter(str(tmp_path), use_tensorboard=True)
+  writer.write_samples(3, [{"prompt_id": "7", "completion": "hello"}] * 6)
+  writer.close()
+  events = [f for root, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
+  assert events and b"rollouts/samples" in open(
+      os.path.join(tmp_path, "tb", events[0]), "rb").read()
+
+
+@pytest.mark.slow
+def test_trainer_in_loop_evaluation_of_another_benchmark(tmp_path):
+  """train.py with config.eval.benchmark=stibench on a subset logs eval/<task> scalars, and the GRPO
+  steps log rollout_vsi/<task> scores of the synthetic (VSI-template) questions."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  data = testdata.write("stibench", str(tmp_path / "sti"))
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "spacer_jax.train", "--config=configs/sgrlvr.py:smoke",
+         f"--workdir={wd}", "--config.use_progress_bar=False", "--config.eval.every_steps=2",
+         "--config.eval.benchmark=stibench", f"--config.eval.data_dir={data}",
+         "--config.eval.max_items=3", "--config.eval.max_new_tokens=4",
+         "--config.eval.video.sampler=spacer_eval", "--config.eval.video.max_frames=4"]
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stderr[-4000:]
+  rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  evals = [r for r in rows if "eval/overall" in r]
+  assert len(evals) == 1 and evals[0]["step"] == 2
+  assert {k for k in evals[0] if k.startswith("eval/")} >= {
+      "eval/overall", "eval/3D_Video_Grounding", "eval/num_skipped"}
+  assert any(k.startswith("rollout_vsi/") for r in rows for k in r)
+  metrics = json.load(open(wd / "eval" / "step_2" / "metrics.json"))
+  assert metrics["benchmark"] == "stibench" and metrics["num_records"] == 3
