@@ -1,29 +1,31 @@
-"""VSI-Bench evaluation of a Qwen2.5-VL checkpoint (spec spacer.md section 7).
+"""Evaluation of a Qwen2.5-VL checkpoint on SpaceR's benchmarks (docs/spacer_recipe.md, "Evaluation").
 
-Command line (the config docstring has more):
+Command line (each config's docstring has more):
   python -m spacer_jax.evaluate --config=configs/eval_vsibench.py \
       --config.model_dir=DIR --config.data_dir=DIR --workdir=OUT
+  (configs/eval_{stibench,sparbench,videomme,tempcompass,longvideobench}.py, or `:benchmark=NAME`)
 
-In the training loop, `train.py` calls `run(...)` every `eval_every_steps` on a held-out split (see
-its docstring). Scoring, aggregation, the table and the resumable predictions file are host code in
-`spacer_jax.vsibench`; this file loads the model, feeds videos and prompts to the batched greedy
-sampler and writes the outputs:
+One runner for every benchmark in BENCHMARKS. Each benchmark module (spacer_jax.vsibench,
+spacer_jax.benchmarks.*) reads its records, builds prompts, parses and scores outputs and aggregates
+them (host code, the contract is in spacer_jax.benchmarks.common); this file loads the model, decodes
+the media, feeds prompts to the batched greedy sampler and writes the outputs:
 
   {workdir}/predictions.jsonl   one line per scored question, appended as it goes; a rerun skips the
                                 ids already there, so a killed evaluation resumes.
-  {workdir}/metrics.json        per-type, per-task and overall scores (x100), counts, skipped videos.
-  {workdir}/table.md            the paper's table row (Avg, Obj.Count, ..., Appr.Order) + footer.
+  {workdir}/metrics.json        overall, per-task and the benchmark's other aggregates (x100), counts,
+                                skipped questions and bad records (named, counted by cause).
+  {workdir}/table.md            the paper's table row + footer.
 
-Data layout (VSI-Bench release): `{data_dir}/<one annotation file: *.parquet | *.jsonl | *.json>` and
-videos at `{data_dir}/{dataset}/{scene_name}.mp4`. A question whose video is missing (or cannot be
-decoded) is skipped, counted and listed in the table's footer; if no video exists at all the layout is
-wrong and the run stops before loading the model.
+In the training loop, `train.py` calls `run(...)` every `config.eval.every_steps` (see its docstring).
+A question whose media is missing, unreadable or truncated, or whose prompt does not fit the largest
+bucket, is skipped, counted and listed; if no media exists at all the layout is wrong and the run stops
+before loading the model.
 
 Frames (`config.video.sampler`): "spacer_eval" reproduces SpaceR-Eval's frame selection and its
-width/height swap (spec 7.1, `load_video_spacer_eval`); "pipeline" uses this project's training video
-path. Decoding is greedy; `repetition_penalty` (transformers' semantics) is 1.05 for the spacer
-protocol in configs/eval_vsibench.py, as SpaceR-Eval inherits it from Qwen2.5-VL's
-generation_config.json (spec 7.1), and 1.0 for the official protocol and the demo.
+width/height swap (`load_video_spacer_eval`); "pipeline" uses this project's training video path.
+Images (SPAR-Bench) take qwen-vl-utils' image path (`video.preprocess_image`). Decoding is greedy;
+`repetition_penalty` (transformers' semantics) is 1.05 for SpaceR-Eval's protocols, which inherit it
+from Qwen2.5-VL's generation_config.json, and 1.0 for VSI-Bench's official protocol and the demo.
 """
 
 import collections

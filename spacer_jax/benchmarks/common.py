@@ -149,8 +149,12 @@ def read_rows(path, bad=None):
             raise ValueError(f"{where}: not valid JSON ({e})") from e
           bad.add(where, "malformed_json", str(e))
     return rows
-  with open(path, encoding="utf-8") as f:
-    rows = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      rows = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a UTF-8 JSON file ({e}); a JSONL file (one record a line) lets"
+                     " the evaluator skip bad lines instead") from e
   if not isinstance(rows, list):
     raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
   return [(f"{path} record {n}", row) for n, row in enumerate(rows)]
