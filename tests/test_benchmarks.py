@@ -695,8 +695,7 @@ def test_trainer_in_loop_evaluation_of_another_benchmark(tmp_path):
   cmd = [sys.executable, "-m", "spacer_jax.train", "--config=configs/sgrlvr.py:smoke",
          f"--workdir={wd}", "--config.use_progress_bar=False", "--config.eval.every_steps=2",
          "--config.eval.benchmark=stibench", f"--config.eval.data_dir={data}",
-         "--config.eval.max_items=3", "--config.eval.max_new_tokens=4",
-         "--config.eval.video.sampler=spacer_eval", "--config.eval.video.max_frames=4"]
+         "--config.eval.max_items=3", "--config.eval.max_new_tokens=4"]
   env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stderr[-4000:]
