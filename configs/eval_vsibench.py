@@ -1,4 +1,4 @@
-r"""VSI-Bench evaluation (spec spacer.md section 7), run by `python -m spacer_jax.evaluate`.
+r"""VSI-Bench evaluation (docs/spacer_recipe.md, "VSI-Bench"), run by `python -m spacer_jax.evaluate`.
 
 SpaceR-Eval protocol (the numbers SpaceR reports, 45.6 Avg for SpaceR-7B; think/answer COGMAP
 prompt, tag extraction, fuzzy numbers, up to 1024 new tokens):

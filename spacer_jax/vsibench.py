@@ -3,7 +3,7 @@
 Everything here is pure Python/NumPy (no model, no JAX), so the evaluator's arithmetic is testable on
 its own; `spacer_jax.evaluate` runs the model and calls into this file. Spec: spacer.md section 7.
 
-Three protocols (spec 7.2):
+Three protocols (docs/spacer_recipe.md, "VSI-Bench"):
 * "official": the VSI-Bench release (thinking-in-space/lmms_eval). Direct-answer prompt, greedy,
   max_new_tokens 16. Both MCA and NA parse the first space-separated word with trailing dots removed:
   `pred.split(' ')[0].rstrip('.').strip()`; MCA = case-insensitive equality with the option letter,
