@@ -172,12 +172,15 @@ def base_config(size="7b", frames=16, sharding=""):
   # An unreadable newest checkpoint (truncated/missing file, corrupt metadata) stops the run instead
   # of being logged, moved aside to ckpt/<step>.unreadable and skipped for the newest readable one.
   c.resume_strict = False
-  # Periodic VSI-Bench-format evaluation with the current weights (spacer_jax.evaluate.run).
+  # Periodic evaluation with the current weights (spacer_jax.evaluate.run), per-task scores logged
+  # as eval/<task>. Any benchmark of EVAL_BENCHMARKS; max_items > 0 evaluates a subset.
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,  # 0 = off.
-      data_dir="",  # VSI-Bench root; "" with data.source=synthetic = the synthetic held-out split.
-      protocol="spacer", max_new_tokens=1024, batch_size=8, max_items=0,
-      video=ml_collections.ConfigDict()))  # evaluate.run video_kwargs ({} = its defaults).
+      benchmark="vsibench",
+      data_dir="",  # Benchmark root; "" with data.source=synthetic = the synthetic VSI held-out split.
+      protocol="spacer", aggregation="code", max_new_tokens=1024, batch_size=8, max_items=0,
+      video=ml_collections.ConfigDict(),  # evaluate.run video_kwargs ({} = its defaults).
+      image=ml_collections.ConfigDict()))  # evaluate.run image_kwargs ({} = its defaults).
   c.jax_cache_dir = ""  # Persistent XLA compilation cache ("" = off); speeds up restarts.
   c.export_hf_subdir = ""  # If set, the final weights are also written there in HF format.
   c.post_train = ""  # "module:function" that train.py's main calls with (config, workdir) afterwards.
@@ -478,15 +481,19 @@ def problems(config, *, num_devices=None, process_count=1):
 
   # -- periodic evaluation ---------------------------------------------------------------------
   if config.eval.get("every_steps"):
-    from spacer_jax import vsibench  # pylint: disable=g-import-not-at-top
-    check("eval.protocol", lambda x: x in vsibench.PROTOCOLS, f"must be one of {vsibench.PROTOCOLS}")
+    bench = check("eval.benchmark", lambda x: x in EVAL_BENCHMARKS,
+                  f"must be one of {EVAL_BENCHMARKS}")
+    protocols = ("spacer", "spacer_default") + (("official",) if bench == "vsibench" else ())
+    check("eval.protocol", lambda x: x in protocols, f"must be one of {protocols} for {bench}")
+    check("eval.aggregation", lambda x: x in ("code", "readme"), "must be 'code' or 'readme'")
     check("eval.batch_size", positive_int, "must be an integer >= 1")
     check("eval.max_new_tokens", positive_int, "must be an integer >= 1")
     check("eval.max_items", non_negative_int, "must be an integer >= 0 (0 = all)")
     if config.eval.get("data_dir"):
       path("eval.data_dir")
-    elif source == "spacer":
-      bad("eval.data_dir", "must be set (a VSI-Bench root) when eval.every_steps > 0")
+    elif source == "spacer" or bench != "vsibench":
+      bad("eval.data_dir", f"must be set (a {bench} directory) when eval.every_steps > 0; only a "
+          "synthetic run has a default (its held-out split, for vsibench)")
 
   # -- mesh ------------------------------------------------------------------------------------------
   mesh = config.get("mesh")
@@ -513,3 +520,89 @@ def validate(config, *, num_devices=None, process_count=1):
   found = problems(config, num_devices=num_devices, process_count=process_count)
   if found:
     raise ConfigError(found)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (python -m spacer_jax.evaluate; configs/eval_*.py).
+# ---------------------------------------------------------------------------------------------------
+
+# The benchmarks spacer_jax.evaluate runs (config value -> module, see evaluate.BENCHMARKS).
+EVAL_BENCHMARKS = ("vsibench", "stibench", "sparbench", "videomme", "tempcompass", "longvideobench")
+# Generation budget of each protocol: SpaceR-Eval thinking / default mode, VSI-Bench's official one.
+EVAL_MAX_NEW_TOKENS = {"spacer": 1024, "spacer_default": 128, "official": 16}
+# Where train.py leaves things in a demo workdir: model_config.json + ckpt/ at the top, the offline
+# tokenizer, and the synthetic dataset whose held-out split is in VSI-Bench format.
+DEMO_TOKENIZER_SUBDIR = "tokenizer"
+DEMO_SYNTHETIC_SUBDIR = "data/synthetic"  # train.py's default config.data.synthetic_root
+
+
+def eval_config(arg=None, benchmark="vsibench"):
+  """The evaluation config of configs/eval_*.py.
+
+  Args:
+    arg: `benchmark=NAME,protocol=P,aggregation=code|readme,demo,demo_workdir=DIR` (all optional).
+      protocol "" = "spacer" (SpaceR-Eval's thinking mode); "spacer_default" = its non-thinking mode;
+      "official" = VSI-Bench's own protocol (vsibench only). demo evaluates a `train.py` demo workdir
+      on its synthetic VSI-Bench split.
+    benchmark: the default of the `benchmark=` argument (each configs/eval_X.py sets its own).
+  """
+  arg = parse_arg(arg, benchmark=benchmark, protocol="", aggregation="code", demo=False,
+                  demo_workdir="")
+  if arg.benchmark not in EVAL_BENCHMARKS:
+    raise ValueError(f"benchmark={arg.benchmark!r}: use one of {EVAL_BENCHMARKS}")
+  protocol = arg.protocol or "spacer"
+  if protocol not in EVAL_MAX_NEW_TOKENS or (protocol == "official" and arg.benchmark != "vsibench"):
+    raise ValueError(f"protocol={protocol!r}: use spacer or spacer_default"
+                     + (" or official" if arg.benchmark == "vsibench" else ""))
+  if arg.aggregation not in ("code", "readme"):
+    raise ValueError(f"aggregation={arg.aggregation!r}: use code or readme")
+  spacer = protocol != "official"
+  c = ml_collections.ConfigDict()
+  c.benchmark = arg.benchmark
+  c.model_dir = ""        # HF checkpoint (config.json + safetensors) or trainer checkpoint dir.
+  c.tokenizer_dir = ""    # default: model_dir.
+  c.data_dir = ""         # The benchmark's directory (its layout: the benchmark module's docstring).
+  c.protocol = protocol
+  c.aggregation = arg.aggregation  # "code": as SpaceR-Eval computes it; "readme": its README tables.
+  c.max_new_tokens = EVAL_MAX_NEW_TOKENS[protocol]
+  # SpaceR-Eval's greedy decoding carries Qwen2.5-VL's generation_config repetition penalty.
+  c.repetition_penalty = 1.05 if spacer else 1.0
+  c.batch_size = 8        # global; a multiple of the device count shards rows over devices.
+  c.dtype = "bfloat16"
+  c.cache_dtype = ""      # "" = dtype.
+  c.mesh = "fsdp"         # MESH_PRESETS / SHARDING_PRESETS key.
+  c.prompt_buckets = (512, 1024, 2048, 4096, 8192)
+  # spacer_eval: SpaceR-Eval's frames (<= 32 at 1 fps, long side 448 with its width/height swap,
+  # then qwen-vl-utils' image budget 3,136..200,704 pixels). pipeline: the training video path.
+  c.video = ml_collections.ConfigDict(dict(
+      sampler="spacer_eval" if spacer else "pipeline",
+      fps=1.0, min_frames=4, max_frames=32, max_side=448, swap_hw=True,
+      min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28 if spacer else 448 * 336,
+  ))
+  # Images (SPAR-Bench): qwen-vl-utils' image budget.
+  c.image = ml_collections.ConfigDict(dict(min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28))
+  c.name = ""             # table row label; default: basename of model_dir.
+  c.allow_missing_videos = True
+  c.allow_outside_data_dir = False  # media paths that resolve outside data_dir are bad records.
+  c.max_items = 0         # 0 = all questions.
+  c.num_workers = 2       # media decoding threads.
+  c.progress = True
+
+  if arg.demo:
+    if arg.benchmark != "vsibench" or not arg.demo_workdir:
+      raise ValueError("the demo evaluation is benchmark=vsibench with demo_workdir=DIR (the demo's"
+                       " --workdir)")
+    from spacer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    c.model_dir = arg.demo_workdir
+    c.tokenizer_dir = f"{arg.demo_workdir}/{DEMO_TOKENIZER_SUBDIR}"
+    c.data_dir = synthetic.dataset_paths(f"{arg.demo_workdir}/{DEMO_SYNTHETIC_SUBDIR}").eval_root
+    c.max_new_tokens = {"spacer": 128, "spacer_default": 32, "official": 16}[protocol]
+    c.repetition_penalty = 1.0  # as the trainer's in-run evaluation
+    c.dtype = "float32"
+    c.prompt_buckets = (256, 512, 1024, 2048)
+    # SyntheticConfig.demo(): 4 frames of 56x56 at 2 fps; keep every frame at full size.
+    c.video = ml_collections.ConfigDict(dict(
+        sampler="pipeline", fps=2.0, min_frames=4, max_frames=4, max_side=448, swap_hw=True,
+        min_pixels=56 * 56, max_pixels=56 * 56))
+    c.name = "demo"
+  return c

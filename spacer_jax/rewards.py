@@ -106,21 +106,28 @@ DEFAULT = RewardConfig()
 _WS = re.compile(r"\s*")
 
 
-def _extract_tag(text: str, tag: str) -> str:
-  """First match of `<tag>\\s*(.*?)\\s*</tag>` (DOTALL), stripped; "" if none. Linear time.
+def find_tag(text: str, tag: str) -> str | None:
+  """First match of `<tag>\\s*(.*?)\\s*</tag>` (DOTALL), stripped; None if none. Linear time.
 
   The regex itself backtracks quadratically on hostile input (many opening tags and no closing
   one); this computes the same match: the leftmost opening tag that has a closing tag after it is
-  the first opening tag, and the lazy group ends at the first closing tag after it.
+  the first opening tag, and the lazy group ends at the first closing tag after it. The evaluator's
+  SpaceR-Eval extraction uses it too.
   """
   opening, closing = f"<{tag}>", f"</{tag}>"
   a = text.find(opening)
   if a < 0:
-    return ""
+    return None
   c = text.find(closing, a + len(opening))
   if c < 0:
-    return ""
+    return None
   return text[a + len(opening):c].strip()
+
+
+def _extract_tag(text: str, tag: str) -> str:
+  """find_tag, with "" where there is no match (what the training rewards compare)."""
+  content = find_tag(text, tag)
+  return "" if content is None else content
 
 
 def extract_answer(text: str) -> str:

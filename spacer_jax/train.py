@@ -378,6 +378,7 @@ def synthetic_root(config, workdir):
 
 
 def _eval_data_dir(config, workdir):
+  """config.eval.data_dir, or the synthetic held-out split (VSI-Bench format) of a synthetic run."""
   if config.eval.data_dir or not config.eval.every_steps:
     return config.eval.data_dir
   from spacer_jax.data import synthetic  # Synthetic data (config_lib.validate checks the rest).
@@ -485,6 +486,7 @@ def train_and_evaluate(config, workdir):
     records, bad = load_records(config, workdir)
     logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
                  dict(bad.counts))
+    records_by_id = {r.id: r for r in records}  # rollout metrics look up each prompt's record
     eval_dir = _eval_data_dir(config, workdir)
     train_iter = pipeline.make_iterator(
         records, tokenizer, config_lib.make_data_config(
@@ -561,6 +563,8 @@ def train_and_evaluate(config, workdir):
               step, phase, step_metrics=step_metrics, roll_metrics=roll_metrics,
               timers=writer.pop_timers(), tb=tb, setup=setup, phases=phases, compiled=compiled(),
               bad=bad, batch=batch, wall=time.perf_counter() - t0)
+          if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
+            scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
           if step == start:
             logging.info("memory after step %d: %s", step, ", ".join(
                 f"{k.split('/')[1]} {v:.2f} GiB" for k, v in scalars.items()
@@ -581,7 +585,9 @@ def train_and_evaluate(config, workdir):
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
             scores = evaluate.run(
-                abstract.merge(), tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
+                abstract.merge(), tokenizer, data_dir=eval_dir, benchmark=config.eval.benchmark,
+                protocol=config.eval.protocol, aggregation=config.eval.aggregation,
+                image_kwargs=config.eval.image.to_dict() or None,
                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 params=abstract.state(state["params"]), mesh=mesh,
                 workdir=os.path.join(workdir, "eval", f"step_{step}"),

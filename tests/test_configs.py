@@ -19,7 +19,13 @@ ARGS = {
 }
 # Configs read by other entry points (spacer_jax.evaluate): they only have to load.
 OTHER_ARGS = {
-    "eval_vsibench.py": ["", "protocol=official", "demo,demo_workdir=/tmp/demo"],
+    "eval_vsibench.py": ["", "protocol=official", "protocol=spacer_default",
+                         "demo,demo_workdir=/tmp/demo", "benchmark=stibench,aggregation=readme"],
+    "eval_stibench.py": ["", "protocol=spacer_default", "aggregation=readme"],
+    "eval_sparbench.py": ["", "protocol=spacer_default", "aggregation=readme"],
+    "eval_videomme.py": ["", "protocol=spacer_default"],
+    "eval_tempcompass.py": ["", "protocol=spacer_default"],
+    "eval_longvideobench.py": ["", "protocol=spacer_default"],
 }
 
 
@@ -77,6 +83,19 @@ def test_recipe_values():
   assert e.get_config("").repetition_penalty == 1.05  # SpaceR-Eval (spec 7.1)
   assert e.get_config("protocol=official").repetition_penalty == 1.0
   assert e.get_config("demo,demo_workdir=/tmp/x").repetition_penalty == 1.0
+  d = e.get_config("protocol=spacer_default")  # SpaceR-Eval's non-thinking mode
+  assert (d.max_new_tokens, d.repetition_penalty, d.video.sampler) == (128, 1.05, "spacer_eval")
+  sti = _load("eval_stibench.py").get_config("aggregation=readme")
+  assert (sti.benchmark, sti.aggregation, sti.max_new_tokens) == ("stibench", "readme", 1024)
+  assert _load("eval_sparbench.py").get_config("").image.max_pixels == 256 * 28 * 28
+
+
+@pytest.mark.parametrize("arg", ["benchmark=mmlu", "protocol=official,benchmark=stibench",
+                                 "protocol=thinking", "aggregation=paper",
+                                 "benchmark=stibench,demo,demo_workdir=/tmp/x"])
+def test_bad_eval_arguments_raise(arg):
+  with pytest.raises(ValueError):
+    _load("eval_vsibench.py").get_config(arg)
 
 
 @pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe"])
