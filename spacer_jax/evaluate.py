@@ -52,8 +52,6 @@ from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 from spacer_jax.data import video as video_lib
 
-QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
-
 # Defaults of the two protocols (spec 7.1-7.2): official greedy 16 tokens; SpaceR-Eval "thinking" 1024.
 DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
 
@@ -61,20 +59,6 @@ DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
 # ---------------------------------------------------------------------------------------------------
 # Model and tokenizer.
 # ---------------------------------------------------------------------------------------------------
-
-
-def check_architecture(model_dir, filename="config.json"):
-  """Raises a clear error unless `model_dir/filename` describes a Qwen2.5-VL model."""
-  path = os.path.join(model_dir, filename)
-  with open(path) as f:
-    hf = json.load(f)
-  model_type = hf.get("model_type")
-  archs = hf.get("architectures") or []
-  if model_type != QWEN2_5_VL_MODEL_TYPE:
-    raise ValueError(
-        f"{path}: checkpoint architecture is model_type={model_type!r} {archs}; the evaluator runs"
-        f" Qwen2.5-VL (model_type '{QWEN2_5_VL_MODEL_TYPE}', Qwen2_5_VLForConditionalGeneration)")
-  return hf
 
 
 def _abstract_model(cfg, dtype, mesh, rules):
@@ -143,7 +127,6 @@ def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
   trainer = trainer_checkpoint_dirs(model_dir)
   if trainer is not None:
     run_dir, ckpt_dir = trainer
-    check_architecture(run_dir, "model_config.json")
     cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(run_dir, "model_config.json"))
     graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
     unwrap = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v  # noqa: E731
@@ -161,7 +144,6 @@ def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
     raise FileNotFoundError(
         f"config.model_dir={model_dir!r} is neither an HF checkpoint (config.json + *.safetensors)"
         " nor a train.py workdir (model_config.json + ckpt/<step>/state)")
-  check_architecture(model_dir)
   cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(model_dir)
   graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
   return nnx.merge(graphdef, hf_weights.load_state(model_dir, abs_state, shardings))
