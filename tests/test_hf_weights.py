@@ -384,3 +384,16 @@ def test_save_casts_dtype_and_replaces_old_files(good_ckpt, tmp_path):
   assert hf_weights.checkpoint_dtype(out) == ml_dtypes.bfloat16
   a, b = _params(model), _params(qwen2_5_vl.load_hf(out))
   assert all(np.array_equal(a[k].astype(ml_dtypes.bfloat16).astype(np.float32), b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("value,finite", [(1.0, True), (-0.0, True), (6e4, True), (np.nan, False),
+                                          (np.inf, False), (-np.inf, False)])
+def test_check_finite_every_float_dtype(dtype, value, finite):
+  x = np.array([[0.5, value], [2.0, -3.0]], dtype)
+  if finite:
+    hf_weights._check_finite(x, "f.safetensors", "k")
+  else:
+    with pytest.raises(hf_weights.CheckpointError, match="f.safetensors: tensor k holds 1 non"):
+      hf_weights._check_finite(x, "f.safetensors", "k")
+  hf_weights._check_finite(np.zeros((0, 2), dtype), "f.safetensors", "k")  # empty slice

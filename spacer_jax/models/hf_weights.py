@@ -191,13 +191,22 @@ def checkpoint_dtype(path):
   return np.dtype(_DTYPES[floats.pop()])
 
 
+# 16-bit floats are NaN/inf exactly when all their exponent bits are set; testing the bits is ~2x
+# faster than np.isfinite on ml_dtypes' bfloat16 (experiments/bench_load.py).
+_EXPONENT_MASKS = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
+
+
 def _check_finite(x, filename, key):
   """Raises CheckpointError when the float array x holds a NaN or an infinity."""
-  if not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+  mask = _EXPONENT_MASKS.get(x.dtype)
+  if mask is not None:
+    ok = (np.ascontiguousarray(x).view(np.uint16) & mask).max(initial=0) != mask
+  elif np.issubdtype(x.dtype, np.floating):
+    ok = bool(np.isfinite(x).all())
+  else:
     return
-  finite = np.isfinite(x)
-  if not finite.all():
-    bad = int(finite.size - np.count_nonzero(finite))
+  if not ok:
+    bad = int(x.size - np.count_nonzero(np.isfinite(x.astype(np.float32))))
     raise CheckpointError(f"{filename}: tensor {key} holds {bad} non-finite values (NaN or inf) "
                           f"in a {x.dtype}{list(x.shape)} slice")
 
