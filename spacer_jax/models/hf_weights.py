@@ -191,21 +191,33 @@ def checkpoint_dtype(path):
   return np.dtype(_DTYPES[floats.pop()])
 
 
-# 16-bit floats are NaN/inf exactly when all their exponent bits are set; testing the bits is ~2x
-# faster than np.isfinite on ml_dtypes' bfloat16 (experiments/bench_load.py).
+# 16-bit floats are NaN/inf exactly when all their exponent bits are set; testing the bits in
+# cache-sized chunks is ~10x faster than np.isfinite on ml_dtypes' bfloat16
+# (experiments/bench_load.py).
 _EXPONENT_MASKS = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
+_CHUNK = 1 << 20  # elements
+
+
+def _all_finite(x):
+  mask = _EXPONENT_MASKS.get(x.dtype)
+  flat = np.ascontiguousarray(x).reshape(-1)
+  if mask is None:
+    return all(np.isfinite(flat[i:i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
+  bits = flat.view(np.uint16)
+  buf = np.empty(min(_CHUNK, bits.size), np.uint16)
+  for i in range(0, bits.size, _CHUNK):
+    part = buf[:min(_CHUNK, bits.size - i)]
+    np.bitwise_and(bits[i:i + _CHUNK], mask, out=part)
+    if part.max() == mask:
+      return False
+  return True
 
 
 def _check_finite(x, filename, key):
   """Raises CheckpointError when the float array x holds a NaN or an infinity."""
-  mask = _EXPONENT_MASKS.get(x.dtype)
-  if mask is not None:
-    ok = (np.ascontiguousarray(x).view(np.uint16) & mask).max(initial=0) != mask
-  elif np.issubdtype(x.dtype, np.floating):
-    ok = bool(np.isfinite(x).all())
-  else:
+  if not (np.issubdtype(x.dtype, np.floating) or x.dtype in _EXPONENT_MASKS):
     return
-  if not ok:
+  if not _all_finite(x):
     bad = int(x.size - np.count_nonzero(np.isfinite(x.astype(np.float32))))
     raise CheckpointError(f"{filename}: tensor {key} holds {bad} non-finite values (NaN or inf) "
                           f"in a {x.dtype}{list(x.shape)} slice")
