@@ -48,16 +48,22 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "export: the train.py workdir to convert")
-_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "import: the Hugging Face checkpoint to convert")
-_OUT = flags.DEFINE_string("out", None, "output directory (must not exist or be empty)")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
-                           "weights dtype; export default bfloat16, import default: the checkpoint's")
-_BASE = flags.DEFINE_string("base", None, "export: base HF checkpoint whose tokenizer, processor and "
-                            "generation files are carried over (default: the run's model.hf_dir)")
-_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file "
-                                      "(e.g. 5GB, 500MB, 2GiB); above it the weights are sharded")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags; defined only when run as a program (train.py owns --workdir)."""
+  flags.DEFINE_string("workdir", None, "export: the train.py workdir to convert")
+  flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)")
+  flags.DEFINE_string("hf_dir", None, "import: the Hugging Face checkpoint to convert")
+  flags.DEFINE_string("out", None, "output directory (must not exist or be empty)")
+  flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
+                    "weights dtype; export default bfloat16, import default: the checkpoint's")
+  flags.DEFINE_string("base", None, "export: base HF checkpoint whose tokenizer, processor and "
+                      "generation files are carried over (default: the run's model.hf_dir)")
+  flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file (e.g. 5GB, 500MB, "
+                      "2GiB); above it the weights are sharded")
+
 
 # Files copied next to the weights; the first group prefers the run's tokenizer directory, the second
 # the base checkpoint.
@@ -156,8 +162,22 @@ def preprocessor_configs(cfg) -> tuple[dict, dict]:
   return image, video
 
 
-def _write_aux_files(out, cfg, tok_dir, base):
-  """Tokenizer, chat template, processor and generation files of an export; checks the eos."""
+def write_extra_files(out, cfg, tok_dir, base=None):
+  """Writes the non-weight files of an HF export into `out` and checks them against the model.
+
+  Copies the tokenizer files (preferring `tok_dir`) and the processor/generation files (preferring
+  `base`); writes the Qwen2.5-VL chat template, preprocessor configs and a generation config where
+  none was found; raises ValueError when the tokenizer's eos or special ids are not the model's.
+
+  Args:
+    out: the export directory.
+    cfg: the exported model's Qwen2_5_VLConfig.
+    tok_dir: the tokenizer the run trained with.
+    base: the base HF checkpoint, or None.
+
+  Returns:
+    ({file name: source dir} copied, [file names] written).
+  """
   from spacer_jax.data import prompts  # pylint: disable=g-import-not-at-top
   from spacer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   found = _copy_found(TOKENIZER_FILES, [tok_dir, base], out)
@@ -194,11 +214,18 @@ def _write_aux_files(out, cfg, tok_dir, base):
   return found, written
 
 
-def _run_config(workdir):
-  """The workdir's training config.json as a dict ({} when absent, e.g. an imported checkpoint)."""
-  from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  _, model_cfg = checkpoint._find_run(workdir)  # pylint: disable=protected-access
-  path = os.path.join(os.path.dirname(str(model_cfg)), "config.json")
+def _run_dir(workdir):
+  from spacer_jax import generate  # pylint: disable=g-import-not-at-top
+  run_dir = generate.trainer_run_dir(os.path.abspath(workdir))
+  if run_dir is None:
+    raise FileNotFoundError(f"--workdir={workdir} is not a train.py workdir (model_config.json and "
+                            "ckpt/) nor its ckpt/ directory")
+  return str(run_dir)
+
+
+def _run_config(run_dir):
+  """The run's training config.json as a dict ({} when absent, e.g. an imported checkpoint)."""
+  path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
@@ -225,25 +252,26 @@ def export_hf(workdir, out, *, step=None, dtype="bfloat16", base=None, max_shard
   from spacer_jax import generate  # pylint: disable=g-import-not-at-top
   from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
   _check_out(out)
-  ckpt_dir, _ = checkpoint._find_run(workdir)  # pylint: disable=protected-access
-  run = _run_config(workdir)
-  step = evaluate.latest_checkpoint_step(str(ckpt_dir)) if step is None else int(step)
+  run_dir = _run_dir(workdir)
+  run = _run_config(run_dir)
+  ckpt_dir = os.path.join(run_dir, "ckpt")
+  step = evaluate.latest_checkpoint_step(ckpt_dir) if step is None else int(step)
   if step is None:
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
   recorded = run.get("model", {}).get("hf_dir") or None
   base = base or (recorded if recorded and os.path.isdir(recorded) else None)
   try:
-    tok_dir = str(generate.tokenizer_dir_for(workdir))
+    tok_dir = str(generate.tokenizer_dir_for(run_dir))
   except FileNotFoundError:
     if not base:
       raise
     tok_dir = base
   mesh, rules = _mesh()
-  model = checkpoint.load_model(workdir, dtype=dtype, step=step, mesh=mesh, rules=rules)
+  model = checkpoint.load_model(run_dir, dtype=dtype, step=step, mesh=mesh, rules=rules)
   tmp = _staging(out)
   try:
     qwen2_5_vl.save_hf(model, tmp, max_shard_bytes=max_shard_bytes, dtype=dtype)
-    found, written = _write_aux_files(tmp, model.config, tok_dir, base)
+    found, written = write_extra_files(tmp, model.config, tok_dir, base)
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -293,18 +321,18 @@ def import_hf(hf_dir, out, *, dtype=None):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _OUT.value:
+  if not FLAGS.out:
     raise app.UsageError("--out is required")
-  if bool(_WORKDIR.value) == bool(_HF_DIR.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
     raise app.UsageError("give exactly one of --workdir (export to HF) or --hf_dir (import to orbax)")
-  if _WORKDIR.value:
-    export_hf(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value or "bfloat16",
-              base=_BASE.value, max_shard_bytes=parse_size(_MAX_SHARD_SIZE.value))
+  if FLAGS.workdir:
+    export_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype or "bfloat16",
+              base=FLAGS.base, max_shard_bytes=parse_size(FLAGS.max_shard_size))
   else:
-    for name, flag in (("step", _STEP), ("base", _BASE)):
-      if flag.value is not None:
+    for name in ("step", "base"):
+      if FLAGS[name].value is not None:
         raise app.UsageError(f"--{name} applies to --workdir exports only")
-    import_hf(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value)
+    import_hf(FLAGS.hf_dir, FLAGS.out, dtype=FLAGS.dtype)
 
 
 def parse_flags(argv):
@@ -316,4 +344,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -300,3 +300,11 @@ def test_export_a_real_training_run(tmp_path):
   assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
   tok = tokenizer_lib.load_tokenizer(os.path.join(wd, "tokenizer"))
   _check_processor(outs[2], tok)
+
+
+def test_importing_defines_no_flags():
+  """train.py defines --workdir; convert's flags exist only when it runs as a program."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for name in ("workdir", "step", "hf_dir", "out", "base", "max_shard_size"):
+    if name in flags.FLAGS:
+      assert flags.FLAGS.find_module_defining_flag(name) != convert.__name__
