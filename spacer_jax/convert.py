@@ -16,8 +16,9 @@ that looks complete):
   model*.safetensors          the run's policy params in the published key layout (visual.*, model.*,
                               lm_head.weight), cast to --dtype (default bfloat16), one file or shards
                               of at most --max_shard_size with model.safetensors.index.json.
-  tokenizer files             the run's tokenizer (its tokenizer/ directory, or the data.tokenizer_dir or
-                              model.hf_dir recorded in its config.json, or --base), with its chat template.
+  tokenizer files             the run's tokenizer (its tokenizer/ directory, else the data.tokenizer_dir,
+                              else the model.hf_dir recorded in its config.json, which --base replaces),
+                              with its chat template; its eos and special ids must be the model's.
   processor, generation files preprocessor_config.json, video_preprocessor_config.json,
                               processor_config.json, chat_template.json, generation_config.json and
                               LICENSE as found in the base checkpoint (--base, else the run's
@@ -190,9 +191,12 @@ def write_extra_files(out, cfg, tok_dir, base=None):
                      f"{tok.eos_token_id} but the model's eos_token_id is {list(cfg.eos_token_id)}: "
                      "wrong tokenizer (pass --base)")
   for field, value in tok.special_ids().items():
-    if field != "eos_token_id" and getattr(cfg, field) != value:
-      raise ValueError(f"tokenizer {field}={value} != model {field}={getattr(cfg, field)}: wrong "
-                       "tokenizer (pass --base)")
+    # The embedding is padded past the tokenizer (151,665 tokens, 151,936 or 152,064 rows).
+    bad = value > cfg.vocab_size if field == "vocab_size" else (
+        field != "eos_token_id" and getattr(cfg, field) != value)
+    if bad:
+      raise ValueError(f"tokenizer {field}={value} does not fit model {field}="
+                       f"{getattr(cfg, field)}: wrong tokenizer (pass --base)")
   written = []
   if not _has_chat_template(out):
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:
@@ -249,7 +253,6 @@ def export_hf(workdir, out, *, step=None, dtype="bfloat16", base=None, max_shard
   """
   from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from spacer_jax import generate  # pylint: disable=g-import-not-at-top
   from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
   _check_out(out)
   run_dir = _run_dir(workdir)
@@ -260,12 +263,14 @@ def export_hf(workdir, out, *, step=None, dtype="bfloat16", base=None, max_shard
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
   recorded = run.get("model", {}).get("hf_dir") or None
   base = base or (recorded if recorded and os.path.isdir(recorded) else None)
-  try:
-    tok_dir = str(generate.tokenizer_dir_for(run_dir))
-  except FileNotFoundError:
-    if not base:
-      raise
-    tok_dir = base
+  # The tokenizer the run trained with: its own tokenizer/ (tiny runs, imports), data.tokenizer_dir,
+  # else the base checkpoint's (--base replaces the recorded model.hf_dir).
+  candidates = [os.path.join(run_dir, "tokenizer"), run.get("data", {}).get("tokenizer_dir"), base]
+  tok_dir = next((d for d in candidates if d and any(
+      os.path.isfile(os.path.join(d, n)) for n in ("tokenizer.json", "vocab.json"))), None)
+  if tok_dir is None:
+    raise FileNotFoundError(f"no tokenizer files for {workdir} (looked in "
+                            f"{[d for d in candidates if d]}); pass --base=HF_DIR")
   mesh, rules = _mesh()
   model = checkpoint.load_model(run_dir, dtype=dtype, step=step, mesh=mesh, rules=rules)
   tmp = _staging(out)

@@ -44,6 +44,7 @@ PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "t
 def _tiny_cfg(tok):
   ids = tok.special_ids()
   eos = ids.pop("eos_token_id")
+  ids["vocab_size"] += 10  # embedding rows past the tokenizer, as Qwen's 151,936 for 151,665 tokens
   return qwen2_5_vl.tiny(**ids, eos_token_id=(eos,), bos_token_id=tok.endoftext_id,
                          vision_token_id=tok.token_to_id("<|vision_pad|>"))
 
@@ -258,6 +259,15 @@ def test_refuses_a_non_empty_out_and_leaves_no_partial_export(trained, tmp_path)
   with pytest.raises(FileNotFoundError):  # step 7 does not exist
     convert.export_hf(trained[0], str(tmp_path / "f"), step=7)
   assert sorted(os.listdir(tmp_path)) == ["e"]  # no staging directory left behind
+
+
+def test_refuses_a_tokenizer_that_does_not_match_the_model(start, trained, tmp_path):
+  start_dir, _, tok = start
+  other = tmp_path / "other"
+  tokenizer_lib.build_offline_tokenizer(out_dir=str(other), vocab_size=700)  # other ids
+  with pytest.raises(ValueError, match="wrong tokenizer"):
+    convert.export_hf(trained[0], str(tmp_path / "e"), base=str(other))
+  assert sorted(os.listdir(tmp_path)) == ["other"]
 
 
 @pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8),
