@@ -182,7 +182,7 @@ def base_config(size="7b", frames=16, sharding=""):
       video=ml_collections.ConfigDict(),  # evaluate.run video_kwargs ({} = its defaults).
       image=ml_collections.ConfigDict()))  # evaluate.run image_kwargs ({} = its defaults).
   c.jax_cache_dir = ""  # Persistent XLA compilation cache ("" = off); speeds up restarts.
-  c.export_hf_subdir = ""  # If set, the final weights are also written there in HF format.
+  c.export_hf_subdir = ""  # If set, the final step is exported there as an HF directory (convert.py).
   c.post_train = ""  # "module:function" that train.py's main calls with (config, workdir) afterwards.
   c.use_tensorboard = True
   c.use_progress_bar = True

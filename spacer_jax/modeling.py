@@ -182,14 +182,8 @@ def model_config(source, **overrides):
     path = run_dirs(source)[0] / RUN_MODEL_CONFIG
   else:
     path = pathlib.Path(source) / "config.json"
-  with open(path) as f:
-    hf = json.load(f)
-  if hf.get("model_type") != "qwen2_5_vl":
-    raise ValueError(
-        f"{path}: checkpoint architecture is model_type={hf.get('model_type')!r} "
-        f"{hf.get('architectures') or []}; spacer_jax runs Qwen2.5-VL (model_type 'qwen2_5_vl', "
-        "Qwen2_5_VLForConditionalGeneration)")
-  return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(hf, **overrides)
+  # Validated there: Qwen2.5-VL only, with its vision_config; errors name the file.
+  return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(path), **overrides)
 
 
 def tokenizer_dir(source, tokenizer_dir=None):

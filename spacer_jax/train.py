@@ -597,10 +597,9 @@ def train_and_evaluate(config, workdir):
     bar.close()
     ckpt.close()
     writer.close()
-    if config.export_hf_subdir and not guard.requested:
-      out = os.path.join(workdir, config.export_hf_subdir)
-      qwen2_5_vl.save_hf(abstract.merge(state["params"]), out)
-      tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
+  if config.export_hf_subdir and not guard.requested:
+    from spacer_jax import convert  # pylint: disable=g-import-not-at-top
+    convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
   logging.info("done: %s", workdir)
   return state, guard.requested
 
