@@ -129,25 +129,16 @@ def read_rows(path, bad=None):
                         " JSONL") from e
     return [(f"{path} record {n}", row) for n, row in enumerate(pq.read_table(path).to_pylist())]
   if path.endswith(".jsonl"):
+    from spacer_jax.data import sources  # pylint: disable=g-import-not-at-top
     rows = []
-    with open(path, "rb") as f:
-      for n, raw in enumerate(f, 1):
-        where = f"{path}:{n}"
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          if bad is None:
-            raise ValueError(f"{where}: not UTF-8 ({e})") from None
-          bad.add(where, "not_utf8", str(e))
-          continue
-        if not line.strip():
-          continue
-        try:
-          rows.append((where, json.loads(line)))
-        except json.JSONDecodeError as e:
-          if bad is None:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-          bad.add(where, "malformed_json", str(e))
+    for n, row, problem in sources.jsonl_lines(path):
+      where = f"{path}:{n}"
+      if problem is None:
+        rows.append((where, row))
+      elif bad is None:
+        raise ValueError(f"{where}: {problem[0]} ({problem[1]})")
+      else:
+        bad.add(where, *problem)
     return rows
   try:
     with open(path, encoding="utf-8") as f:

@@ -146,32 +146,40 @@ def video_id(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def iter_jsonl(path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
-  """(line number, object) for each JSON-object line of a JSONL file; the one JSONL reader.
-
-  A line that is not UTF-8 (reason `not_utf8`), not JSON or not a JSON object (`malformed_json`) is
-  reported to `bad` as record "line N" of `path` and skipped, so one bad line never stops a run.
-  Blank lines are ignored; a UTF-8 byte-order mark at the start of the file is allowed.
-  """
+def jsonl_lines(path) -> Iterator[tuple[int, dict | None, tuple[str, str] | None]]:
+  """(line number, object, None) for each JSON-object line of a JSONL file, or (line number, None,
+  (cause, detail)) for a line that is not UTF-8 (`not_utf8`), not JSON or not a JSON object
+  (`malformed_json`). The one JSONL reader (training data here, the evaluator's benchmarks through
+  benchmarks.common.read_rows). Blank lines are skipped; a UTF-8 byte-order mark is allowed."""
   with open(path, "rb") as f:  # Bytes: decoding line by line localises a bad byte to its line.
     for n, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
       except UnicodeDecodeError as e:
-        bad.report("not_utf8", f"line {n}", path, f"byte {raw[e.start:e.start + 1]!r} at column "
-                   f"{e.start + 1} is not UTF-8 ({e.reason})")
+        yield n, None, ("not_utf8", f"byte {raw[e.start:e.start + 1]!r} at column {e.start + 1} is "
+                        f"not UTF-8 ({e.reason})")
         continue
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        bad.report("malformed_json", f"line {n}", path, str(e))
+        yield n, None, ("malformed_json", str(e))
         continue
       if not isinstance(obj, dict):
-        bad.report("malformed_json", f"line {n}", path, f"expected a JSON object, got {type(obj).__name__}")
+        yield n, None, ("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
         continue
-      yield n, obj
+      yield n, obj, None
+
+
+def iter_jsonl(path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for each good line of `jsonl_lines`; a bad line is reported to `bad` as
+  record "line N" of `path` and skipped, so one bad line never stops a run."""
+  for n, obj, problem in jsonl_lines(path):
+    if problem is not None:
+      bad.report(problem[0], f"line {n}", path, problem[1])
+      continue
+    yield n, obj
 
 
 def load_cognitive_maps(path, strict: bool = False, bad: BadRecords | None = None) -> dict[str, dict]:
