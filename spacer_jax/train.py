@@ -18,11 +18,9 @@ State: {"step": int32, "params": {hf_key: array}, "opt_state": optax state of th
 the model computes in `config.model.dtype` (bfloat16 on accelerators); Adam moments are float32.
 """
 
-import dataclasses
 import functools
 import json
 import os
-import subprocess
 import time
 
 import jax
@@ -206,18 +204,6 @@ def _check_paths(config):
       raise FileNotFoundError(f"{field} = {what} does not exist; set --{field}=...")
 
 
-def _git_commit():
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                         timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-
-
 def _tokenizer(config, workdir):
   from spacer_jax.data import tokenizer as tokenizer_lib  # Host-only dependency (tokenizers).
   if config.model.variant:
@@ -246,7 +232,7 @@ def _model_config(config, tokenizer):
 
 def _records(config, workdir):
   """Training records (sources.Record list); generates the synthetic dataset on first use."""
-  from spacer_jax.data import prompts, sources
+  from spacer_jax.data import sources
   if config.data.source == "synthetic":
     from spacer_jax.data import synthetic
     root = config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")
@@ -260,9 +246,7 @@ def _records(config, workdir):
   records = sources.load_spacer(annotations, media_root=media_root, cognitive_map_path=maps, bad=bad)
   if not config.data.use_cogmap_prompt:
     # Plain GRPO: every record gets the QUESTION_TEMPLATE prompt (no map instructions).
-    records = [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type,
-                                                                   r.options, "", ()))
-               for r in records]
+    records = sources.without_map_prompt(records)
   if not records:
     raise ValueError(f"no usable records in {annotations} (skipped: {dict(bad.counts)})")
   return records, bad
@@ -332,7 +316,7 @@ def main(argv):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
-    f.write(_git_commit() + "\n")
+    f.write(metrics_lib.git_commit() + "\n")
   mode = config.mode
   if mode not in ("grpo", "sft"):
     raise ValueError(f"config.mode must be grpo|sft, got {mode!r}")
