@@ -140,6 +140,9 @@ def sweep_arms(config_path, fn_name="sweep"):
     arms.append(Arm(name or re.sub(r"[^A-Za-z0-9_.=+-]", "_", auto), flags))
 
   fn(add)
+  bad = [a.name for a in arms if not _NAME.match(a.name)]
+  if bad:
+    raise ValueError(f"{config_path}:{fn_name}: arm names {bad} need letters, digits and _.=+- only")
   if not arms:
     raise ValueError(f"{config_path}:{fn_name}(add) added no arms")
   return arms
@@ -201,6 +204,8 @@ def plan(config_arg, arms, seeds, runs_dir, common=(), jax_cache_dir=None):
   """Resolves and checks every arm's config; returns ({arm: flattened config}, [Run])."""
   if len({a.name for a in arms}) != len(arms):
     raise ValueError(f"arm names must be unique, got {[a.name for a in arms]}")
+  if any(f.startswith("--config.seed=") for f in common):
+    raise ValueError("seeds come from --seeds, not --config.seed")
   base_flat = flatten(resolve_config(config_arg, list(common), "the sweep's --config flags"))
   flats, runs = {}, []
   for arm in arms:

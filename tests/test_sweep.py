@@ -71,6 +71,8 @@ def test_plan_shares_data_and_cache(tmp_path):
   assert sweep.config_diff(flats["a"], flats["b"]) == {"grpo.beta": [0.04, 0.0]}
   with pytest.raises(ValueError, match="unique"):
     sweep.plan(SMOKE, [sweep.Arm("a", []), sweep.Arm("a", [])], [1], str(tmp_path))
+  with pytest.raises(ValueError, match="seeds come from --seeds"):
+    sweep.plan(SMOKE, arms, [1], str(tmp_path), ["--config.seed=4"])
 
 
 # ------------------------------------------------------------------------------------------------
