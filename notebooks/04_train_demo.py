@@ -16,7 +16,7 @@
 # on its `fsdp` axis); a GPU or CPU runtime works too. `SMOKE=1`: a few steps of the same recipe
 # on CPU. **Runtime:** the full demo (150 SFT + 50 SG-RLVR steps, then the held-out evaluation) is
 # about 11 CPU minutes on a 2-core machine (README); on a Colab TPU: not measured in this
-# repository yet. `SMOKE=1`: ~2 min on a 2-core CPU (measured, mostly compilation).
+# repository yet. `SMOKE=1`: about 1 CPU minute (measured: 57 CPU s, mostly compilation).
 #
 # The demo: a synthetic spatial-video dataset (rooms with VSI-Bench question types, exact answers
 # and ground-truth cognitive maps), a tiny random-init Qwen2.5-VL, SFT on templated
