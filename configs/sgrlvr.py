@@ -68,6 +68,7 @@ def demo(c):
   c.rewards.length_range = (120, 176)
   c.optim.lr = 6e-3  # Cosine over all steps: 6e-3 -> 0.9e-3 during SFT, 0.9e-3 -> 0 during GRPO.
   c.demo = ml_collections.ConfigDict(dict(eval_max_items=0, eval_batch_size=32))
+  c.post_train = "spacer_jax.demo:finish"  # held-out evaluation, plot and summary after training
   return c
 
 

@@ -80,22 +80,20 @@ WORKDIR = os.environ.get("WORKDIR", "/content/runs/sgrlvr")
 
 # %% [markdown]
 # ## (SMOKE) A 2-step run to inspect
-# `spacer_jax.train.main` reads absl flags, exactly as `python -m spacer_jax.train
-# --config=configs/sgrlvr.py:smoke --workdir=...` would set them.
+# `train.train_and_evaluate` is what `python -m spacer_jax.train
+# --config=configs/sgrlvr.py:smoke --workdir=...` runs.
 
 # %%
 if SMOKE:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from spacer_jax import config_lib  # pylint: disable=g-import-not-at-top
   from spacer_jax import train  # pylint: disable=g-import-not-at-top
   config_file = pathlib.Path(train.__file__).resolve().parents[1] / "configs" / "sgrlvr.py"
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file}: the smoke run needs the repository's configs/ "
                             "(install from a clone with pip install -e)")
   WORKDIR = tempfile.mkdtemp(prefix="nb02_")
-  # Only --config and --workdir: config_flags reads `--config.x=y` overrides from sys.argv, which
-  # in a notebook is the kernel's command line.
-  flags.FLAGS(["02_rollout_inspector", f"--config={config_file}:smoke", f"--workdir={WORKDIR}"])
-  train.main([])
+  train.train_and_evaluate(config_lib.load_config_module(str(config_file)).get_config("smoke"),
+                           WORKDIR)
 
 # %% [markdown]
 # ## Load the run

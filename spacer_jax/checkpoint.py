@@ -160,58 +160,42 @@ class PreemptionGuard:
     return False
 
 
-def _find_run(path):
-  """(checkpoint dir, model_config.json) for a train.py workdir or its ckpt/ directory."""
-  path = epath.Path(os.path.abspath(os.fspath(path)))  # orbax needs absolute paths.
-  for ckpt_dir, run_dir in ((path / "ckpt", path), (path, path.parent)):
-    cfg = run_dir / "model_config.json"
-    if ckpt_dir.exists() and cfg.exists():
-      return ckpt_dir, cfg
-  raise FileNotFoundError(f"{path} is neither a train.py workdir nor its ckpt/ directory "
-                          "(expected model_config.json next to ckpt/)")
+def latest_step(ckpt_dir):
+  """Largest finished step in an orbax directory (a numeric subdirectory holding `state`), or None.
+
+  In-progress asynchronous saves live in temporary directories whose names are not numbers."""
+  ckpt_dir = os.fspath(ckpt_dir)
+  if not os.path.isdir(ckpt_dir):
+    return None
+  steps = [int(n) for n in os.listdir(ckpt_dir)
+           if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))]
+  return max(steps) if steps else None
 
 
-def load_model(path, *, dtype="float32", mesh=None, rules=None, step=None):
-  """The policy model of a train.py run (latest or given step), e.g. for evaluation.
+def restore_params(ckpt_dir, abstract_params, step=None):
+  """Restores only `state["params"]` (`{hf_key: array}`) of a checkpoint onto the given
+  ShapeDtypeStructs (their dtype and sharding); the optimizer state is never read.
 
   Args:
-    path: the run's workdir (or its ckpt/ subdirectory).
-    dtype: compute dtype; params are cast to it too.
-    mesh, rules: optional mesh and logical-axis rules to place the params on (else one device).
-    step: checkpoint step (default: latest).
-
-  Returns:
-    qwen2_5_vl.Qwen2_5_VL with the checkpoint's parameters.
+    ckpt_dir: a run's ckpt/ directory.
+    abstract_params: `{hf_key: jax.ShapeDtypeStruct}` with shardings (modeling.AbstractModel.params).
+    step: the step to read (default: the latest).
   """
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from spacer_jax import sharding as sharding_lib
-  from spacer_jax import tree_utils
-  from spacer_jax.models import qwen2_5_vl
-
-  ckpt_dir, cfg_path = _find_run(path)
-  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(cfg_path))
-  dtype = jnp.dtype(dtype)
-  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                          param_dtype=dtype))
-  graphdef, abstract_params, paths = tree_utils.split_model(abstract)
-  if mesh is not None:
-    logical = sharding_lib.param_logical_axes(nnx.split(abstract)[1])
-    shardings = sharding_lib.tree_shardings(abstract_params, mesh, rules or (), logical)
-  else:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = {k: dev for k in abstract_params}
-  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
+  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  step = latest_step(ckpt_dir) if step is None else int(step)
   if step is None:
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
-  # Restore the params subtree only (the optimizer state is not needed for inference), cast to dtype.
-  target = {"params": {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=shardings[k])
-                       for k, v in abstract_params.items()}}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))["state"]["params"]
-  manager.close()
-  return tree_utils.merge_model(graphdef, restored, paths)
+  path = os.path.join(ckpt_dir, str(step), "state")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step} (steps: "
+                            f"{sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())})")
+  item = {"params": abstract_params}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                              item)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+  except ValueError as e:
+    raise ValueError(f"{path}: the checkpoint's params do not match the model: {e}") from e
+  return out["params"]

@@ -119,6 +119,46 @@ def load_config_module(path):
   return module
 
 
+def sharding_rules(config):
+  """`config.sharding_rules` as a tuple of (logical name, mesh axis | tuple of mesh axes | None)."""
+  return tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in config.sharding_rules)
+
+
+def make_reward_config(config):
+  """rewards.RewardConfig from `config.rewards` (the library never sees a ConfigDict)."""
+  from spacer_jax import rewards  # pylint: disable=g-import-not-at-top
+  r = config.rewards
+  return rewards.RewardConfig(
+      use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
+      use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
+      use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
+      use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
+      temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
+      length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+
+
+def make_grpo_config(config):
+  """grpo.GRPOConfig from `config.grpo`."""
+  from spacer_jax import grpo  # pylint: disable=g-import-not-at-top
+  g = config.grpo
+  return grpo.GRPOConfig(
+      beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_agg=g.loss_agg,
+      max_completion_length=g.max_completion_length, reward_scaling=g.reward_scaling,
+      importance_sampling=g.importance_sampling, adv_eps=g.adv_eps, kl_clamp=g.kl_clamp)
+
+
+def make_data_config(config, temporal, process_count=1):
+  """pipeline.DataConfig from `config.data`; `data.batch_size` is global, split over processes."""
+  from spacer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  return pipeline.DataConfig(
+      batch_size=d.batch_size // process_count, buckets=tuple(d.prompt_buckets),
+      fps=d.video_fps, max_frames=d.max_frames, video_min_pixels=d.video_min_pixels,
+      video_max_pixels=d.video_max_pixels, image_min_pixels=d.image_min_pixels,
+      image_max_pixels=d.image_max_pixels, temporal=temporal, num_workers=d.num_workers,
+      shuffle=d.shuffle, strict=not d.skip_bad_records)
+
+
 def base_config(size="7b", frames=16, sharding=""):
   """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
 
@@ -153,6 +193,7 @@ def base_config(size="7b", frames=16, sharding=""):
       video=ml_collections.ConfigDict()))  # evaluate.run video_kwargs ({} = its defaults).
   c.jax_cache_dir = ""  # Persistent XLA compilation cache ("" = off); speeds up restarts.
   c.export_hf_subdir = ""  # If set, the final weights are also written there in HF format.
+  c.post_train = ""  # "module:function" that train.py's main calls with (config, workdir) afterwards.
   c.use_tensorboard = True
   c.use_progress_bar = True
 

@@ -1,15 +1,13 @@
-"""The CPU demo around train.py: SFT reasoning traces, held-out evaluation, plot and summary.
+"""The CPU demo: train.py's run on synthetic data, then a held-out evaluation, a plot and a summary.
 
     python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR
+    python -m spacer_jax.demo --workdir=DIR          (the same; --config defaults to the demo's)
 
-runs the real trainer on the synthetic dataset (train.py generates it on first use) with a tiny
-random-init Qwen2.5-VL and the project's offline tokenizer: `config.sft_warmup_steps` SFT steps on
-templated think/map/answer traces, then SG-RLVR. This module holds what only the demo needs; train.py
-calls it at three points (all gated on `"demo" in config`):
-
-    traces = demo.load_traces(config, workdir)            # after the records are loaded
-    demo.attach_traces(batch, traces)                     # on every SFT batch, before sft_batch
-    demo.finish(config, workdir)                          # after the loop (checkpoints closed)
+run the real trainer (`train.train_and_evaluate`) on the synthetic dataset (generated on first use)
+with a tiny random-init Qwen2.5-VL and the project's offline tokenizer: `config.sft_warmup_steps` SFT
+steps on the templated think/map/answer traces that the synthetic generator writes into each
+record's `process` field, then SG-RLVR. The trainer knows nothing about the demo: the demo config
+names `finish` as its `post_train` step, which train.py's main calls after training.
 
 `finish` evaluates the checkpoints at the end of SFT and at the last step on the held-out split
 (greedy decoding through the same pipeline, sampler and rewards, SpaceR-151k prompt format), writes
@@ -23,10 +21,8 @@ Host code (the sampler does the device work).
 """
 
 import dataclasses
-import importlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -35,17 +31,8 @@ import numpy as np
 WINDOW_FRAC = 0.2
 
 
-def _train_module():
-  """spacer_jax.train without importing it twice: under `python -m spacer_jax.train` it is __main__
-  (a second import would define its absl flags again)."""
-  main = sys.modules.get("__main__")
-  if getattr(getattr(main, "__spec__", None), "name", None) == "spacer_jax.train":
-    return main
-  return importlib.import_module("spacer_jax.train")
-
-
 # ------------------------------------------------------------------------------------------------
-# Synthetic data and SFT traces.
+# Synthetic data.
 # ------------------------------------------------------------------------------------------------
 def synthetic_config(config):
   """The SyntheticConfig train.py generates (SyntheticConfig.demo + config.data.synthetic)."""
@@ -55,8 +42,9 @@ def synthetic_config(config):
 
 def synthetic_paths(config, workdir, generate=True):
   """SyntheticPaths of the run's dataset (train.py's default root), generated if missing."""
+  from spacer_jax import train
   from spacer_jax.data import synthetic
-  root = config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")
+  root = train.synthetic_root(config, workdir)
   if generate:
     return synthetic.generate_dataset(root, synthetic_config(config), progress=False)
   return synthetic.dataset_paths(root)
@@ -65,50 +53,6 @@ def synthetic_paths(config, workdir, generate=True):
 def _read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def trace_table(paths):
-  """{record id: templated `<think>...</think>`} for every training record of a synthetic dataset.
-
-  The SFT target is `process + solution` (rollout.sft_batch, target="process"), so `process` is the
-  trace of traces.sft_completion without its final `<answer>X</answer>` (= the record's solution).
-  """
-  from spacer_jax.data.synthetic import traces
-  qtypes = {r["problem_id"]: r["question_type"] for r in _read_jsonl(paths.question_types)}
-  maps = {r["video_id"]: r["cognitive_map"] for r in _read_jsonl(paths.cognitive_map)}
-  out = {}
-  for r in _read_jsonl(paths.train_jsonl):
-    sol = r["solution"]
-    answer = sol[len("<answer>"):-len("</answer>")]
-    video_id = os.path.splitext(os.path.basename(r["path"]))[0]
-    if r["problem_id"] not in qtypes or video_id not in maps:
-      raise ValueError(f"{paths.train_jsonl}: record {r['problem_id']} has no question type in "
-                       f"{paths.question_types} or no map for {video_id} in {paths.cognitive_map}")
-    full = traces.sft_completion(qtypes[r["problem_id"]], r["problem"], r["options"], answer,
-                                 maps[video_id])
-    if not full.endswith(sol):
-      raise ValueError(f"trace of record {r['problem_id']} does not end with its solution {sol!r}")
-    out[str(r["problem_id"])] = full[:-len(sol)]
-  return out
-
-
-def load_traces(config, workdir):
-  """The trace table of a demo run (None unless it is a synthetic run with SFT on `process`)."""
-  if (config.data.source != "synthetic" or int(config.sft_warmup_steps) <= 0
-      or config.sft_target != "process"):
-    return None
-  return trace_table(synthetic_paths(config, workdir))
-
-
-def attach_traces(batch, table):
-  """Sets batch["process"] (one trace per row; padding rows get "") for rollout.sft_batch."""
-  if table is None:
-    return batch
-  missing = [i for i in batch["id"] if i is not None and i not in table]
-  if missing:
-    raise KeyError(f"no SFT trace for record ids {missing[:5]} (trace table of the synthetic set)")
-  batch["process"] = [table[i] if i is not None else "" for i in batch["id"]]
-  return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,13 +83,12 @@ def heldout_records(paths, out_jsonl, use_cogmap_prompt=True):
   return records, {str(r["id"]): r["question_type"] for r in rows}
 
 
-def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_types, data_config,
-                    reward_config, max_new_tokens, batch_size=16):
+def evaluate_params(model, *, tokenizer, records, question_types, data_config, reward_config,
+                    max_new_tokens, batch_size=16):
   """Greedy held-out scores of one set of weights (fractions in [0, 1]).
 
   Args:
-    params: flat {hf_key: array} (train.py's state["params"]).
-    graphdef, paths: tree_utils.split_model of the model graph.
+    model: qwen2_5_vl.Qwen2_5_VL with the weights to score.
     tokenizer: data.tokenizer.Tokenizer.
     records: heldout_records(...)[0]; question_types: {id: VSI question_type}.
     data_config: the run's pipeline.DataConfig (shuffle, temporal and batching are replaced).
@@ -159,10 +102,9 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
   """
   import jax
   from spacer_jax import rewards as rewards_lib
-  from spacer_jax import rollout, sampling, tree_utils
+  from spacer_jax import rollout, sampling
   from spacer_jax.data import pipeline
-  model = tree_utils.merge_model(graphdef, params, paths)
-  sampler = sampling.Sampler(model, temperature=0.0,
+  sampler = sampling.Sampler(model, temperature=0.0, vision_budget="auto",
                              stop_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
   dc = dataclasses.replace(data_config, batch_size=batch_size, temporal=False, shuffle=False,
                            num_epochs=1, drop_remainder=False, num_workers=0, prefetch_batches=0)
@@ -175,7 +117,6 @@ def evaluate_params(params, *, graphdef, paths, tokenizer, records, question_typ
   padded = [records[i % n] for i in range(n + (-n) % batch_size)]
   seen = 0
   for batch in pipeline.make_iterator(padded, tokenizer, dc, seed=0):
-    sampler.vision_budget = _train_module().vision_budget(model.config, batch)
     vision = {}
     if rollout.present(batch, "pixel_values_videos", "video_grid_thw"):
       vision = dict(pixel_values_videos=batch["pixel_values_videos"],
@@ -267,24 +208,6 @@ def plot_curves(rows, out_png, heldout=None, title="demo"):
   plt.close(fig)
 
 
-def _restore(workdir, step):
-  """Flat params of checkpoint `step` of a train.py workdir, on the first device."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from spacer_jax import evaluate, tree_utils
-  from spacer_jax.models import qwen2_5_vl
-  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(workdir, "model_config.json"))
-  with jax.set_mesh(None):  # Called inside train.py's mesh: logical names are not mesh axes.
-    abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
-        cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32))
-  graphdef, abstract, paths = tree_utils.split_model(abstract_model)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=dev)
-              for k, v in abstract.items()}
-  return evaluate.restore_trainer_params(os.path.join(workdir, "ckpt"), abstract, step), graphdef, paths
-
-
 def finish(config, workdir, *, evaluate_heldout=True, printer=print):
   """Held-out evaluation (end of SFT, last step), demo_metrics.json, demo_curve.png, summary.
 
@@ -295,8 +218,8 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
 
   Returns the dict written to demo_metrics.json.
   """
+  from spacer_jax import config_lib, modeling
   from spacer_jax.data import tokenizer as tokenizer_lib
-  train = _train_module()
   t0 = time.perf_counter()
   rows = read_metrics(workdir)
   # The "sft" held-out point is the end of the warm-up (with mode=sft: the step at which the RL arms
@@ -323,21 +246,21 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
       records = records[:max_items]
     tok_dir = config.data.tokenizer_dir or os.path.join(workdir, "tokenizer")
     tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
-    reward_config = train.make_reward_config(config)
-    from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
-    final = evaluate.latest_checkpoint_step(os.path.join(workdir, "ckpt"))
-    import jax  # pylint: disable=g-import-not-at-top
+    reward_config = config_lib.make_reward_config(config)
+    from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    final = checkpoint.latest_step(os.path.join(workdir, modeling.RUN_CKPT_DIR))
+    # One device in float32, whatever mesh and dtypes the run trained with.
+    abstract = modeling.abstract_model(modeling.model_config(workdir))
     for name, step in ((("sft", sft_steps),) if sft_steps else ()) + (("final", final),):
-      if not os.path.isdir(os.path.join(workdir, "ckpt", str(step), "state")):
+      if not os.path.isdir(os.path.join(workdir, modeling.RUN_CKPT_DIR, str(step), "state")):
         raise FileNotFoundError(f"{workdir}/ckpt/{step}: no checkpoint at step {step}; "
                                 f"config.ckpt_every_steps must divide config.sft_warmup_steps")
-      params, graphdef, mpaths = _restore(workdir, step)
-      with jax.set_mesh(None):  # One device, whatever mesh the trainer runs under.
-        heldout[name] = {"step": step, **evaluate_params(
-            params, graphdef=graphdef, paths=mpaths, tokenizer=tokenizer, records=records,
-            question_types=qtypes, data_config=train._data_config(config, False),  # pylint: disable=protected-access
-            reward_config=reward_config, max_new_tokens=int(config.sampling.max_new_tokens),
-            batch_size=int(settings.get("eval_batch_size", 32)))}
+      params = modeling.load_params(workdir, abstract, step=step)
+      heldout[name] = {"step": step, **evaluate_params(
+          abstract.merge(params), tokenizer=tokenizer, records=records, question_types=qtypes,
+          data_config=config_lib.make_data_config(config, False), reward_config=reward_config,
+          max_new_tokens=int(config.sampling.max_new_tokens),
+          batch_size=int(settings.get("eval_batch_size", 32)))}
     with open(os.path.join(workdir, "demo_heldout_samples.jsonl"), "w") as f:
       for name, h in heldout.items():
         for smp in h.pop("samples"):
@@ -371,3 +294,24 @@ def summary_text(m):
   lines.append(f"  curve: {os.path.join(m['workdir'], 'demo_curve.png')}; metrics: "
                f"{os.path.join(m['workdir'], 'demo_metrics.json')}")
   return "\n".join(lines)
+
+
+def main(argv):
+  """`python -m spacer_jax.demo --workdir=DIR`: train_and_evaluate, then `finish`."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from spacer_jax import train  # pylint: disable=g-import-not-at-top
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  _, interrupted = train.train_and_evaluate(config, workdir)
+  if not interrupted:
+    finish(config, os.path.abspath(workdir))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/sgrlvr.py:demo",
+                                  "Demo config (default: configs/sgrlvr.py:demo).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -33,26 +33,22 @@ import time
 
 import av
 import jax
-import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import tqdm
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 from ml_collections import config_flags
 
 from spacer_jax import config_lib
+from spacer_jax import modeling
 from spacer_jax import sampling
 from spacer_jax import sharding
-from spacer_jax import tree_utils
 from spacer_jax import vsibench
 from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 from spacer_jax.data import video as video_lib
-
-QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 
 # Defaults of the two protocols (spec 7.1-7.2): official greedy 16 tokens; SpaceR-Eval "thinking" 1024.
 DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
@@ -63,108 +59,10 @@ DEFAULT_MAX_NEW_TOKENS = {"official": 16, "spacer": 1024}
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_architecture(model_dir, filename="config.json"):
-  """Raises a clear error unless `model_dir/filename` describes a Qwen2.5-VL model."""
-  path = os.path.join(model_dir, filename)
-  with open(path) as f:
-    hf = json.load(f)
-  model_type = hf.get("model_type")
-  archs = hf.get("architectures") or []
-  if model_type != QWEN2_5_VL_MODEL_TYPE:
-    raise ValueError(
-        f"{path}: checkpoint architecture is model_type={model_type!r} {archs}; the evaluator runs"
-        f" Qwen2.5-VL (model_type '{QWEN2_5_VL_MODEL_TYPE}', Qwen2_5_VLForConditionalGeneration)")
-  return hf
-
-
-def _abstract_model(cfg, dtype, mesh, rules):
-  """(graphdef, abstract nnx.State, shardings State) of a Qwen2.5-VL model on `mesh`.
-
-  Shardings come from sharding.tree_shardings, which replicates a dimension that a mesh axis does
-  not divide (nnx.get_partition_spec, used by qwen2_5_vl.load_hf, raises there, e.g. tiny models).
-  """
-  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
-  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                          param_dtype=dtype))
-  graphdef, abs_state = nnx.split(abstract)
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return graphdef, abs_state, jax.tree.map(lambda _: dev, abs_state)
-  flat = sharding.tree_shardings(abs_state, mesh, rules)
-  shardings = nnx.from_flat_state(
-      [(path, flat[tree_utils.key_of(path)]) for path, _ in nnx.to_flat_state(abs_state)])
-  return graphdef, abs_state, shardings
-
-
-def trainer_checkpoint_dirs(model_dir):
-  """(run dir holding model_config.json, orbax dir) if model_dir is a train.py workdir or its ckpt/
-  directory, else None."""
-  for run_dir, ckpt_dir in ((model_dir, os.path.join(model_dir, "ckpt")),
-                            (os.path.dirname(os.path.normpath(model_dir)), model_dir)):
-    if (os.path.exists(os.path.join(run_dir, "model_config.json"))
-        and os.path.isdir(ckpt_dir) and latest_checkpoint_step(ckpt_dir) is not None):
-      return run_dir, ckpt_dir
-  return None
-
-
-def latest_checkpoint_step(ckpt_dir):
-  """Largest finished step (a numeric subdirectory with a `state` item) in an orbax directory."""
-  steps = [int(n) for n in os.listdir(ckpt_dir)
-           if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state"))]
-  return max(steps) if steps else None
-
-
-def restore_trainer_params(ckpt_dir, abstract_params, step=None):
-  """Restores only state["params"] ({hf_key: array}) of a train.py checkpoint onto the given
-  ShapeDtypeStructs (their dtype and sharding); the optimizer state is never read."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step = latest_checkpoint_step(ckpt_dir) if step is None else step
-  item = {"params": abstract_params}
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
-                              item)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(os.path.join(ckpt_dir, str(step), "state"), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  return out["params"]
-
-
 def load_model(model_dir, *, dtype="bfloat16", mesh=None, rules=None):
-  """A Qwen2.5-VL model from an HF checkpoint directory or a trainer checkpoint.
-
-  HF: a directory with config.json + *.safetensors (strict key/shape check, hf_weights.load_state).
-  Trainer: a `train.py` workdir (model_config.json + ckpt/) or its ckpt/ directory; the latest step's
-  params are restored (cast to `dtype`).
-  """
-  from spacer_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
-  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"config.model_dir={model_dir!r} is not a directory")
-  dtype = jnp.dtype(dtype)
-  trainer = trainer_checkpoint_dirs(model_dir)
-  if trainer is not None:
-    run_dir, ckpt_dir = trainer
-    check_architecture(run_dir, "model_config.json")
-    cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(os.path.join(run_dir, "model_config.json"))
-    graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
-    unwrap = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v  # noqa: E731
-    abstract = {tree_utils.key_of(p): jax.ShapeDtypeStruct(unwrap(v).shape, dtype,
-                                                           sharding=unwrap(s))
-                for (p, v), (_, s) in zip(nnx.to_flat_state(abs_state), nnx.to_flat_state(shardings))}
-    paths = {tree_utils.key_of(p): tuple(p) for p, _ in nnx.to_flat_state(abs_state)}
-    try:
-      params = restore_trainer_params(ckpt_dir, abstract)
-    except ValueError as e:
-      raise ValueError(f"{ckpt_dir}: trainer checkpoint does not match the model of"
-                       f" {run_dir}/model_config.json: {e}") from e
-    return tree_utils.merge_model(graphdef, params, paths)
-  if not os.path.exists(os.path.join(model_dir, "config.json")):
-    raise FileNotFoundError(
-        f"config.model_dir={model_dir!r} is neither an HF checkpoint (config.json + *.safetensors)"
-        " nor a train.py workdir (model_config.json + ckpt/<step>/state)")
-  check_architecture(model_dir)
-  cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(model_dir)
-  graphdef, abs_state, shardings = _abstract_model(cfg, dtype, mesh, rules)
-  return nnx.merge(graphdef, hf_weights.load_state(model_dir, abs_state, shardings))
+  """A Qwen2.5-VL from an HF checkpoint directory or a train.py workdir (its latest step), with
+  every tensor placed straight into its shard (modeling.load_model)."""
+  return modeling.load_model(model_dir, dtype=dtype, mesh=mesh, rules=rules or ())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,18 +177,6 @@ def make_batch(items, tokenizer, protocol, batch_size, buckets):
       second_per_grid_ts=np.asarray([vis.second_per_grid_t for _, vis in items], np.float32))
 
 
-def check_tokenizer(tokenizer, cfg):
-  """Raises when the tokenizer's special ids are not the model's (a wrong tokenizer_dir)."""
-  bad = [f"{name}: tokenizer {getattr(tokenizer, name)} != model {getattr(cfg, name)}"
-         for name in ("video_token_id", "vision_start_token_id", "vision_end_token_id")
-         if getattr(tokenizer, name) != getattr(cfg, name)]
-  if tokenizer.vocab_size > cfg.vocab_size:
-    bad.append(f"vocab_size: tokenizer {tokenizer.vocab_size} > model {cfg.vocab_size}")
-  if bad:
-    raise ValueError("the tokenizer does not match the model (check config.tokenizer_dir): "
-                     + "; ".join(bad))
-
-
 def check_run_info(workdir, info):
   """Writes {workdir}/run_info.json, or checks that an earlier run there used the same settings."""
   path = os.path.join(workdir, "run_info.json")
@@ -403,7 +289,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   present, skipped = find_videos(data_dir, records, allow_missing_videos)
   num_skipped = len(records) - len(present)  # questions on skipped videos
 
-  check_tokenizer(tokenizer, model.config)
+  modeling.check_tokenizer(tokenizer, model.config, where="config.tokenizer_dir")
   if workdir:
     check_run_info(workdir, dict(run_info or {}, protocol=protocol, max_new_tokens=max_new_tokens,
                                  repetition_penalty=float(repetition_penalty),
@@ -531,13 +417,11 @@ def evaluate(config, workdir):
   find_videos(config.data_dir, records, config.allow_missing_videos)
   mesh = sharding.make_mesh(config_lib.MESH_PRESETS[config.mesh])
   rules = config_lib.SHARDING_PRESETS[config.mesh]
-  # load_model places every tensor straight into its shard (outside set_mesh: nnx.eval_shape under a
-  # mesh would read the logical names as mesh axes). Generation runs under the mesh; the sampler
-  # shards rows over data/fsdp and XLA gathers the FSDP-sharded weights. No logical rules for
-  # activations: layers.constrain does not drop a mesh axis used twice (batch -> (data, fsdp) and
-  # embed -> fsdp in FSDP_RULES).
+  # Generation runs under the mesh; the sampler shards rows over data/fsdp and XLA gathers the
+  # FSDP-sharded weights.
   model = load_model(config.model_dir, dtype=config.dtype, mesh=mesh, rules=rules)
-  tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_dir or config.model_dir)
+  tokenizer = tokenizer_lib.load_tokenizer(
+      modeling.tokenizer_dir(config.model_dir, config.tokenizer_dir))
   with jax.set_mesh(mesh):
     result = run(model, tokenizer, data_dir=config.data_dir, records=records,
                  protocol=config.protocol, max_new_tokens=config.max_new_tokens,

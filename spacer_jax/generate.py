@@ -5,7 +5,7 @@
 
 DIR is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files) or a train.py
 workdir (model_config.json + ckpt/, or that ckpt/ directory): its latest orbax step's policy params are
-restored by `spacer_jax.checkpoint.load_model` (`--step` picks another) and the tokenizer is the run's
+restored by `spacer_jax.modeling.load_model` (`--step` picks another) and the tokenizer is the run's
 tokenizer/ directory, the tokenizer_dir / model.hf_dir recorded in its config.json, or `--tokenizer_dir`.
 The data path
 is the training pipeline's: frames are sampled and resized as SpaceR does (spacer_jax.data.video), the
@@ -15,79 +15,19 @@ KV-cache sampler (spacer_jax.sampling) in chunks of `--chunk` tokens, each print
 """
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from spacer_jax import modeling
 from spacer_jax import sampling
 from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 from spacer_jax.data import video as video_lib
-from spacer_jax.models import qwen2_5_vl
-
-
-def trainer_run_dir(path) -> pathlib.Path | None:
-  """The run directory if `path` is a train.py workdir (model_config.json + ckpt/) or its ckpt/
-  directory, else None. Checked before config.json: a workdir's config.json is the training config."""
-  path = pathlib.Path(path)
-  for run_dir, ckpt_dir in ((path, path / "ckpt"), (path.parent, path)):
-    if (run_dir / "model_config.json").is_file() and ckpt_dir.is_dir() and ckpt_dir.name == "ckpt":
-      return run_dir
-  return None
-
-
-def check_model_dir(model_dir) -> pathlib.Path:
-  """The checkpoint directory, or a clear error naming what is missing."""
-  path = pathlib.Path(model_dir)
-  if not path.exists():
-    raise FileNotFoundError(f"--model_dir {path}: no such directory")
-  if not path.is_dir():
-    raise NotADirectoryError(f"--model_dir {path}: not a directory (pass the checkpoint directory)")
-  if trainer_run_dir(path) is None and not (path / "config.json").is_file():
-    raise FileNotFoundError(f"--model_dir {path}: no config.json (expected a Hugging Face checkpoint "
-                            "directory with config.json, *.safetensors and tokenizer files, or a "
-                            "train.py workdir with model_config.json and ckpt/)")
-  return path
-
-
-def tokenizer_dir_for(model_dir, tokenizer_dir=None) -> pathlib.Path:
-  """Where the tokenizer files are: `tokenizer_dir` if given; for a train.py workdir its tokenizer/
-  directory, else the data.tokenizer_dir or model.hf_dir recorded in its config.json; for an HF
-  checkpoint the checkpoint directory itself."""
-  if tokenizer_dir:
-    return pathlib.Path(tokenizer_dir)
-  run_dir = trainer_run_dir(model_dir)
-  if run_dir is None:
-    return pathlib.Path(model_dir)
-  candidates = [run_dir / "tokenizer"]
-  record = run_dir / "config.json"
-  if record.is_file():
-    with open(record) as f:
-      train_cfg = json.load(f)
-    candidates += [pathlib.Path(d) for d in (train_cfg.get("data", {}).get("tokenizer_dir"),
-                                             train_cfg.get("model", {}).get("hf_dir")) if d]
-  for c in candidates:
-    if (c / "tokenizer.json").is_file() or (c / "vocab.json").is_file():
-      return c
-  raise FileNotFoundError(f"--model_dir {model_dir}: train.py workdir without tokenizer files (looked "
-                          f"in {', '.join(str(c) for c in candidates)}); pass --tokenizer_dir")
-
-
-def load_model(model_dir, *, dtype="float32", step=None):
-  """HF checkpoint (qwen2_5_vl.load_hf) or train.py workdir (checkpoint.load_model, latest or `step`)."""
-  if trainer_run_dir(model_dir) is not None:
-    from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top  (imports orbax)
-    return checkpoint.load_model(str(model_dir), dtype=dtype, step=step)
-  if step is not None:
-    raise ValueError(f"--step {step}: only a train.py workdir has steps; {model_dir} is an HF "
-                     "checkpoint")
-  return qwen2_5_vl.load_hf(str(model_dir), dtype=jnp.dtype(dtype))
 
 
 def check_media(path, flag) -> str:
@@ -179,16 +119,17 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = p.parse_args(argv)
 
-  model_dir = check_model_dir(args.model_dir)
+  model_dir = pathlib.Path(args.model_dir)
+  modeling.source_kind(model_dir)  # a clear error when it is neither checkpoint kind
   video = check_media(args.video, "--video") if args.video else None
   image = check_media(args.image, "--image") if args.image else None
   if args.max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
 
   vision = load_media(video, image)  # before the (slow) model load: a bad file fails fast
-  tok = tokenizer_lib.load_tokenizer(tokenizer_dir_for(model_dir, args.tokenizer_dir))
+  tok = tokenizer_lib.load_tokenizer(modeling.tokenizer_dir(model_dir, args.tokenizer_dir))
   t0 = time.perf_counter()
-  model = load_model(model_dir, dtype=args.dtype, step=args.step)
+  model = modeling.load_model(model_dir, dtype=args.dtype, step=args.step)
   cfg = model.config
   ids = build_inputs(tok, cfg, args.question, vision, video=video is not None,
                      image=image is not None, problem_type=args.problem_type,

@@ -12,7 +12,6 @@ no optimizer state. Optimizer state is float32 whatever the parameter dtype.
 
 import re
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -86,7 +85,3 @@ def make_optimizer(params, *, lr=1e-6, total_steps=1, schedule="cosine", warmup_
                            mu_dtype=jnp.float32))
   return optax.chain(*chain), sched
 
-
-def init_state(tx, params):
-  """Optimizer state in float32 for float32 master params (nu follows the param dtype in optax)."""
-  return tx.init(jax.tree.map(lambda p: p.astype(jnp.float32) if hasattr(p, "astype") else p, params))

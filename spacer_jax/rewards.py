@@ -526,5 +526,3 @@ def compute_rewards(completions, examples, completion_lengths, group_size,
   counts["no_format"] = int((np.asarray(fmt) == 0).sum())
   return {k: np.asarray(v, np.float32) for k, v in comps.items()}, counts
 
-
-REWARD_FNS = {"format": format_reward, "accuracy": accuracy_reward, "map": map_score}

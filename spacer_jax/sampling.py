@@ -293,6 +293,28 @@ def _decode(params, state, until, *, graphdef, scfg):
 # Host side.
 
 
+def _bucket(n):
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def auto_vision_budget(cfg, grid_thw, num_patches):
+  """Static pad-to sizes of `Sampler(vision_budget="auto")` for one batch's images or videos.
+
+  Pixel rows stay at `num_patches` (already at the data pipeline's budget); window and frame counts
+  and the longest frame are rounded up to powers of two.
+  """
+  g = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  _, cu_win = positions_lib.window_index(g, window_size=cfg.window_size, patch_size=cfg.patch_size,
+                                         spatial_merge_size=cfg.spatial_merge_size)
+  return dict(num_patches=int(num_patches), num_windows=_bucket(len(cu_win) - 1),
+              num_frames=_bucket(int(g[:, 0].sum())), frame_len=_bucket(int((g[:, 1] * g[:, 2]).max())))
+
+
+def compile_counts():
+  """{"prefill": n, "decode": n}: executables compiled so far by the jitted sampler functions."""
+  return {"prefill": int(_prefill._cache_size()), "decode": int(_decode._cache_size())}  # pylint: disable=protected-access
+
+
 def _left_pad(x, length, value):
   x = np.asarray(x)
   pad = length - x.shape[1]
@@ -331,7 +353,10 @@ class Sampler:
       wherever the row count divides; params keep whatever sharding they already have.
     vision_budget: optional {"image"|"video": {num_patches, num_windows, num_frames, frame_len}}
       static budgets forwarded to `prepare_vision_inputs` (pixel rows are zero-padded to
-      num_patches), so videos with different grids but the same budget do not recompile.
+      num_patches), so videos with different grids but the same budget do not recompile; or
+      "auto": every batch's pixel rows as given (the data pipeline pads them to its budget) and its
+      window, frame and frame-length counts rounded up to powers of two, so a run recompiles only
+      when a batch reaches a new bucket (the trainer's setting).
   """
 
   def __init__(self, model, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
@@ -350,6 +375,8 @@ class Sampler:
     self.mesh = mesh
     self.batch_axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
     self.vision_budget = vision_budget or {}
+    if isinstance(self.vision_budget, str) and self.vision_budget != "auto":
+      raise ValueError(f"vision_budget={vision_budget!r}: pass a dict of budgets or 'auto'")
 
   # -- host preparation ------------------------------------------------------------------------
 
@@ -400,8 +427,9 @@ class Sampler:
         continue
       if grid is None:
         raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
-      budget = self.vision_budget.get(kind, {})
       pixels = np.asarray(pixels, np.float32)
+      budget = (auto_vision_budget(cfg, grid, pixels.shape[0]) if self.vision_budget == "auto"
+                else self.vision_budget.get(kind, {}))
       if budget.get("num_patches") is not None and pixels.shape[0] < budget["num_patches"]:
         # Static patch budget: pad rows so every grid within budget shares one executable; the
         # padded rows' features are never scattered (embed reads only as many as placeholders).

@@ -58,10 +58,6 @@ def make_abstract_mesh(axes):
   return jax.sharding.AbstractMesh(sizes, names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def _mesh_sizes(mesh):
-  return dict(mesh.shape)
-
-
 def logical_to_spec(shape, logical_names, mesh, rules):
   """PartitionSpec for an array of `shape` whose dims have `logical_names`, under `rules`.
 
@@ -80,7 +76,7 @@ def logical_to_spec(shape, logical_names, mesh, rules):
   if len(logical_names) != len(shape):
     raise ValueError(f"logical axes {logical_names} do not match shape {tuple(shape)}")
   table = dict(rules)
-  sizes = _mesh_sizes(mesh)
+  sizes = dict(mesh.shape)
   used = set()
   spec = []
   for dim, name in zip(shape, logical_names):
@@ -164,29 +160,6 @@ def batch_shardings(tree, mesh, rules):
       lambda x: batch_sharding(mesh, rules, np.shape(x)) if np.ndim(x) else replicated(mesh), tree)
 
 
-def constrain(x, logical_names, rules=None):
-  """`with_sharding_constraint` by logical names, inside jit under `jax.set_mesh` (no-op without mesh).
-
-  Args:
-    x: array being traced.
-    logical_names: one logical name (or None) per dim of x.
-    rules: logical rules; default = the ones set by `nnx.logical_axis_rules(...)` (flax context).
-
-  Returns:
-    x, constrained.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or not mesh.shape:
-    return x
-  if rules is None:
-    from flax.core import spmd as core_spmd  # The flax context is the only place rules live at trace.
-    rules = core_spmd.get_logical_axis_rules()
-    if not rules:
-      return x
-  spec = logical_to_spec(x.shape, logical_names, mesh, rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
 def describe(abstract_flat, shardings, logical_axes):
   """Startup table: `key | shape | dtype | logical axes | PartitionSpec` (one line per param)."""
   lines = [f"{'param':60s} {'shape':22s} {'dtype':9s} {'logical':28s} spec"]
@@ -195,7 +168,3 @@ def describe(abstract_flat, shardings, logical_axes):
                  f"{str(logical_axes.get(k)):28s} {shardings[k].spec}")
   return "\n".join(lines)
 
-
-def put(tree, shardings):
-  """`jax.device_put` of a host pytree onto its shardings (one explicit transfer)."""
-  return jax.device_put(tree, shardings)

@@ -19,10 +19,12 @@ which gets a .gitignore: checkpoints never go into the experiment record):
     python -m spacer_jax.train --config=FILE[:ARG] --workdir={runs}/{arm}/seed_{S} \
         [sweep's --config flags] [arm's overrides] --config.seed=S
 
-then, if the run has not written demo_metrics.json itself, its finishing step in a second process:
-`--finish=MODULE:FUNCTION` (default spacer_jax.demo:finish) is called as FUNCTION(config, workdir);
-the demo's greedy held-out evaluation of the SFT and last checkpoints on the synthetic VSI-format
-held-out split (demo_metrics.json). `--module` replaces spacer_jax.train (e.g. an entry point that
+then, if the run has not written demo_metrics.json, its finishing step in a second process. A
+config that names `post_train` (the demo's: spacer_jax.demo:finish) has train.py run it after
+training; for one that does not (e.g. configs/sgrlvr.py:smoke), or when it was interrupted, the
+sweep calls `--finish=MODULE:FUNCTION` (default spacer_jax.demo:finish) as FUNCTION(config,
+workdir): the demo's greedy held-out evaluation of the SFT and last checkpoints on the synthetic
+VSI-format held-out split (demo_metrics.json). `--module` replaces spacer_jax.train (e.g. an entry point that
 trains and finishes in one process). Runs of a synthetic-data config share one generated dataset
 ({runs}/data/...) and, unless the config sets one, one persistent XLA compilation cache
 ({runs}/jax_cache), so arms with the same shapes compile once.
@@ -56,7 +58,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -243,9 +244,9 @@ def _write_json(path, obj):
 
 
 def latest_step(run_dir):
-  from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = os.path.join(run_dir, "ckpt")
-  return evaluate.latest_checkpoint_step(ckpt) if os.path.isdir(ckpt) else None
+  return checkpoint.latest_step(ckpt) if os.path.isdir(ckpt) else None
 
 
 def run_status(run):
@@ -387,14 +388,17 @@ def execute(runs, *, module, finish, parallel=1, printer=print):
 
 
 def finish_run(run_dir, finish):
-  """The finishing step of one run, in this process: FUNCTION(config, run_dir) of `finish`."""
+  """The finishing step of one run, in this process: the run config's `post_train` if it names one
+  (train.py's main runs it too; this is the retry after an interrupted one), else `finish`, called
+  as FUNCTION(config, run_dir) through train.run_post_train."""
   rec = _read_json(os.path.join(run_dir, RUN_FILE))
   if rec is None:
     raise FileNotFoundError(f"{run_dir}: no {RUN_FILE}; not a run directory of spacer_jax.sweep")
   config_arg = rec["argv"][0].split("=", 1)[1]
   config = resolve_config(config_arg, rec["argv"][1:], run_dir)
-  module_name, _, fn_name = finish.partition(":")
-  fn = getattr(importlib.import_module(module_name), fn_name or "finish")
+  if not config.get("post_train"):
+    config.post_train = finish
+  from spacer_jax import train  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   if not absl_flags.FLAGS.is_parsed():  # grain reads absl flags.
     absl_flags.FLAGS.mark_as_parsed()
@@ -402,7 +406,7 @@ def finish_run(run_dir, finish):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return fn(config, run_dir)
+  return train.run_post_train(config, run_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """SG-RLVR / GRPO / SFT trainer: `python -m spacer_jax.train --config=configs/sgrlvr.py --workdir=DIR`.
 
-One main() in banner sections (STYLE 3.8): workdir record, mesh, tokenizer, model, shardings, state
-init/resume, data, jitted functions, the loop. The pure functions at module level are what gets jitted:
+`train_and_evaluate(config, workdir)` is the whole run, importable from notebooks and tests; `main`
+only parses the flags, calls it, then runs `config.post_train` if the config names one (the demo's
+held-out evaluation). A run, top to bottom in `train_and_evaluate`: workdir record, mesh, tokenizer,
+abstract model (spacer_jax/modeling.py), optimizer and state shardings (`make_train_setup`), data,
+restore or init (the initial weights come from `modeling.load_params`: the HF checkpoint, or random
+init for the tiny model), jitted functions, the loop. The pure functions at module level are what gets
+jitted:
 
   train_step(state, batch, ref_logps) -> (state, metrics)   donates state; explicit shardings.
       Vision tower + prompt embedding once per prompt (a jax.vjp, so its backward also runs once),
@@ -18,20 +23,24 @@ State: {"step": int32, "params": {hf_key: array}, "opt_state": optax state of th
 the model computes in `config.model.dtype` (bfloat16 on accelerators); Adam moments are float32.
 """
 
+import dataclasses
 import functools
+import importlib
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, grpo, metrics as metrics_lib, optim, rollout, sharding, tree_utils
+from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, modeling, optim, rollout
+from spacer_jax import sampling, sharding, tree_utils
+from spacer_jax.models import qwen2_5_vl
 
 # Keys of a TrainBatch that have one entry per completion row (split into micro-batches).
 ROW_KEYS = ("completion_ids", "completion_mask", "attention_mask", "position_ids", "prompt_index",
@@ -169,26 +178,45 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Host helpers (config -> library keyword arguments; only train.py reads the ConfigDict).
+# The pieces of a run (host code; `train_and_evaluate` calls them in order, the planner reuses them).
 # ------------------------------------------------------------------------------------------------
-def make_reward_config(config):
-  """rewards.RewardConfig from `config.rewards` (the library never sees a ConfigDict)."""
-  from spacer_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
-  r = config.rewards
-  return rewards_lib.RewardConfig(
-      use_article_fix=r.use_article_fix, use_first_number_fix=r.use_first_number_fix,
-      use_zero_map_fix=r.use_zero_map_fix, use_non_sr_map_fix=r.use_non_sr_map_fix,
-      use_empty_gt_map_fix=r.use_empty_gt_map_fix, use_nan_fix=r.use_nan_fix,
-      use_overflow_fix=r.use_overflow_fix, temporal_alpha=r.temporal_alpha,
-      temporal_mu=r.temporal_mu, bonus_threshold=r.bonus_threshold,
-      length_bonus=r.length_bonus if r.use_length else 0.0, length_range=tuple(r.length_range))
+@dataclasses.dataclass(frozen=True)
+class Phases:
+  """How a run's steps split into SFT and GRPO, and GRPO's group settings."""
+  mode: str  # "grpo" | "sft"
+  total_steps: int
+  sft_steps: int  # steps 1..sft_steps are SFT
+  num_generations: int  # G
+  num_iterations: int  # mu: optimizer steps per GRPO batch
+
+  @property
+  def rl_steps(self):
+    return self.total_steps - self.sft_steps
+
+  def phase(self, step):
+    return "sft" if step <= self.sft_steps else "grpo"
+
+  @property
+  def decay_steps(self):
+    """Optimizer updates the schedule spans: one per SFT step, mu per GRPO step."""
+    return self.sft_steps + self.rl_steps * self.num_iterations
 
 
-def _check_paths(config):
+def make_phases(config):
+  mode = config.mode
+  if mode not in ("grpo", "sft"):
+    raise ValueError(f"config.mode must be grpo|sft, got {mode!r}")
+  sft_steps = config.total_steps if mode == "sft" else int(config.sft_warmup_steps)
+  return Phases(mode=mode, total_steps=int(config.total_steps), sft_steps=sft_steps,
+                num_generations=int(config.grpo.num_generations),
+                num_iterations=int(config.grpo.num_iterations))
+
+
+def check_paths(config):
   """Fails at start-up, naming the config field, when a checkpoint or data path is missing."""
   need = []
   if not config.model.variant:
-    need.append(("config.model.hf_dir", config.model.hf_dir, "config.json"))
+    need.append(("config.model.hf_dir", config.model.hf_dir, None))
   if config.data.source == "spacer":
     need.append(("config.data.annotations", config.data.annotations, None))
     need.append(("config.data.media_root", config.data.media_root, None))
@@ -202,22 +230,35 @@ def _check_paths(config):
     if not path or not os.path.exists(path) or (inner and not os.path.exists(os.path.join(path, inner))):
       what = f"{path!r}" + (f" (no {inner})" if path and inner and os.path.exists(path) else "")
       raise FileNotFoundError(f"{field} = {what} does not exist; set --{field}=...")
+  if not config.model.variant:
+    modeling.model_config(config.model.hf_dir)  # a checkpoint directory of the right architecture
 
 
-def _tokenizer(config, workdir):
+def model_source(config):
+  """What `modeling.load_params` reads the initial weights from: the HF checkpoint, or random init
+  for the tiny model."""
+  return modeling.RANDOM if config.model.variant else config.model.hf_dir
+
+
+def make_tokenizer(config, workdir):
+  """The run's tokenizer, also saved as {workdir}/tokenizer so the workdir is self-contained
+  (evaluate, generate and convert read it from there)."""
   from spacer_jax.data import tokenizer as tokenizer_lib  # Host-only dependency (tokenizers).
+  out = os.path.join(workdir, modeling.RUN_TOKENIZER_DIR)
   if config.model.variant:
-    # Tiny/smoke/demo runs use the project's offline BPE; it is written to the workdir so evaluation
-    # (and a resumed run) reads exactly the same vocabulary.
-    tok_dir = config.data.tokenizer_dir or os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-      return tokenizer_lib.load_tokenizer(tok_dir)
-    return tokenizer_lib.build_offline_tokenizer(out_dir=tok_dir)
-  return tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or config.model.hf_dir)
+    # Tiny/smoke/demo runs use the project's offline BPE (deterministic), built once per workdir.
+    src = config.data.tokenizer_dir or out
+    if os.path.exists(os.path.join(src, "tokenizer.json")):
+      return tokenizer_lib.load_tokenizer(src)
+    return tokenizer_lib.build_offline_tokenizer(out_dir=src)
+  src = modeling.tokenizer_dir(config.model.hf_dir, config.data.tokenizer_dir)
+  tokenizer = tokenizer_lib.load_tokenizer(src)
+  tokenizer_lib.copy_tokenizer_files(src, out)
+  return tokenizer
 
 
-def _model_config(config, tokenizer):
-  from spacer_jax.models import qwen2_5_vl
+def make_model_config(config, tokenizer):
+  """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json."""
   common = dict(use_remat=bool(config.model.use_remat),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
@@ -227,16 +268,101 @@ def _model_config(config, tokenizer):
                            **config.model.tiny_overrides.to_dict())
   if config.model.variant:
     raise ValueError(f"config.model.variant must be '' or 'tiny', got {config.model.variant!r}")
-  return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(config.model.hf_dir, **common)
+  cfg = modeling.model_config(config.model.hf_dir, **common)
+  modeling.check_tokenizer(tokenizer, cfg, where="config.data.tokenizer_dir / config.model.hf_dir")
+  return cfg
 
 
-def _records(config, workdir):
-  """Training records (sources.Record list); generates the synthetic dataset on first use."""
+def make_abstract_model(config, tokenizer, mesh):
+  """modeling.AbstractModel of the policy on `mesh`, in config.model.{dtype, param_dtype}."""
+  return modeling.abstract_model(
+      make_model_config(config, tokenizer), dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype, mesh=mesh, rules=config_lib.sharding_rules(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The optimizer and the train state's abstract value, on the mesh.
+
+  state = {"step": int32, "params": {hf_key: array}, "opt_state": optax state of the trainable
+  params, "rng": uint32[2]}.
+  """
+  tx: Any
+  schedule: Any
+  trainable_keys: tuple
+  abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
+  state_shardings: Any
+
+
+def make_train_setup(config, abstract, phases):
+  """Optimizer (regex freeze, schedule over every update) and the sharded abstract train state."""
+  freeze = tuple(config.optim.freeze) + ((r"^visual\.",) if config.model.freeze_vision else ())
+  trainable_keys = tuple(optim.trainable_keys(abstract.params, freeze))
+  trainable = {k: abstract.params[k] for k in trainable_keys}
+  tx, schedule = optim.make_optimizer(
+      trainable, lr=config.optim.lr, total_steps=config.optim.decay_steps or phases.decay_steps,
+      schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
+      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+      grad_clip=config.optim.grad_clip)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  repl = sharding.replicated(abstract.mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, {k: abstract.shardings[k] for k in trainable_keys},
+      transform_non_params=lambda _: repl)
+  state_shardings = {"step": repl, "params": abstract.shardings, "opt_state": opt_shardings,
+                     "rng": repl}
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract.params,
+       "opt_state": abstract_opt, "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))},
+      state_shardings)
+  return TrainSetup(tx=tx, schedule=schedule, trainable_keys=trainable_keys,
+                    abstract_state=abstract_state, state_shardings=state_shardings)
+
+
+def init_state(params, setup, seed):
+  """A fresh train state around `params` (already on their shardings)."""
+  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(
+      {k: params[k] for k in setup.trainable_keys})
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+          "rng": jax.random.PRNGKey(seed)}
+
+
+def batch_shardings(tb, mesh, rules):
+  """Shardings of a TrainBatch: per-row and per-prompt arrays over the batch axes (where they
+  divide), pixels and vision index arrays replicated (the vision tower constrains its own
+  activations). Works on arrays and on ShapeDtypeStructs."""
+  batched = ROW_KEYS + ("prompt_ids", "prompt_mask")
+  repl = sharding.replicated(mesh)
+  return {k: (sharding.batch_shardings(v, mesh, rules) if k in batched
+              else jax.tree.map(lambda _: repl, v)) for k, v in tb.items()}
+
+
+def make_train_step(abstract, setup, *, mode, grpo_config, num_micro, batch_shardings_,
+                    ref_shardings):
+  """The jitted, state-donating train_step of one phase with explicit in/out shardings."""
+  return jax.jit(
+      functools.partial(train_step, graphdef=abstract.graphdef, paths=abstract.paths, tx=setup.tx,
+                        trainable_keys=setup.trainable_keys, mode=mode, grpo_config=grpo_config,
+                        num_micro=num_micro),
+      in_shardings=(setup.state_shardings, batch_shardings_, ref_shardings),
+      out_shardings=(setup.state_shardings, sharding.replicated(abstract.mesh)),
+      donate_argnums=(0,))
+
+
+def make_logps_fn(abstract, num_micro):
+  """The jitted `token_logps` (reference and old-policy log-probs)."""
+  return jax.jit(functools.partial(token_logps, graphdef=abstract.graphdef, paths=abstract.paths,
+                                   num_micro=num_micro))
+
+
+def load_records(config, workdir):
+  """Training records (sources.Record list) and their load-time BadRecords; generates the synthetic
+  dataset on first use."""
   from spacer_jax.data import sources
   if config.data.source == "synthetic":
     from spacer_jax.data import synthetic
-    root = config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")
-    paths = synthetic.generate_dataset(root, synthetic.SyntheticConfig.demo(
+    paths = synthetic.generate_dataset(synthetic_root(config, workdir), synthetic.SyntheticConfig.demo(
         **config.data.synthetic.to_dict()), progress=False)
     annotations, media_root, maps = paths.train_jsonl, paths.root, paths.cognitive_map
   else:
@@ -252,63 +378,83 @@ def _records(config, workdir):
   return records, bad
 
 
-def _data_config(config, temporal):
-  from spacer_jax.data import pipeline
-  d = config.data
-  return pipeline.DataConfig(
-      batch_size=d.batch_size // jax.process_count(), buckets=tuple(d.prompt_buckets),
-      fps=d.video_fps, max_frames=d.max_frames, video_min_pixels=d.video_min_pixels,
-      video_max_pixels=d.video_max_pixels, image_min_pixels=d.image_min_pixels,
-      image_max_pixels=d.image_max_pixels, temporal=temporal, num_workers=d.num_workers,
-      shuffle=d.shuffle, strict=not d.skip_bad_records)
+def synthetic_root(config, workdir):
+  """Where a synthetic run's dataset lives (config.data.synthetic_root, default {workdir}/data/synthetic)."""
+  return config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")
 
 
-def _bucket(n):
-  return 1 << max(int(n) - 1, 0).bit_length()
+def _eval_data_dir(config, workdir):
+  if config.eval.data_dir or not config.eval.every_steps:
+    return config.eval.data_dir
+  if config.data.source != "synthetic":
+    raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
+  from spacer_jax.data import synthetic
+  return synthetic.dataset_paths(synthetic_root(config, workdir)).eval_root
 
 
-def vision_budget(cfg, batch):
-  """Static pad-to sizes for prepare_vision_inputs: pixel rows are already at the pipeline's budget;
-  window and frame counts are rounded up to powers of two, so a batch recompiles only when a new
-  bucket is reached."""
-  from spacer_jax.models import positions
-  out = {}
-  for kind, pix, grid in (("video", "pixel_values_videos", "video_grid_thw"),
-                          ("image", "pixel_values", "image_grid_thw")):
-    if not rollout.present(batch, pix, grid):
-      continue
-    g = np.asarray(batch[grid], np.int64).reshape(-1, 3)
-    _, cu_win = positions.window_index(g, window_size=cfg.window_size, patch_size=cfg.patch_size,
-                                       spatial_merge_size=cfg.spatial_merge_size)
-    out[kind] = dict(num_patches=int(np.asarray(batch[pix]).shape[0]),
-                     num_windows=_bucket(len(cu_win) - 1), num_frames=_bucket(int(g[:, 0].sum())),
-                     frame_len=_bucket(int((g[:, 1] * g[:, 2]).max())))
-  return out
+def _rollout(phase, step, *, state, batch, sampler, abstract, tokenizer, config, phases,
+             reward_config, grpo_config):
+  """One step's TrainBatch: the SFT targets, or G sampled and scored completions per prompt."""
+  if phase == "sft":
+    return rollout.sft_batch(sampler, batch, tokenizer=tokenizer,
+                             max_new_tokens=config.sampling.max_new_tokens,
+                             target=config.sft_target)
+  return rollout.run(
+      sampler, abstract.state(state["params"]), batch, tokenizer=tokenizer,
+      num_generations=phases.num_generations, max_new_tokens=config.sampling.max_new_tokens,
+      rng=jax.random.fold_in(state["rng"], step), reward_config=reward_config,
+      use_temporal=phases.rl_steps > 0 and bool(config.rewards.use_temporal),
+      use_map=bool(config.rewards.use_map), reward_scaling=grpo_config.reward_scaling,
+      adv_eps=grpo_config.adv_eps)
 
 
-def _compiles(fns):
-  return {f"compiles/{name}": int(fn._cache_size()) for name, fn in fns.items()}  # pylint: disable=protected-access
+def _update(phase, state, tb, *, get_step, logps_fn, ref_params, phases):
+  """The optimizer step(s) of one batch: reference/old-policy log-probs, then mu updates."""
+  ref = logps_fn(ref_params, tb) if phase == "grpo" and ref_params is not None else None
+  if phase == "grpo" and phases.num_iterations > 1:
+    tb["old_logps"] = logps_fn(state["params"], tb)
+  step_fn = get_step(phase, tb, ref)
+  with jax.transfer_guard("disallow"):
+    for _ in range(phases.num_iterations if phase == "grpo" else 1):
+      state, metrics = step_fn(state, tb, ref)
+  return state, jax.device_get(metrics)
+
+
+def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, tb, setup, phases,
+                  compiled, bad, batch, wall):
+  """Everything one logged step writes to metrics.jsonl / TensorBoard."""
+  mu = phases.num_iterations if phase == "grpo" else 1
+  updates_before = min(step - 1, phases.sft_steps) + max(step - 1 - phases.sft_steps, 0) * \
+      phases.num_iterations
+  scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
+             "train/lr": float(setup.schedule(updates_before)), "train/updates_per_step": mu,
+             "phase_sft": float(phase == "sft"), **bad.metrics("data/bad_records_at_load"),
+             **batch.get("bad_records", {}), "time/step_s": wall}
+  if "rollout/tokens" in roll_metrics:
+    scalars["rollout/tokens_per_s"] = roll_metrics["rollout/tokens"] / max(
+        timers.get("time/rollout_s", wall), 1e-9)
+  scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
+      timers.get("time/train_s", wall), 1e-9)
+  scalars.update({f"compiles/{k}": v for k, v in compiled.items()})
+  scalars.update(metrics_lib.memory_scalars())
+  return scalars
 
 
 # ------------------------------------------------------------------------------------------------
-# main
+# train_and_evaluate
 # ------------------------------------------------------------------------------------------------
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+def train_and_evaluate(config, workdir):
+  """Trains as `config` says in `workdir`, resuming from its last checkpoint; returns the final state.
 
-
-def main(argv):
-  del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  if config is None or not workdir:
-    raise app.UsageError("--config and --workdir are required")
-  workdir = os.path.abspath(workdir)  # orbax needs absolute paths; a relative --workdir is common.
-  from spacer_jax import evaluate, sampling  # Imported here: they pull in the model code.
+  The workdir gets config.json, git_commit.txt, model_config.json, tokenizer/, metrics.jsonl,
+  rollouts.jsonl, TensorBoard events and ckpt/ (see the README).
+  """
+  from spacer_jax import evaluate  # Imported here: it pulls in the video decoder.
   from spacer_jax.data import pipeline
-  from spacer_jax.models import qwen2_5_vl
 
   # == Workdir record ===========================================================================
-  _check_paths(config)
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths; a relative --workdir is common.
+  check_paths(config)
   if config.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -317,130 +463,60 @@ def main(argv):
     f.write(config.to_json(indent=2))
   with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
     f.write(metrics_lib.git_commit() + "\n")
-  mode = config.mode
-  if mode not in ("grpo", "sft"):
-    raise ValueError(f"config.mode must be grpo|sft, got {mode!r}")
-  sft_steps = config.total_steps if mode == "sft" else int(config.sft_warmup_steps)
-  rl_steps = config.total_steps - sft_steps
-  g = int(config.grpo.num_generations)
-  mu = int(config.grpo.num_iterations)
-  grpo_config = grpo.GRPOConfig(
-      beta=config.grpo.beta, epsilon=config.grpo.epsilon, epsilon_high=config.grpo.epsilon_high,
-      loss_agg=config.grpo.loss_agg, max_completion_length=config.grpo.max_completion_length,
-      reward_scaling=config.grpo.reward_scaling,
-      importance_sampling=config.grpo.importance_sampling, adv_eps=config.grpo.adv_eps,
-      kl_clamp=config.grpo.kl_clamp)
-  reward_config = make_reward_config(config)
-  use_ref = rl_steps > 0 and config.grpo.beta > 0
+  phases = make_phases(config)
+  grpo_config = config_lib.make_grpo_config(config)
+  reward_config = config_lib.make_reward_config(config)
+  use_ref = phases.rl_steps > 0 and config.grpo.beta > 0
 
-  # == Tokenizer and model ======================================================================
-  tokenizer = _tokenizer(config, workdir)
-  cfg = _model_config(config, tokenizer)
-  with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump(cfg.to_hf_dict(), f, indent=2)
-  dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-  # Abstract model before the mesh context: with a mesh set, nnx.eval_shape would read the logical
-  # names as mesh axes (they are resolved with config.sharding_rules below instead).
-  abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
-      cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype))
-  graphdef, abstract_params, paths = tree_utils.split_model(abstract_model)
-
-  # == Mesh =====================================================================================
+  # == Mesh, tokenizer, model ===================================================================
   mesh = sharding.make_mesh(config.mesh)
-  rules = tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in config.sharding_rules)
+  rules = config_lib.sharding_rules(config)
   logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
-  # Parameter and batch shardings are explicit (tree_shardings / put_batch). Activation constraints
-  # inside the model (layers.constrain) are left to GSPMD propagation for now: they resolve logical
-  # names without removing a mesh axis already used by another dim, and FSDP maps both `batch` and
-  # `embed` to `fsdp` (see the report on issue 5).
+  tokenizer = make_tokenizer(config, workdir)
+  abstract = make_abstract_model(config, tokenizer, mesh)
+  with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
+    json.dump(abstract.config.to_hf_dict(), f, indent=2)
+  with open(os.path.join(workdir, "params.txt"), "w") as f:
+    f.write(abstract.describe() + "\n")
+  logging.info("%s parameters (%d tensors; shapes, logical axes and shardings in %s)",
+               f"{abstract.param_count:,}", len(abstract.params), os.path.join(workdir, "params.txt"))
+  setup = make_train_setup(config, abstract, phases)
+  source = model_source(config)
+
+  # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings); activations
+  # inside the model follow GSPMD propagation.
   with jax.set_mesh(mesh):
-    logical = sharding.param_logical_axes(nnx.split(abstract_model)[1])
-    param_shardings = sharding.tree_shardings(abstract_params, mesh, rules, logical)
-    logging.info("parameters: %s\n%s", f"{tree_utils.param_count(abstract_params):,}",
-                 sharding.describe(abstract_params, param_shardings, logical))
-
-    # == Optimizer and state shardings ==========================================================
-    freeze = tuple(config.optim.freeze) + ((r"^visual\.",) if config.model.freeze_vision else ())
-    trainable_keys = optim.trainable_keys(abstract_params, freeze)
-    decay = config.optim.decay_steps or config.total_steps * (1 if mode == "sft" else mu)
-    tx, schedule = optim.make_optimizer(
-        {k: abstract_params[k] for k in trainable_keys}, lr=config.optim.lr, total_steps=decay,
-        schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
-        b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-        grad_clip=config.optim.grad_clip)
-    abstract_opt = jax.eval_shape(tx.init, {k: abstract_params[k] for k in trainable_keys})
-    repl = sharding.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, {k: param_shardings[k] for k in trainable_keys},
-        transform_non_params=lambda _: repl)
-    state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
-                       "rng": repl}
-
-    @functools.lru_cache(maxsize=None)
-    def random_init(p_dtype):
-      # Tiny model only. unsafe_rbg: XLA compiles threefry for ~100 params 2-3x slower on CPU, and
-      # this init only has to be deterministic, not a particular stream.
-      def init():
-        with jax.default_prng_impl("unsafe_rbg"):
-          return tree_utils.split_model(qwen2_5_vl.Qwen2_5_VL(
-              cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=p_dtype))[1]
-      return jax.jit(init, out_shardings=param_shardings)
-
-    def load_params(p_dtype):
-      if config.model.variant:
-        # Random init placed directly on its shardings (a fresh copy on every call: the policy's
-        # buffers are donated to train_step, the reference's must survive).
-        return random_init(jnp.dtype(p_dtype))()
-      model = qwen2_5_vl.load_hf(config.model.hf_dir, dtype=dtype, param_dtype=p_dtype, mesh=mesh,
-                                 rules=rules, use_remat=bool(config.model.use_remat),
-                                 text_after_vision=config.model.text_after_vision)
-      return tree_utils.split_model(model)[1]
-
-    def init_state():
-      params = load_params(param_dtype)
-      opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(
-          {k: params[k] for k in trainable_keys})
-      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-              "rng": jax.random.PRNGKey(config.seed)}
-
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": abstract_params,
-                                "opt_state": abstract_opt, "rng": jax.random.PRNGKey(0)}),
-        state_shardings)
-
-    # == Data =====================================================================================
-    records, bad = _records(config, workdir)
+    # == Data ===================================================================================
+    records, bad = load_records(config, workdir)
     logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
                  dict(bad.counts))
-    eval_dir = config.eval.data_dir
-    if config.eval.every_steps and not eval_dir:
-      if config.data.source != "synthetic":
-        raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
-      from spacer_jax.data import synthetic
-      eval_dir = synthetic.dataset_paths(
-          config.data.synthetic_root or os.path.join(workdir, "data", "synthetic")).eval_root
-    demo = None
-    if "demo" in config:
-      from spacer_jax import demo  # The CPU demo's extras (SFT traces, held-out summary).
-    traces = demo.load_traces(config, workdir) if demo else None
-    temporal = rl_steps > 0 and bool(config.rewards.use_temporal)
-    train_iter = pipeline.make_iterator(records, tokenizer, _data_config(config, temporal),
-                                        seed=config.seed)
+    eval_dir = _eval_data_dir(config, workdir)
+    train_iter = pipeline.make_iterator(
+        records, tokenizer, config_lib.make_data_config(
+            config, phases.rl_steps > 0 and bool(config.rewards.use_temporal),
+            jax.process_count()), seed=config.seed)
 
     # == Restore or init (resume order: checkpoint.restore_or_init) ==============================
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=config.keep_ckpts)
-    state, source = checkpoint.restore_or_init(ckpt, abstract_state, init_state, train_iter,
-                                               resume_dir=config.resume)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, modeling.RUN_CKPT_DIR),
+                                   max_to_keep=config.keep_ckpts)
+    state, origin = checkpoint.restore_or_init(
+        ckpt, setup.abstract_state,
+        lambda: init_state(modeling.load_params(source, abstract, seed=config.seed), setup,
+                           config.seed),
+        train_iter, resume_dir=config.resume)
     start = int(state["step"]) + 1
-    logging.info("state from %s; starting at step %d of %d", source, start, config.total_steps)
+    if start > phases.total_steps:
+      logging.info("state from %s: the run already finished at step %d", origin, start - 1)
+    else:
+      logging.info("state from %s; training steps %d..%d", origin, start, phases.total_steps)
     # The reference policy is the initial model, reloaded (never checkpointed).
-    ref_params = load_params(jnp.dtype(config.model.ref_param_dtype)) if use_ref else None
+    ref_params = (modeling.load_params(source, abstract.with_param_dtype(
+        config.model.ref_param_dtype), seed=config.seed) if use_ref else None)
 
     # == Jitted functions =========================================================================
     sampler = sampling.Sampler(
-        abstract_model, temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-        top_p=config.sampling.top_p, mesh=mesh, cache_dtype=dtype,
+        abstract.merge(), temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p, mesh=mesh, cache_dtype=abstract.dtype, vision_budget="auto",
         stop_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
     num_micro = int(config.grad_accum_steps)
     step_fns = {}
@@ -449,93 +525,51 @@ def main(argv):
       # Built at the first batch of each phase: the batch shardings come from its (static) shapes.
       if phase not in step_fns:
         shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-        step_fns[phase] = jax.jit(
-            functools.partial(train_step, graphdef=graphdef, paths=paths, tx=tx,
-                              trainable_keys=tuple(trainable_keys), mode=phase,
-                              grpo_config=grpo_config, num_micro=num_micro),
-            in_shardings=(state_shardings, shard_of(tb), shard_of(ref)),
-            out_shardings=(state_shardings, repl), donate_argnums=(0,))
+        step_fns[phase] = make_train_step(
+            abstract, setup, mode=phase, grpo_config=grpo_config, num_micro=num_micro,
+            batch_shardings_=shard_of(tb), ref_shardings=shard_of(ref))
       return step_fns[phase]
 
-    logps_fn = jax.jit(functools.partial(token_logps, graphdef=graphdef, paths=paths,
-                                         num_micro=num_micro))
+    logps_fn = make_logps_fn(abstract, num_micro)
 
-    def put_batch(tb):
-      # One explicit transfer: per-row and per-prompt arrays over the batch axes (where they divide),
-      # pixels and vision index arrays replicated (the vision tower constrains its own activations).
-      batched = ROW_KEYS + ("prompt_ids", "prompt_mask")
-      shard = {k: (sharding.batch_shardings(v, mesh, rules) if k in batched
-                   else jax.tree.map(lambda _: repl, v)) for k, v in tb.items()}
-      return jax.device_put(tb, shard)
+    def compiled():
+      return {**{f"train_step_{k}": int(v._cache_size()) for k, v in step_fns.items()},  # pylint: disable=protected-access
+              "token_logps": int(logps_fn._cache_size()), **sampling.compile_counts()}  # pylint: disable=protected-access
 
     # == Loop =====================================================================================
     writer = metrics_lib.MetricWriter(workdir, start_step=start,
                                       use_tensorboard=config.use_tensorboard)
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
-    logged_memory = False
     with checkpoint.PreemptionGuard() as guard:
-      for step in range(start, config.total_steps + 1):
-        phase = "sft" if step <= sft_steps else "grpo"
-        t0 = time.perf_counter()
+      for step in range(start, phases.total_steps + 1):
+        phase, t0 = phases.phase(step), time.perf_counter()
         with writer.timed("data"):
           batch = next(train_iter)
-        params_state = tree_utils.to_state(state["params"], paths)
-        sampler.vision_budget = vision_budget(cfg, batch)
         with writer.timed("rollout"):
-          if phase == "sft":
-            if traces is not None:
-              batch = demo.attach_traces(batch, traces)
-            tb, roll_metrics, samples = rollout.sft_batch(
-                sampler, batch, tokenizer=tokenizer, max_new_tokens=config.sampling.max_new_tokens,
-                target=config.sft_target)
-          else:
-            rng = jax.random.fold_in(state["rng"], step)
-            tb, roll_metrics, samples = rollout.run(
-                sampler, params_state, batch, tokenizer=tokenizer, num_generations=g,
-                max_new_tokens=config.sampling.max_new_tokens, rng=rng,
-                reward_config=reward_config, use_temporal=temporal, use_map=bool(config.rewards.use_map),
-                reward_scaling=grpo_config.reward_scaling, adv_eps=grpo_config.adv_eps)
+          tb, roll_metrics, samples = _rollout(
+              phase, step, state=state, batch=batch, sampler=sampler, abstract=abstract,
+              tokenizer=tokenizer, config=config, phases=phases, reward_config=reward_config,
+              grpo_config=grpo_config)
         tb.pop("sampler_logps")
-        tb = put_batch(tb)
-        ref = None
+        tb = jax.device_put(tb, batch_shardings(tb, mesh, rules))
         with writer.timed("train"):
-          if phase == "grpo" and use_ref:
-            ref = logps_fn(ref_params, tb)
-          if phase == "grpo" and mu > 1:
-            tb["old_logps"] = logps_fn(state["params"], tb)
-          with jax.transfer_guard("disallow"):
-            for _ in range(mu if phase == "grpo" else 1):
-              state, step_metrics = get_step(phase, tb, ref)(state, tb, ref)
-          step_metrics = jax.device_get(step_metrics)
+          state, step_metrics = _update(phase, state, tb, get_step=get_step, logps_fn=logps_fn,
+                                        ref_params=ref_params, phases=phases)
         skipped_in_row = skipped_in_row + 1 if step_metrics["skipped"] else 0
         if skipped_in_row > config.max_skipped_steps:
           raise FloatingPointError(f"{skipped_in_row} steps in a row (up to step {step}) had "
                                    f"non-finite gradients; see {writer.metrics_path}")
         bar.update(1)
-        if metrics_lib.every(step, config.log_every_steps) or step == config.total_steps:
-          timers = writer.pop_timers()
-          scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
-                     "train/lr": float(schedule(max(step - 1, 0) * (mu if phase == "grpo" else 1))),
-                     "phase_sft": float(phase == "sft"),
-                     **bad.metrics("data/bad_records_at_load"),
-                     **batch.get("bad_records", {})}
-          wall = time.perf_counter() - t0
-          scalars["time/step_s"] = wall
-          if "rollout/tokens" in roll_metrics:
-            scalars["rollout/tokens_per_s"] = roll_metrics["rollout/tokens"] / max(
-                timers.get("time/rollout_s", wall), 1e-9)
-          scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
-              timers.get("time/train_s", wall), 1e-9)
-          scalars.update(_compiles({"train_step_" + k: v for k, v in step_fns.items()}))
-          scalars.update(_compiles({"token_logps": logps_fn, "prefill": sampling._prefill,  # pylint: disable=protected-access
-                                    "decode": sampling._decode}))  # pylint: disable=protected-access
-          memory = metrics_lib.memory_scalars()
-          scalars.update(memory)
-          if not logged_memory:
-            logged_memory = True
+        if metrics_lib.every(step, config.log_every_steps) or step == phases.total_steps:
+          scalars = _step_scalars(
+              step, phase, step_metrics=step_metrics, roll_metrics=roll_metrics,
+              timers=writer.pop_timers(), tb=tb, setup=setup, phases=phases, compiled=compiled(),
+              bad=bad, batch=batch, wall=time.perf_counter() - t0)
+          if step == start:
             logging.info("memory after step %d: %s", step, ", ".join(
-                f"{k.split('/')[1]} {v:.2f} GiB" for k, v in memory.items()))
+                f"{k.split('/')[1]} {v:.2f} GiB" for k, v in scalars.items()
+                if k.startswith("memory/")))
           # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.
           writer.write(step, scalars, nonfinite_ok=tuple(k for k in scalars if k.startswith(
               "train/")) if step_metrics["skipped"] else ())
@@ -543,7 +577,7 @@ def main(argv):
                           reward=f"{roll_metrics.get('reward/total', 0.0):.3f}")
         if metrics_lib.every(step, config.rollout_log_every_steps):
           writer.write_samples(step, samples)
-        if (metrics_lib.every(step, config.ckpt_every_steps) or step == config.total_steps
+        if (metrics_lib.every(step, config.ckpt_every_steps) or step == phases.total_steps
             or guard.requested):
           ckpt.save(step, state, train_iter)
         if guard.requested:
@@ -552,9 +586,9 @@ def main(argv):
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
             scores = evaluate.run(
-                abstract_model, tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
+                abstract.merge(), tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                params=tree_utils.to_state(state["params"], paths), mesh=mesh,
+                params=abstract.state(state["params"]), mesh=mesh,
                 workdir=os.path.join(workdir, "eval", f"step_{step}"),
                 video_kwargs=config.eval.video.to_dict() or None,
                 max_items=config.eval.max_items, progress=False)
@@ -562,14 +596,36 @@ def main(argv):
     bar.close()
     ckpt.close()
     writer.close()
-    if demo and not guard.requested:
-      demo.finish(config, workdir)
     if config.export_hf_subdir and not guard.requested:
       out = os.path.join(workdir, config.export_hf_subdir)
-      qwen2_5_vl.save_hf(tree_utils.merge_model(graphdef, state["params"], paths), out)
+      qwen2_5_vl.save_hf(abstract.merge(state["params"]), out)
       tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
   logging.info("done: %s", workdir)
+  return state, guard.requested
+
+
+def run_post_train(config, workdir):
+  """Calls `config.post_train` ("module:function", e.g. the demo's "spacer_jax.demo:finish") with
+  (config, workdir); the trainer itself knows nothing about what it does."""
+  module, _, name = config.post_train.partition(":")
+  if not module or not name:
+    raise ValueError(f"config.post_train={config.post_train!r}: expected 'module:function'")
+  return getattr(importlib.import_module(module), name)(config, os.path.abspath(workdir))
+
+
+def main(argv):
+  del argv
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or not workdir:
+    raise app.UsageError("--config and --workdir are required")
+  _, interrupted = train_and_evaluate(config, workdir)
+  if config.get("post_train") and not interrupted:
+    run_post_train(config, workdir)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so other modules (the demo, the planner, tests)
+  # import this one without defining --config/--workdir twice.
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
   app.run(main)

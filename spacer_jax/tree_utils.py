@@ -1,11 +1,10 @@
-"""Pytree helpers: HF-style key names for NNX paths, flat param dicts, regex maps, counts.
+"""Pytree helpers: HF-style key names for NNX paths, flat param dicts, counts.
 
 The trainer keeps parameters as a flat `{"visual.blocks.3.attn.qkv.weight": array}` dict: the keys are
 the HF checkpoint keys (STYLE 3.4), which makes freeze regexes, logging and checkpoints readable, and
 orbax stores a flat dict of strings without any int-key ambiguity.
 """
 
-import re
 
 import jax
 import numpy as np
@@ -57,46 +56,7 @@ def merge_model(graphdef, flat, paths):
   return nnx.merge(graphdef, to_state(flat, paths))
 
 
-def tree_map_with_regex(fn, flat, patterns, other=None):
-  """Applies `fn(value)` to entries whose key matches any regex in `patterns`, `other` to the rest.
-
-  Args:
-    fn: callable for matching entries.
-    flat: `{key: value}` dict.
-    patterns: sequence of regexes (re.search semantics, e.g. r"^visual\\.").
-    other: callable for non-matching entries (default: identity).
-
-  Returns:
-    New dict with the same keys.
-  """
-  regs = [re.compile(p) for p in patterns]
-  other = other or (lambda v: v)
-  return {k: fn(v) if any(r.search(k) for r in regs) else other(v) for k, v in flat.items()}
-
-
-def matches(key, patterns):
-  """True if `key` matches any regex in `patterns`."""
-  return any(re.search(p, key) for p in patterns)
-
-
 def param_count(tree):
   """Number of scalars in all array leaves (works on ShapeDtypeStructs)."""
   return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
 
-
-def global_norm(tree):
-  """L2 norm over all leaves, in float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jax.numpy.zeros((), jax.numpy.float32)
-  return jax.numpy.sqrt(sum(jax.numpy.sum(jax.numpy.square(x.astype(jax.numpy.float32)))
-                            for x in leaves))
-
-
-def all_finite(tree):
-  """Scalar bool: every element of every leaf is finite."""
-  leaves = jax.tree.leaves(tree)
-  ok = jax.numpy.array(True)
-  for x in leaves:
-    ok = jax.numpy.logical_and(ok, jax.numpy.all(jax.numpy.isfinite(x)))
-  return ok

@@ -115,35 +115,6 @@ def test_preemption_guard_sets_flag_and_restores_handler():
   assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_load_model_from_a_run_directory(tmp_path):
-  import json
-
-  from flax import nnx
-
-  from spacer_jax import tree_utils
-  from spacer_jax.models import qwen2_5_vl
-
-  cfg = qwen2_5_vl.tiny()
-  abstract = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
-  _, abstract_params, _ = tree_utils.split_model(abstract)
-  rng = np.random.default_rng(0)
-  params = {k: jnp.asarray(rng.normal(size=v.shape).astype(np.float32))
-            for k, v in abstract_params.items()}
-  (tmp_path / "model_config.json").write_text(json.dumps(cfg.to_hf_dict()))
-  ck = checkpoint.Checkpointer(tmp_path / "ckpt", use_async=False)
-  tx, _ = optim.make_optimizer(params, total_steps=2)
-  ck.save(4, {"step": jnp.asarray(4, jnp.int32), "params": params, "opt_state": tx.init(params),
-              "rng": jax.random.PRNGKey(0)})
-  ck.close()
-  for where in (tmp_path, tmp_path / "ckpt"):
-    model = checkpoint.load_model(where)
-    np.testing.assert_array_equal(np.asarray(model.model.norm.weight[...]),
-                                  np.asarray(params["model.norm.weight"]))
-  assert checkpoint.load_model(tmp_path, dtype="bfloat16").lm_head.weight[...].dtype == jnp.bfloat16
-  with pytest.raises(FileNotFoundError, match="workdir"):
-    checkpoint.load_model(tmp_path / "nowhere")
-
-
 def test_relative_directory(tmp_path, monkeypatch):
   # `--workdir=runs/demo` is the README's form; orbax alone rejects relative paths.
   monkeypatch.chdir(tmp_path)

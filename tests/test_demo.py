@@ -75,32 +75,34 @@ def test_bootstrap_generates_once(demo_run):
   assert os.path.getmtime(paths.manifest) == mtime  # reused, not regenerated
 
 
-def test_traces_are_full_reward_sft_targets(demo_run):
-  config, workdir, paths = demo_run
-  table = demo.load_traces(config, workdir)
+def test_records_carry_full_reward_sft_traces(demo_run):
+  """The synthetic generator writes each record's templated trace into `process`: SFT on
+  process + solution (sft_target="process") trains on a completion that gets every reward."""
+  _, _, paths = demo_run
   recs = [json.loads(line) for line in open(paths.train_jsonl)]
-  assert sorted(table) == sorted(str(r["problem_id"]) for r in recs)
   maps = {json.loads(line)["video_id"]: json.loads(line)["cognitive_map"]
           for line in open(paths.cognitive_map)}
-  texts = [table[str(r["problem_id"])] + r["solution"] for r in recs]
+  texts = [r["process"] + r["solution"] for r in recs]
   ex = {"solution": [r["solution"] for r in recs], "problem_type": [r["problem_type"] for r in recs],
         "cognitive_map": [maps[os.path.basename(r["path"])[:-4]] for r in recs]}
   comps, _ = rewards.compute_rewards(texts, ex, np.full(len(texts), 130), 1, None)
   np.testing.assert_array_equal(comps["format"], 1.0)
   np.testing.assert_array_equal(comps["accuracy_base"], 1.0)
-  assert all(t.startswith("<think>") and t.endswith("</think>") for t in table.values())
-  # Not a synthetic SFT run: no table.
-  c = _tiny_demo_config()
-  c.sft_target = "solution"
-  assert demo.load_traces(c, workdir) is None
+  assert all(r["process"].startswith("<think>") and r["process"].endswith("</think>") for r in recs)
+  # The map in the trace is the annotation file's map, written as the prompt's example writes one.
+  for r in recs:
+    assert f"<map>{maps[os.path.basename(r['path'])[:-4]]}</map>" in r["process"]
 
 
-def test_attach_traces():
-  batch = {"id": ["1", None]}
-  assert demo.attach_traces(batch, {"1": "<think>x</think>"})["process"] == ["<think>x</think>", ""]
-  with pytest.raises(KeyError, match="no SFT trace for record ids"):
-    demo.attach_traces({"id": ["7"]}, {"1": "t"})
-  assert "process" not in demo.attach_traces({"id": ["1"]}, None)
+def test_train_does_not_import_the_demo():
+  """The trainer knows nothing about the demo: the demo config names its post_train step."""
+  src = open(os.path.join(ROOT, "spacer_jax", "train.py")).read()
+  assert "import demo" not in src and "from spacer_jax import demo" not in src
+  proc = subprocess.run([sys.executable, "-c", "import sys, spacer_jax.train; "
+                         "print('spacer_jax.demo' in sys.modules)"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+  assert _get_config("demo").post_train == "spacer_jax.demo:finish"
 
 
 def test_heldout_records_use_the_training_prompt(demo_run, tmp_path):

@@ -442,7 +442,7 @@ def test_clear_errors(tmp_path):
                                                "architectures": ["LlavaForConditionalGeneration"]}))
   with pytest.raises(ValueError, match=r"model_type='llava'.*Qwen2.5-VL"):
     evaluate.load_model(str(bad), dtype="float32")
-  with pytest.raises(FileNotFoundError, match="not a directory"):
+  with pytest.raises(FileNotFoundError, match="no such directory"):
     evaluate.load_model(str(tmp_path / "absent"))
   # Wrong data layout (no annotation file) and no video where the layout says: both fail before the
   # model directory is even looked at.
@@ -506,11 +506,12 @@ def test_trainer_checkpoint(tmp_path, tiny_setup):
   from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
   from spacer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.load_tokenizer(model_dir)
-  evaluate.check_tokenizer(tok, restored.config)
+  from spacer_jax import modeling  # pylint: disable=g-import-not-at-top
+  modeling.check_tokenizer(tok, restored.config)
   with pytest.raises(ValueError, match=r"video_token_id: tokenizer \d+ != model 121"):
-    evaluate.check_tokenizer(tok, qwen2_5_vl.tiny(vocab_size=2000))
+    modeling.check_tokenizer(tok, qwen2_5_vl.tiny(vocab_size=2000))
   # Neither layout: a clear error naming both.
-  with pytest.raises(FileNotFoundError, match="neither an HF checkpoint"):
+  with pytest.raises(FileNotFoundError, match="neither a Hugging Face checkpoint"):
     evaluate.load_model(str(tmp_path))
 
 

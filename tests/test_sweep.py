@@ -136,9 +136,9 @@ def _cfg(flats, name):
 def test_ablation_arms_reach_the_trainer(ablation_plan):
   """What train.py derives from each arm's config: reward weights, GRPO objective, the phases."""
   _, flats, _ = ablation_plan
-  base_rc = train.make_reward_config(_cfg(flats, "sgrlvr"))
+  base_rc = config_lib.make_reward_config(_cfg(flats, "sgrlvr"))
   assert base_rc.length_bonus > 0
-  assert train.make_reward_config(_cfg(flats, "no_length")).length_bonus == 0.0
+  assert config_lib.make_reward_config(_cfg(flats, "no_length")).length_bonus == 0.0
   g = flats["drgrpo"]
   cfg = grpo.GRPOConfig(beta=g["grpo.beta"], loss_agg=g["grpo.loss_agg"],
                         reward_scaling=g["grpo.reward_scaling"])
@@ -164,12 +164,12 @@ def test_plain_grpo_prompts_in_training_and_heldout(tmp_path):
   c = config_lib.load_config_module(os.path.join(CONFIGS, "sgrlvr.py")).get_config("demo")
   c.data.synthetic.update(num_scenes=1, num_eval_scenes=1, questions_per_scene=4, height=56,
                           width=56)
-  records, _ = train._records(c, str(tmp_path))  # pylint: disable=protected-access
+  records, _ = train.load_records(c, str(tmp_path))
   paths = demo.synthetic_paths(c, str(tmp_path))
   held, _ = demo.heldout_records(paths, str(tmp_path / "h.jsonl"))
   assert all("<map>" in r.prompt for r in records + held)
   c.data.use_cogmap_prompt = False
-  plain, _ = train._records(c, str(tmp_path))  # pylint: disable=protected-access
+  plain, _ = train.load_records(c, str(tmp_path))
   held_plain, _ = demo.heldout_records(paths, str(tmp_path / "h2.jsonl"), use_cogmap_prompt=False)
   for r in plain + held_plain:
     assert "<map>" not in r.prompt and r.cognitive_map  # the maps stay, only the prompt changes

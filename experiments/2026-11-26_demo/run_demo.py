@@ -1,13 +1,12 @@
-"""Runs the demo through the real trainer, with the demo hooks train.py does not call yet.
+"""Runs the demo (train.train_and_evaluate, then demo.finish) and records its wall and CPU time.
 
   .venv/bin/python experiments/2026-11-26_demo/run_demo.py --config=configs/sgrlvr.py:demo \
       --workdir=/tmp/demo [--config.seed=1 ...]
 
-Same as `python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR` (train.py calls
-spacer_jax.demo's load_traces / attach_traces / finish since a502244). With an older train.py this
-script wraps rollout.sft_batch to attach the templated traces and calls demo.finish after train.main
-(the 3-seed runs of README.md were started that way, at 55ac3c7).
-Also writes {workdir}/demo_time.json: wall and CPU seconds (user+sys of this process and children).
+Same as `python -m spacer_jax.train --config=configs/sgrlvr.py:demo --workdir=DIR`, plus
+{workdir}/demo_time.json: wall and CPU seconds (user+sys of this process and children). (The 3-seed
+runs of README.md were started with an older version of this script, at 55ac3c7, that attached the
+traces itself; the synthetic records now carry them in `process`.)
 """
 
 import json
@@ -18,9 +17,10 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from spacer_jax import demo, rollout, train  # noqa: E402
+from spacer_jax import demo, train  # noqa: E402
 
 
 def _cpu():
@@ -29,21 +29,12 @@ def _cpu():
 
 
 def main(argv):
+  del argv
   t0, c0 = time.perf_counter(), _cpu()
-  config, workdir = train._CONFIG.value, train._WORKDIR.value  # pylint: disable=protected-access
-  calls_demo = "demo" in open(train.__file__).read().split("def main", 1)[1]
-  if not calls_demo:
-    table = demo.load_traces(config, workdir)
-    sft_batch = rollout.sft_batch
-
-    def sft_batch_with_traces(sampler, batch, **kw):
-      return sft_batch(sampler, demo.attach_traces(batch, table), **kw)
-
-    rollout.sft_batch = sft_batch_with_traces
-  train.main(argv)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  train.train_and_evaluate(config, workdir)
   t1, c1 = time.perf_counter(), _cpu()
-  if not calls_demo:
-    demo.finish(config, workdir)
+  demo.finish(config, os.path.abspath(workdir))
   t2, c2 = time.perf_counter(), _cpu()
   times = {"train_wall_s": t1 - t0, "train_cpu_s": c1 - c0, "finish_wall_s": t2 - t1,
            "finish_cpu_s": c2 - c1, "total_wall_s": t2 - t0, "total_cpu_s": c2 - c0,
@@ -54,4 +45,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Demo config.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory.")
   app.run(main)

@@ -14,6 +14,7 @@ Both share Qwen2's pre-tokenizer (regex split, single digits, byte level, NFC), 
 import functools
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import tokenizers
@@ -156,6 +157,28 @@ def load_tokenizer(path) -> Tokenizer:
   if backend is None:
     raise ValueError(f"{path}: transformers returned a slow tokenizer ({type(hf).__name__}); need a fast one")
   return Tokenizer(backend)
+
+
+# Files of a Hugging Face tokenizer (and its chat template) that travel with a checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+  """Copies the tokenizer files present in `src` to `dst` (created); returns their names."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if src.resolve() == dst.resolve():
+    return []
+  dst.mkdir(parents=True, exist_ok=True)
+  copied = []
+  for name in TOKENIZER_FILES:
+    if (src / name).is_file():
+      shutil.copyfile(src / name, dst / name)
+      copied.append(name)
+  if not copied:
+    raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
+  return copied
 
 
 # --------------------------------------------------------------------------------------------------

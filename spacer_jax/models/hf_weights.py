@@ -18,7 +18,6 @@ import struct
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 # (checkpoint regex, model key replacement), applied in order when loading; inverted for saving.
 KEY_ALIASES = (
@@ -74,52 +73,42 @@ def safetensors_items(path):
     yield from read_safetensors(filename)
 
 
-def _value(v):
-  return v.get_value() if isinstance(v, nnx.Variable) else v
-
-
-def _flat(state):
-  return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
-
-
-def load_state(path, abstract_state, shardings):
-  """Fills `abstract_state` (from nnx.eval_shape + nnx.split) with checkpoint tensors.
+def load_params(path, abstract_params):
+  """Reads a checkpoint directory into `abstract_params`' dtypes and shardings.
 
   Args:
     path: checkpoint directory.
-    abstract_state: nnx.State of ShapeDtypeStruct-valued Params.
-    shardings: same tree of jax.sharding.Sharding (one per param).
+    abstract_params: flat `{model key: jax.ShapeDtypeStruct}`, each with its `.sharding`.
 
   Returns:
-    nnx.State with concrete, sharded arrays.
+    `{model key: jax.Array}`, every tensor built shard by shard from the memory-mapped file.
+
+  Raises:
+    KeyError listing every missing, unexpected and mis-shaped key.
   """
-  abs_flat, shard_flat = _flat(abstract_state), _flat(shardings)
   loaded, unexpected, bad_shape, bad_keys = {}, [], [], set()
   for ckpt_key, arr in safetensors_items(path):
     key = apply_aliases(ckpt_key)
-    if key not in abs_flat:
+    if key not in abstract_params:
       unexpected.append(ckpt_key)
       continue
-    target = _value(abs_flat[key])
+    target = abstract_params[key]
     if tuple(arr.shape) != tuple(target.shape):
       bad_shape.append(f"{ckpt_key}: checkpoint {tuple(arr.shape)} != model {tuple(target.shape)}")
       bad_keys.add(key)
       continue
-    sharding = _value(shard_flat[key])
 
     def shard(index, arr=arr, dtype=target.dtype):
       return np.asarray(arr[index]).astype(dtype)
 
-    loaded[key] = jax.make_array_from_callback(target.shape, sharding, shard)
-  missing = sorted(set(abs_flat) - set(loaded) - bad_keys)
+    loaded[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
+  missing = sorted(set(abstract_params) - set(loaded) - bad_keys)
   if missing or unexpected or bad_shape:
     raise KeyError(f"checkpoint {path} does not match the model:\n"
                    f"missing ({len(missing)}): {missing}\n"
                    f"unexpected ({len(unexpected)}): {sorted(unexpected)}\n"
                    f"wrong shape ({len(bad_shape)}): {bad_shape}")
-  for key, var in abs_flat.items():
-    var.set_value(loaded[key])
-  return abstract_state
+  return {k: loaded[k] for k in abstract_params}
 
 
 def _save_key(key):
@@ -145,9 +134,10 @@ def _write_file(filename, tensors):
       f.write(np.ascontiguousarray(jax.device_get(arr)).tobytes())
 
 
-def save_state(state, path, *, max_shard_bytes=4 << 30):
-  """Writes params in the published key layout; shards with an index above max_shard_bytes."""
-  items = sorted((_save_key(k), _value(v)) for k, v in _flat(state).items())
+def save_params(params, path, *, max_shard_bytes=4 << 30):
+  """Writes flat `{model key: array}` params in the published key layout; shards with an index
+  above max_shard_bytes."""
+  items = sorted((_save_key(k), v) for k, v in params.items())
   groups, size = [[]], 0
   for key, arr in items:
     nbytes = arr.size * np.dtype(arr.dtype).itemsize

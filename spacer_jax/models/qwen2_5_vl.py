@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spacer_jax import tree_utils
 from spacer_jax.models import hf_weights
 from spacer_jax.models import layers
 from spacer_jax.models import positions
@@ -392,24 +393,24 @@ def init_model(cfg: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, param_dt
                init_std: float = 0.02):
   """Random model with host (numpy) init: N(0, init_std) weights, unit norms, zero biases.
 
-  Same distribution as the module initialisers but without compiling a random-number program
-  (an XLA threefry init of even the tiny model takes tens of seconds to compile on CPU).
-  For tests and smoke runs; real runs load checkpoints.
+  For tests, notebooks and benchmarks that want a chosen weight scale without compiling a
+  random-number program. The trainer's random init (`modeling.load_params(modeling.RANDOM, ...)`)
+  uses the modules' own initialisers instead.
   """
-  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                               param_dtype=param_dtype))
-  graphdef, state = nnx.split(abstract)
+  from spacer_jax import modeling  # pylint: disable=g-import-not-at-top  (modeling imports this)
+  abstract = modeling.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
   rng = np.random.default_rng(seed)
-  for path, var in sorted(nnx.to_flat_state(state), key=lambda kv: [str(p) for p in kv[0]]):
-    shape, name = var.get_value().shape, ".".join(str(p) for p in path)
-    if var.get_metadata().get("out_sharding") == ("norm",):
+  params = {}
+  for name in sorted(abstract.params, key=lambda k: [str(p) for p in abstract.paths[k]]):
+    shape = abstract.params[name].shape
+    if abstract.logical[name] == ("norm",):
       value = np.ones(shape, np.float32)
     elif name.endswith(".bias"):
       value = np.zeros(shape, np.float32)
     else:
       value = init_std * rng.standard_normal(shape, np.float32)
-    var.set_value(jnp.asarray(value, param_dtype))
-  return nnx.merge(graphdef, state)
+    params[name] = jnp.asarray(value, param_dtype)
+  return abstract.merge(params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,6 +420,9 @@ def init_model(cfg: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, param_dt
 def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
             **config_overrides):
   """Loads a Hugging Face checkpoint directory (config.json + safetensors) into a model.
+
+  The public shorthand for `modeling.load_model` on an HF directory (see spacer_jax/modeling.py for
+  train.py workdirs and random init).
 
   Args:
     path: directory with config.json and model.safetensors or model.safetensors.index.json.
@@ -430,32 +434,11 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
   Raises:
     KeyError listing every missing, unexpected and mis-shaped key.
   """
-  cfg = Qwen2_5_VLConfig.from_hf_json(path, **config_overrides)
-  param_dtype = dtype if param_dtype is None else param_dtype
-  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                               param_dtype=param_dtype))
-  graphdef, abs_state = nnx.split(abstract)
-  if mesh is not None:
-    with nnx.logical_axis_rules(rules or ()):
-      specs = nnx.get_partition_spec(abs_state)
-    shardings = jax.tree.map(lambda a, s: jax.sharding.NamedSharding(mesh, _divisible(a.shape, s,
-                                                                                       mesh)),
-                             abs_state, specs)
-  else:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: dev, abs_state)
-  state = hf_weights.load_state(path, abs_state, shardings)
-  return nnx.merge(graphdef, state)
-
-
-def _divisible(shape, spec, mesh):
-  """`spec` with every dimension that its mesh axes do not divide replicated (e.g. tiny models)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append(axes if dim % size == 0 else None)
-  return jax.sharding.PartitionSpec(*out)
+  from spacer_jax import modeling  # pylint: disable=g-import-not-at-top  (modeling imports this)
+  if modeling.source_kind(path) != "hf":
+    raise ValueError(f"{path} is not a Hugging Face checkpoint directory; use modeling.load_model")
+  return modeling.load_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                             rules=rules or (), **config_overrides)
 
 
 def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30):
@@ -465,4 +448,4 @@ def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30):
   cfg_dict["dtype"] = str(np.dtype(model.model.norm.weight[...].dtype))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg_dict, f, indent=2)
-  hf_weights.save_state(nnx.state(model, nnx.Param), path, max_shard_bytes=max_shard_bytes)
+  hf_weights.save_params(tree_utils.split_model(model)[1], path, max_shard_bytes=max_shard_bytes)

@@ -3,7 +3,8 @@
 Layout under `root` (all paths in records are relative to `root`):
 
   manifest.json                          config, config hash, counts; written last (= "complete")
-  SpaceR-synthetic.jsonl                 training records, SpaceR-151k schema (spec spacer.md §1.2)
+  SpaceR-synthetic.jsonl                 training records, SpaceR-151k schema (spec spacer.md §1.2);
+                                         `process` holds the templated <think> trace (traces.py)
   videos/synth_train_00000.mp4           training videos
   annotation/cognitive_map.jsonl         GT 10x10 maps of the training videos (spec §1.3)
   annotation/scenes.jsonl                full scene descriptions (room, boxes, cameras, first frames)
@@ -28,6 +29,7 @@ import tqdm
 from spacer_jax.data.synthetic import questions as questions_lib
 from spacer_jax.data.synthetic import render
 from spacer_jax.data.synthetic import scene as scene_lib
+from spacer_jax.data.synthetic import traces
 
 TRAIN_JSONL = "SpaceR-synthetic.jsonl"
 EVAL_DIR = "vsibench_heldout"  # VSI-Bench-format root of the held-out split
@@ -161,13 +163,19 @@ def _generate_locked(paths: SyntheticPaths, config: scene_lib.SyntheticConfig, o
       scene, rgb, first, qs = build_scene(config, "train", i)
       rel = f"videos/{scene.name}.mp4"
       render.encode_mp4(rgb, os.path.join(paths.root, rel), config.fps, config.codec, config.crf)
+      map_row = _map_json(scene, config)
+      # The trace shows the map exactly as the annotation file holds it (JSON lists, file key order).
+      cmap = json.loads(_dumps(map_row))["cognitive_map"]
       for q in qs:
-        f_rec.write(_dumps(questions_lib.spacer_record(q, problem_id, rel)) + "\n")
+        rec = questions_lib.spacer_record(q, problem_id, rel)
+        rec["process"] = traces.sft_process(q.question_type, rec["problem"], rec["options"],
+                                            rec["solution"], cmap)
+        f_rec.write(_dumps(rec) + "\n")
         f_qt.write(_dumps({"problem_id": problem_id, "question_type": q.question_type,
                            "video_id": scene.name}) + "\n")
         task_counts["train"][q.question_type] = task_counts["train"].get(q.question_type, 0) + 1
         problem_id += 1
-      f_map.write(_dumps(_map_json(scene, config)) + "\n")
+      f_map.write(_dumps(map_row) + "\n")
       f_scene.write(_dumps(_scene_json(scene, first, config)) + "\n")
       bar.update(1)
 

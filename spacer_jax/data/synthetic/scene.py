@@ -58,7 +58,7 @@ TASKS = (
 )
 
 # Bump when the output for a fixed config changes, so cached datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: training records carry the SFT trace in `process`
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,3 +70,22 @@ def sft_completion(question_type: str, problem: str, options: Sequence[str], ans
   think = (f"Let me think. The room holds {', '.join(cognitive_map)}. Let me place each of them on a "
            f"10x10 grid: <map>{cognitive_map}</map> {fact} So the answer is {answer}.")
   return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def sft_process(question_type: str, problem: str, options: Sequence[str], solution: str,
+                cognitive_map: dict[str, list[list[int]]]) -> str:
+  """The record's `process` field: `sft_completion` without its final `solution`.
+
+  SFT on `process + solution` (configs' sft_target="process") then trains on the whole completion.
+
+  Args:
+    question_type, problem, options, cognitive_map: as for `sft_completion`.
+    solution: the record's solution, "<answer>X</answer>".
+  """
+  if not (solution.startswith("<answer>") and solution.endswith("</answer>")):
+    raise ValueError(f"sft_process: solution {solution!r} is not <answer>...</answer>")
+  answer = solution[len("<answer>"):-len("</answer>")]
+  full = sft_completion(question_type, problem, options, answer, cognitive_map)
+  if not full.endswith(solution):
+    raise ValueError(f"sft_process: the trace does not end with the solution {solution!r}")
+  return full[:-len(solution)]
