@@ -292,7 +292,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   lines.clear()
   assert sweep.main(argv, printer=lines.append) == 0, lines
   assert any("beta0 seed 2: training resumes after step 1" in ln for ln in lines), lines
-  assert "starting at step 2 of 2" in (victim / "sweep.log").read_text()
+  assert "state from workdir; training steps 2..2" in (victim / "sweep.log").read_text()
   assert [a["stage"] for a in run_json("beta0", 2)["attempts"]] == ["train", "finish"] * 2
   assert len(run_json("base", 1)["attempts"]) == 2
 
