@@ -5,6 +5,9 @@ text after the colon of `--config=configs/sgrlvr.py:size=7b,smoke` into a Config
 the presets below are the only place mesh axis names meet logical axis names.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Mesh axis names (model code never mentions these; only the rules below and sharding.py do).
@@ -100,6 +103,20 @@ def parse_arg(arg, lazy=False, **spec):
       out[key] = _parse_value(value.strip(), spec[key])
   return ml_collections.ConfigDict(out)
 
+
+def load_config_module(path):
+  """Imports a config file (`configs/x.py`) by path, as config_flags does, and returns the module.
+
+  For what config_flags does not expose: a config's `sweep(add)` (spacer_jax.sweep) and one config
+  building on another (configs/ablation.py).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  name = "spacer_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def sharding_rules(config):

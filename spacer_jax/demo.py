@@ -58,11 +58,12 @@ def _read_jsonl(path):
 # ------------------------------------------------------------------------------------------------
 # Held-out evaluation.
 # ------------------------------------------------------------------------------------------------
-def heldout_records(paths, out_jsonl):
+def heldout_records(paths, out_jsonl, use_cogmap_prompt=True):
   """The held-out split as SpaceR-151k records (training prompt format) -> (records, question types).
 
   Writes `out_jsonl` (SpaceR schema, video paths relative to the held-out VSI root) and reads it back
-  with sources.load_spacer, so the records go through exactly the training loader.
+  with sources.load_spacer, so the records go through exactly the training loader (and, with
+  use_cogmap_prompt=False, get plain GRPO's prompt as training does).
   """
   from spacer_jax.data import sources
   rows = _read_jsonl(paths.eval_jsonl)
@@ -77,6 +78,8 @@ def heldout_records(paths, out_jsonl):
           "path": f"{r['dataset']}/{r['scene_name']}.mp4", "data_source": "SR_dataset"}) + "\n")
   records = sources.load_spacer(out_jsonl, media_root=paths.eval_root,
                                 cognitive_map_path=paths.eval_cognitive_map, strict=True)
+  if not use_cogmap_prompt:
+    records = sources.without_map_prompt(records)
   return records, {str(r["id"]): r["question_type"] for r in rows}
 
 
@@ -108,9 +111,10 @@ def evaluate_params(model, *, tokenizer, records, question_types, data_config, r
   comps = {k: [] for k in ("accuracy", "accuracy_base", "map", "format")}
   kinds, samples = [], []
   # Full batches only (the sampler rejects empty padding rows, and one shape means one compile): the
-  # list is padded with repeats of its first records, which are not scored.
+  # list is padded with repeats of its records (cyclically: there may be fewer than a batch), which
+  # are not scored.
   n = len(records)
-  padded = list(records) + list(records[:(-n) % batch_size])
+  padded = [records[i % n] for i in range(n + (-n) % batch_size)]
   seen = 0
   for batch in pipeline.make_iterator(padded, tokenizer, dc, seed=0):
     vision = {}
@@ -207,26 +211,37 @@ def plot_curves(rows, out_png, heldout=None, title="demo"):
 def finish(config, workdir, *, evaluate_heldout=True, printer=print):
   """Held-out evaluation (end of SFT, last step), demo_metrics.json, demo_curve.png, summary.
 
+  Works for any synthetic-data run of train.py (spacer_jax.sweep calls it on each ablation arm):
+  without GRPO steps (mode=sft) the rollout windows are left out, without SFT steps the SFT
+  checkpoint is not evaluated, and a config without a `demo` section evaluates every held-out
+  question in batches of 32.
+
   Returns the dict written to demo_metrics.json.
   """
   from spacer_jax import config_lib, modeling
   from spacer_jax.data import tokenizer as tokenizer_lib
   t0 = time.perf_counter()
   rows = read_metrics(workdir)
+  # The "sft" held-out point is the end of the warm-up (with mode=sft: the step at which the RL arms
+  # of an ablation leave SFT, so both are scored from the same checkpoint).
   sft_steps = int(config.sft_warmup_steps)
   last = max(r["step"] for r in rows)
-  out = {"workdir": os.path.abspath(workdir), "seed": int(config.seed), "sft_steps": sft_steps,
+  out = {"workdir": os.path.abspath(workdir), "seed": int(config.seed),
+         "sft_steps": sum(1 for r in rows if r.get("phase_sft")),
          "grpo_steps": sum(1 for r in rows if not r.get("phase_sft")), "last_step": last,
          "window_frac": WINDOW_FRAC}
   for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/total",
               "reward/format"):
-    first, final = window_means(rows, key)
-    out[key] = {"first": first, "last": final, "gain": final - first}
+    if out["grpo_steps"]:
+      first, final = window_means(rows, key)
+      out[key] = {"first": first, "last": final, "gain": final - first}
   heldout = {}
   if evaluate_heldout:
     paths = synthetic_paths(config, workdir)
-    records, qtypes = heldout_records(paths, os.path.join(workdir, "demo", "heldout.jsonl"))
-    max_items = int(config.demo.eval_max_items)
+    records, qtypes = heldout_records(paths, os.path.join(workdir, "demo", "heldout.jsonl"),
+                                      use_cogmap_prompt=bool(config.data.use_cogmap_prompt))
+    settings = config.get("demo") or {}
+    max_items = int(settings.get("eval_max_items", 0))
     if max_items:
       records = records[:max_items]
     tok_dir = config.data.tokenizer_dir or os.path.join(workdir, "tokenizer")
@@ -236,7 +251,7 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
     final = checkpoint.latest_step(os.path.join(workdir, modeling.RUN_CKPT_DIR))
     # One device in float32, whatever mesh and dtypes the run trained with.
     abstract = modeling.abstract_model(modeling.model_config(workdir))
-    for name, step in (("sft", sft_steps), ("final", final)):
+    for name, step in ((("sft", sft_steps),) if sft_steps else ()) + (("final", final),):
       if not os.path.isdir(os.path.join(workdir, modeling.RUN_CKPT_DIR, str(step), "state")):
         raise FileNotFoundError(f"{workdir}/ckpt/{step}: no checkpoint at step {step}; "
                                 f"config.ckpt_every_steps must divide config.sft_warmup_steps")
@@ -245,7 +260,7 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
           abstract.merge(params), tokenizer=tokenizer, records=records, question_types=qtypes,
           data_config=config_lib.make_data_config(config, False), reward_config=reward_config,
           max_new_tokens=int(config.sampling.max_new_tokens),
-          batch_size=int(config.demo.eval_batch_size))}
+          batch_size=int(settings.get("eval_batch_size", 32)))}
     with open(os.path.join(workdir, "demo_heldout_samples.jsonl"), "w") as f:
       for name, h in heldout.items():
         for smp in h.pop("samples"):
@@ -266,6 +281,8 @@ def summary_text(m):
   lines = [f"demo summary ({m['workdir']})",
            f"  steps: {m['sft_steps']} SFT + {m['grpo_steps']} SG-RLVR (GRPO)"]
   for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/format"):
+    if key not in m:
+      continue
     v = m[key]
     lines.append(f"  {key:22s} first {int(100 * m['window_frac'])}% {v['first']:.3f} -> last "
                  f"{int(100 * m['window_frac'])}% {v['last']:.3f} ({v['gain']:+.3f})")

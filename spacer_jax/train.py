@@ -28,7 +28,6 @@ import functools
 import importlib
 import json
 import os
-import subprocess
 import time
 from typing import Any
 
@@ -213,16 +212,6 @@ def make_phases(config):
                 num_iterations=int(config.grpo.num_iterations))
 
 
-def _git_commit():
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                         timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def model_source(config):
@@ -350,7 +339,7 @@ def make_logps_fn(abstract, num_micro):
 def load_records(config, workdir):
   """Training records (sources.Record list) and their load-time BadRecords; generates the synthetic
   dataset on first use."""
-  from spacer_jax.data import prompts, sources
+  from spacer_jax.data import sources
   if config.data.source == "synthetic":
     from spacer_jax.data import synthetic
     paths = synthetic.generate_dataset(synthetic_root(config, workdir), synthetic.SyntheticConfig.demo(
@@ -364,9 +353,7 @@ def load_records(config, workdir):
                                 allow_media_outside_root=config.data.allow_media_outside_root)
   if not config.data.use_cogmap_prompt:
     # Plain GRPO: every record gets the QUESTION_TEMPLATE prompt (no map instructions).
-    records = [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type,
-                                                                   r.options, "", ()))
-               for r in records]
+    records = sources.without_map_prompt(records)
   if not records:
     raise ValueError(f"no usable records in {annotations} (skipped: {dict(bad.counts)})")
   return records, bad
@@ -458,7 +445,7 @@ def train_and_evaluate(config, workdir):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
-    f.write(_git_commit() + "\n")
+    f.write(metrics_lib.git_commit() + "\n")
   phases = make_phases(config)
   grpo_config = config_lib.make_grpo_config(config)
   reward_config = config_lib.make_reward_config(config)

@@ -16,6 +16,7 @@ ARGS = {
     "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke"],
     "sft.py": ["", "size=3b", "size=72b", "target=process", "sharding=fsdp_tp", "smoke",
                "target=process,smoke"],
+    "ablation.py": ["demo", "smoke"],  # "" is the demo recipe too (the sweep's arms live in sweep())
 }
 # Configs read by other entry points (spacer_jax.evaluate): they only have to load.
 OTHER_ARGS = {
