@@ -162,6 +162,10 @@ def available_codec(preferred: str) -> str:
   raise RuntimeError(f"PyAV {av.__version__} has neither {preferred!r} nor 'mpeg4' encoders")
 
 
+# x264's portable C code: the same bytes on every CPU, and no reads of unwritten memory (encode_mp4).
+X264_PARAMS = "asm=0"
+
+
 def encode_mp4(frames: np.ndarray, path: str, fps: int, codec: str = "libx264", crf: int = 12) -> None:
   """Writes uint8[F, H, W, 3] RGB frames to an mp4 (yuv420p) at `path`, atomically.
 
@@ -182,7 +186,7 @@ def encode_mp4(frames: np.ndarray, path: str, fps: int, codec: str = "libx264", 
     stream.codec_context.thread_count = 1
     if codec == "libx264":
       stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "flags": "+bitexact",
-                        "x264-params": "asm=0"}
+                        "x264-params": X264_PARAMS}
     else:
       stream.options = {"flags": "+bitexact"}
       stream.codec_context.bit_rate = 8 * frames.shape[1] * frames.shape[2] * fps
