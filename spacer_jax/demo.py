@@ -13,7 +13,9 @@ calls it at three points (all gated on `"demo" in config`):
 
 `finish` evaluates the checkpoints at the end of SFT and at the last step on the held-out split
 (greedy decoding through the same pipeline, sampler and rewards, SpaceR-151k prompt format), writes
-{workdir}/demo_metrics.json and {workdir}/demo_curve.png, and prints a summary.
+{workdir}/demo_metrics.json and {workdir}/demo_curve.png, and prints a summary whose last line is the
+verdict: learned or did not learn, against ACCURACY_MARGIN (also in demo_metrics.json, which holds
+only numbers that a rerun reproduces bit for bit).
 
 Held-out accuracy uses the training prompt format on purpose: the held-out split's VSI-Bench prompt
 (`configs/eval_vsibench.py:demo`) lists SpaceR-Eval's 23 fixed categories, which a 0.5M-parameter
@@ -33,6 +35,10 @@ import numpy as np
 
 # The GRPO-step window compared by the learning check: first and last 20% of the RL steps.
 WINDOW_FRAC = 0.2
+# The verdict "learned" (experiments/2026-12-04_demo_robust/README.md, "The margin"): greedy held-out
+# answer accuracy after RL at least ACCURACY_MARGIN above the SFT checkpoint's, and held-out format
+# after RL not below the SFT checkpoint's.
+ACCURACY_MARGIN = 0.03
 
 
 def _train_module():
@@ -292,7 +298,9 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
   rows = read_metrics(workdir)
   sft_steps = int(config.sft_warmup_steps)
   last = max(r["step"] for r in rows)
-  out = {"workdir": os.path.abspath(workdir), "seed": int(config.seed), "sft_steps": sft_steps,
+  # Only numbers a rerun reproduces bit for bit (no paths, no times): two runs of the same command
+  # write the same demo_metrics.json.
+  out = {"seed": int(config.seed), "sft_steps": sft_steps,
          "grpo_steps": sum(1 for r in rows if not r.get("phase_sft")), "last_step": last,
          "window_frac": WINDOW_FRAC}
   for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/total",
@@ -328,19 +336,35 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
         for smp in h.pop("samples"):
           f.write(json.dumps({"checkpoint": name, "step": h["step"], **smp}) + "\n")
     out["heldout"] = heldout
-  out["eval_seconds"] = time.perf_counter() - t0
-  out["train_seconds"] = float(sum(r.get("time/step_s", 0.0) for r in rows))
+    out["verdict"] = verdict(heldout["sft"], heldout["final"])
   with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
     json.dump(out, f, indent=1)
   plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
               title=f"spacer_jax demo (seed {config.seed})")
-  printer(summary_text(out))
+  times = {"train_s": float(sum(r.get("time/step_s", 0.0) for r in rows)),
+           "eval_s": time.perf_counter() - t0}
+  printer(summary_text(out, workdir, times))
   return out
 
 
-def summary_text(m):
-  """The final summary printed by the demo."""
-  lines = [f"demo summary ({m['workdir']})",
+def verdict(sft, final, margin=ACCURACY_MARGIN):
+  """Learned or not, from the held-out scores of the SFT checkpoint and the final one.
+
+  Learned = answer accuracy gain >= `margin` and format not below the SFT checkpoint's.
+  Returns {"learned", "accuracy_gain", "format_change", "margin", "text"}.
+  """
+  gain = final["accuracy_base"] - sft["accuracy_base"]
+  fmt = final["format"] - sft["format"]
+  learned = bool(gain >= margin and fmt >= 0)
+  why = (f"held-out answer accuracy {sft['accuracy_base']:.3f} -> {final['accuracy_base']:.3f} "
+         f"({gain:+.3f}; margin {margin:+.3f}), format {sft['format']:.3f} -> {final['format']:.3f}")
+  return {"learned": learned, "accuracy_gain": gain, "format_change": fmt, "margin": margin,
+          "text": f"{'learned' if learned else 'did not learn'}: {why}"}
+
+
+def summary_text(m, workdir, times=None):
+  """The final summary printed by the demo; its last line is the verdict."""
+  lines = [f"demo summary ({os.path.abspath(workdir)})",
            f"  steps: {m['sft_steps']} SFT + {m['grpo_steps']} SG-RLVR (GRPO)"]
   for key in ("reward/accuracy", "reward/accuracy_base", "reward/map", "reward/format"):
     v = m[key]
@@ -351,6 +375,11 @@ def summary_text(m):
     lines.append(f"  held-out after {name:5s} (step {h['step']}): answer accuracy "
                  f"{h['accuracy_base']:.3f}, accuracy reward {h['accuracy']:.3f}, map {h['map']:.3f}, "
                  f"format {h['format']:.3f} on {h['num']} questions [{tasks}]")
-  lines.append(f"  curve: {os.path.join(m['workdir'], 'demo_curve.png')}; metrics: "
-               f"{os.path.join(m['workdir'], 'demo_metrics.json')}")
+  if times:
+    lines.append(f"  time: {times['train_s'] / 60:.1f} min training, {times['eval_s'] / 60:.1f} min "
+                 f"held-out evaluation")
+  lines.append(f"  curve: {os.path.join(os.path.abspath(workdir), 'demo_curve.png')}; metrics: "
+               f"{os.path.join(os.path.abspath(workdir), 'demo_metrics.json')}")
+  if "verdict" in m:
+    lines.append(f"verdict: {m['verdict']['text']}")
   return "\n".join(lines)
