@@ -378,12 +378,15 @@ def main(argv):
     # == Optimizer and state shardings ==========================================================
     freeze = tuple(config.optim.freeze) + ((r"^visual\.",) if config.model.freeze_vision else ())
     trainable_keys = optim.trainable_keys(abstract_params, freeze)
-    decay = config.optim.decay_steps or config.total_steps * (1 if mode == "sft" else mu)
+    # Optimizer updates: one per SFT step, mu per GRPO step. optim.rl_lr > 0 restarts the schedule
+    # at the first GRPO step (the SFT warm-up and RL each get their own decay).
+    decay = config.optim.decay_steps or sft_steps + rl_steps * mu
     tx, schedule = optim.make_optimizer(
         {k: abstract_params[k] for k in trainable_keys}, lr=config.optim.lr, total_steps=decay,
         schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
         b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-        grad_clip=config.optim.grad_clip)
+        grad_clip=config.optim.grad_clip, restart_step=sft_steps if rl_steps else 0,
+        restart_lr=config.optim.rl_lr)
     abstract_opt = jax.eval_shape(tx.init, {k: abstract_params[k] for k in trainable_keys})
     repl = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
@@ -532,7 +535,8 @@ def main(argv):
         if metrics_lib.every(step, config.log_every_steps) or step == config.total_steps:
           timers = writer.pop_timers()
           scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
-                     "train/lr": float(schedule(max(step - 1, 0) * (mu if phase == "grpo" else 1))),
+                     "train/lr": float(schedule(min(step - 1, sft_steps)
+                                                + max(step - 1 - sft_steps, 0) * mu)),
                      "phase_sft": float(phase == "sft"),
                      **bad.metrics("data/bad_records_at_load"),
                      **batch.get("bad_records", {})}
