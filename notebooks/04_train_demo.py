@@ -148,11 +148,11 @@ if proc.returncode:
 # %% [markdown]
 # ## Result
 # The demo's own summary: the rollout rewards over the first and last 20% of the GRPO steps, and
-# the held-out answer accuracy (greedy decoding on held-out rooms, the training prompt format)
+# the held-out answer accuracy (sampled as the rollouts are, on held-out rooms, in the training prompt format)
 # after SFT and after RL, per task.
 
 # %%
 metrics = json.loads((WORKDIR / "demo_metrics.json").read_text())
-print(demo.summary_text(metrics))
+print(demo.summary_text(metrics, WORKDIR))
 display(Image(filename=str(WORKDIR / "demo_curve.png")))
 assert metrics["heldout"]["final"]["num"] > 0

@@ -253,7 +253,10 @@ def base_config(size="7b", frames=16, sharding=""):
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-6, schedule="cosine", warmup_steps=0, decay_steps=0, wd=0.01, b1=0.9, b2=0.999,
-      eps=1e-8, grad_clip=5.0, freeze=()))
+      eps=1e-8, grad_clip=5.0, freeze=(),
+      # > 0 with sft_warmup_steps: the schedule spans the SFT steps (peak lr) and starts again at the
+      # first GRPO step with peak rl_lr. 0 = one schedule over the whole run.
+      rl_lr=0.0))
 
   preset = sharding or ("fsdp_tp" if size in ("32b", "72b") else "fsdp")
   if preset not in SHARDING_PRESETS:

@@ -283,7 +283,10 @@ def make_train_setup(config, abstract, phases):
       trainable, lr=config.optim.lr, total_steps=config.optim.decay_steps or phases.decay_steps,
       schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
       b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      grad_clip=config.optim.grad_clip)
+      grad_clip=config.optim.grad_clip,
+      # optim.rl_lr > 0 restarts the schedule at the first GRPO step: the SFT warm-up and RL each
+      # get their own decay.
+      restart_step=phases.sft_steps if phases.rl_steps else 0, restart_lr=config.optim.rl_lr)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   repl = sharding.replicated(abstract.mesh)
   opt_shardings = optax.tree_map_params(
