@@ -47,6 +47,17 @@ FSDP_TP_RULES = (
 )
 
 SHARDING_PRESETS = {"fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
+
+# LoRA target presets (config.lora.targets), regexes over module names; see spacer_jax/lora.py.
+#   text: q/k/v/o and gate/up/down of every decoder layer; vision: the ViT blocks' qkv/proj and MLP;
+#   merger: the vision merger's two layers; all: the three.
+LORA_TARGETS = {
+    "text": (r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$",
+             r"^model\.layers\.\d+\.mlp\.(gate|up|down)_proj$"),
+    "vision": (r"^visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)$",),
+    "merger": (r"^visual\.merger\.fc[12]$",),
+}
+LORA_TARGETS["all"] = LORA_TARGETS["text"] + LORA_TARGETS["vision"] + LORA_TARGETS["merger"]
 MESH_PRESETS = {"fsdp": MESH_FSDP, "fsdp_tp": MESH_FSDP_TP2}
 
 
@@ -130,6 +141,18 @@ def make_grpo_config(config):
       importance_sampling=g.importance_sampling, adv_eps=g.adv_eps, kl_clamp=g.kl_clamp)
 
 
+def make_lora_config(config):
+  """lora.LoraConfig from `config.lora`, or None when config.lora.rank is 0 (LoRA off)."""
+  from spacer_jax import lora  # pylint: disable=g-import-not-at-top
+  c = config.lora
+  if not c.rank:
+    return None
+  return lora.LoraConfig(
+      rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout), targets=tuple(c.targets),
+      train_also=tuple(c.train_also), base_param_dtype=c.base_param_dtype or None,
+      use_rslora=bool(c.use_rslora))
+
+
 def make_data_config(config, temporal, process_count=1):
   """pipeline.DataConfig from `config.data`; `data.batch_size` is global, split over processes."""
   from spacer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -142,13 +165,14 @@ def make_data_config(config, temporal, process_count=1):
       shuffle=d.shuffle, strict=not d.skip_bad_records)
 
 
-def base_config(size="7b", frames=16, sharding=""):
+def base_config(size="7b", frames=16, sharding="", lora=0):
   """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
 
   Args:
     size: 3b|7b|32b|72b; picks the default checkpoint directory and, for 32b/72b, FSDP+TP.
     frames: max frames per video.
     sharding: "" (by size) | "fsdp" | "fsdp_tp".
+    lora: LoRA rank (0: full fine-tuning).
 
   Returns:
     ml_collections.ConfigDict with every key train.py reads.
@@ -227,6 +251,17 @@ def base_config(size="7b", frames=16, sharding=""):
       lr=1e-6, schedule="cosine", warmup_steps=0, decay_steps=0, wd=0.01, b1=0.9, b2=0.999,
       eps=1e-8, grad_clip=5.0, freeze=()))
 
+  # LoRA (spacer_jax/lora.py; README "LoRA"): rank 0 = off (full fine-tuning). Only the adapters
+  # (and `train_also` parameters) are trained and held by the optimizer; the frozen base is stored in
+  # base_param_dtype and is also GRPO's reference policy (no second copy of the weights).
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=lora, alpha=32.0, dropout=0.0,
+      targets=LORA_TARGETS["text"],  # regexes over module names; presets: config_lib.LORA_TARGETS
+      train_also=(),  # regexes over parameter names trained in full (e.g. r"^lm_head\.")
+      base_param_dtype="bfloat16", use_rslora=False,
+      adapter_dir="",  # start from this peft adapter (adapter_config.json + safetensors)
+      export_subdir="adapter"))  # the final adapters in peft format ("" = off)
+
   preset = sharding or ("fsdp_tp" if size in ("32b", "72b") else "fsdp")
   if preset not in SHARDING_PRESETS:
     raise ValueError(f"config argument sharding must be fsdp|fsdp_tp, got {preset!r}")
@@ -250,6 +285,7 @@ def smoke(c):
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.ref_param_dtype = "float32"
+  c.lora.base_param_dtype = "float32"
   c.model.use_remat = False
   c.data.source = "synthetic"
   c.data.annotations = ""

@@ -12,10 +12,11 @@ from spacer_jax import config_lib
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 ARGS = {
     "sgrlvr.py": ["", "size=3b", "size=7b", "size=32b", "size=72b", "frames=32", "sharding=fsdp_tp",
-                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo"],
-    "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke"],
+                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo", "size=3b,lora=16",
+                  "demo,lora=8"],
+    "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke", "lora=16,smoke"],
     "sft.py": ["", "size=3b", "size=72b", "target=process", "sharding=fsdp_tp", "smoke",
-               "target=process,smoke"],
+               "target=process,smoke", "lora=16"],
 }
 # Configs read by other entry points (spacer_jax.evaluate): they only have to load.
 OTHER_ARGS = {
@@ -59,6 +60,9 @@ def test_config_loads(name, arg):
     assert c.model.hf_dir and c.data.annotations and c.model.variant == ""
   if "size=72b" in arg and "sharding=fsdp" not in arg:
     assert dict(c.mesh)["tensor"] == 2
+  assert c.lora.rank == (int(arg.split("lora=")[1].split(",")[0]) if "lora=" in arg else 0)
+  lora = config_lib.make_lora_config(c)
+  assert (lora is None) == (c.lora.rank == 0)
 
 
 def test_recipe_values():

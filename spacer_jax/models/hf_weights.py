@@ -26,8 +26,8 @@ KEY_ALIASES = (
     (r"^visual\.merger\.mlp\.0\.", "visual.merger.fc1."),  # nn.Sequential index 0
     (r"^visual\.merger\.mlp\.2\.", "visual.merger.fc2."),  # nn.Sequential index 2 (1 is GELU)
 )
-_SAVE_ALIASES = ((r"^visual\.merger\.fc1\.", "visual.merger.mlp.0."),
-                 (r"^visual\.merger\.fc2\.", "visual.merger.mlp.2."))
+_SAVE_ALIASES = ((r"^visual\.merger\.fc1(?=\.|$)", "visual.merger.mlp.0"),  # keys and module names
+                 (r"^visual\.merger\.fc2(?=\.|$)", "visual.merger.mlp.2"))
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -73,20 +73,24 @@ def safetensors_items(path):
     yield from read_safetensors(filename)
 
 
-def load_params(path, abstract_params):
+def load_params(path, abstract_params, keys=None):
   """Reads a checkpoint directory into `abstract_params`' dtypes and shardings.
 
   Args:
     path: checkpoint directory.
     abstract_params: flat `{model key: jax.ShapeDtypeStruct}`, each with its `.sharding`.
+    keys: the keys to read (default: all); coverage and shapes are checked for every key anyway.
 
   Returns:
-    `{model key: jax.Array}`, every tensor built shard by shard from the memory-mapped file.
+    `{model key: jax.Array}` for `keys`, every tensor built shard by shard from the memory-mapped
+    file.
 
   Raises:
     KeyError listing every missing, unexpected and mis-shaped key.
   """
-  loaded, unexpected, bad_shape, bad_keys = {}, [], [], set()
+  keys = list(abstract_params) if keys is None else list(keys)
+  wanted = set(keys)
+  found, loaded, unexpected, bad_shape, bad_keys = set(), {}, [], [], set()
   for ckpt_key, arr in safetensors_items(path):
     key = apply_aliases(ckpt_key)
     if key not in abstract_params:
@@ -97,23 +101,38 @@ def load_params(path, abstract_params):
       bad_shape.append(f"{ckpt_key}: checkpoint {tuple(arr.shape)} != model {tuple(target.shape)}")
       bad_keys.add(key)
       continue
+    found.add(key)
+    if key not in wanted:
+      continue
 
     def shard(index, arr=arr, dtype=target.dtype):
       return np.asarray(arr[index]).astype(dtype)
 
     loaded[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
-  missing = sorted(set(abstract_params) - set(loaded) - bad_keys)
+  missing = sorted(set(abstract_params) - found - bad_keys)
   if missing or unexpected or bad_shape:
     raise KeyError(f"checkpoint {path} does not match the model:\n"
                    f"missing ({len(missing)}): {missing}\n"
                    f"unexpected ({len(unexpected)}): {sorted(unexpected)}\n"
                    f"wrong shape ({len(bad_shape)}): {bad_shape}")
-  return {k: loaded[k] for k in abstract_params}
+  return {k: loaded[k] for k in keys}
 
 
 def _save_key(key):
   for pattern, repl in _SAVE_ALIASES:
     key = re.sub(pattern, repl, key)
+  return key
+
+
+def transformers_name(key: str) -> str:
+  """A model key as transformers >= 4.52 names it in memory (`model.language_model.*`,
+  `model.visual.*`, `lm_head.*`): the names peft keys its adapter files and target_modules by.
+  `apply_aliases` is the inverse."""
+  key = _save_key(key)
+  if key.startswith("visual."):
+    return "model." + key
+  if key.startswith("model."):
+    return "model.language_model." + key[len("model."):]
   return key
 
 
@@ -132,6 +151,11 @@ def _write_file(filename, tensors):
     f.write(blob)
     for _, arr in tensors:  # one tensor on the host at a time
       f.write(np.ascontiguousarray(jax.device_get(arr)).tobytes())
+
+
+def write_safetensors(filename, tensors):
+  """Writes [(key, array)] as one safetensors file, keys as given (e.g. a peft adapter file)."""
+  _write_file(filename, list(tensors))
 
 
 def save_params(params, path, *, max_shard_bytes=4 << 30):
