@@ -10,15 +10,32 @@ the seed for the tiny model), which is what the PyTorch trainer does too.
 
 train.py saves every `config.ckpt_every_steps`, at the end and, via `PreemptionGuard`, when SIGTERM/SIGINT arrives: the
 handler only sets a flag; the loop finishes the current step, saves and exits cleanly.
+
+A checkpoint that cannot be read back (a truncated or deleted array file, corrupt metadata, a missing
+item, garbage in the iterator state; a disk that filled up or a copy that stopped half way) is not
+the end of a run: `restore_or_init` logs one line per unreadable step, naming the step and the file,
+moves the step directory aside to `<step>.unreadable` (so a later save of that step is possible and
+the evidence is kept) and resumes from the newest readable checkpoint. With strict=True
+(config.resume_strict) the first unreadable checkpoint is an error instead. When no checkpoint of a
+non-empty directory is readable the run stops with every step's reason: starting from scratch
+silently would look like a resume.
 """
 
 import json
+import logging
 import os
+import re
 import signal
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored; the message names the step and the file."""
 
 
 class Checkpointer:
@@ -51,13 +68,41 @@ class Checkpointer:
   def restore(self, step, abstract_state, data_iter=None):
     """Restores `state` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
 
-    Also restores `data_iter` in place when given.
+    Also restores `data_iter` in place when given. Raises UnreadableCheckpointError naming the
+    step and the file when the checkpoint is damaged.
     """
-    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
-    out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    step_dir = self.directory / str(int(step))
+    try:
+      _check_step_files(step_dir)
+      items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+      out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    except UnreadableCheckpointError:
+      raise
+    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ...
+      raise UnreadableCheckpointError(_describe(step, step_dir, e)) from e
     if data_iter is not None:
-      _set_iter_state(data_iter, out["data"])
+      try:
+        _set_iter_state(data_iter, out["data"])
+      except Exception as e:  # the iterator's own error for a state it cannot take
+        raise UnreadableCheckpointError(
+            f"checkpoint step {step} is unreadable: {step_dir / 'data'}: the data iterator cannot "
+            f"take the saved state ({type(e).__name__}: {e})") from e
     return out["state"]
+
+  def move_aside(self, step):
+    """Renames the directory of `step` to `<step>.unreadable` (orbax ignores it); returns the path."""
+    src = self.directory / str(int(step))
+    dst = self.directory / f"{int(step)}.unreadable"
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{int(step)}.unreadable-{n}"
+    if jax.process_index() == 0:
+      src.rename(dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"spacer_jax_move_aside_{int(step)}")
+    self.manager.reload()
+    return dst
 
   def wait_until_finished(self):
     self.manager.wait_until_finished()
@@ -87,14 +132,85 @@ def _set_iter_state(data_iter, saved):
   data_iter.set_state(saved["state"].encode() if kind == "bytes" else saved["state"])
 
 
-def restore_or_init(ckpt, abstract_state, init_fn, data_iter=None, resume_dir=""):
+_JSON_FILES = ("state/_METADATA", "state/array_metadatas/*", "data/metadata")
+_LOCAL_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _check_step_files(step_dir):
+  """Raises UnreadableCheckpointError for what orbax reports without a file name: a missing item
+  directory or a metadata file that is not JSON."""
+  step = step_dir.name
+  for item in ("state", "data"):
+    if not (step_dir / item).is_dir():
+      raise UnreadableCheckpointError(
+          f"checkpoint step {step} is unreadable: {step_dir / item}: missing")
+  for pattern in _JSON_FILES:
+    for f in sorted(step_dir.glob(pattern)):
+      try:
+        json.loads(f.read_text())
+      except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UnreadableCheckpointError(
+            f"checkpoint step {step} is unreadable: {f}: not JSON ({type(e).__name__}: {e})") from e
+
+
+def _describe(step, step_dir, e):
+  """One line: the step, the most specific file the error names (else the step directory), why."""
+  text = " ".join(str(e).split()).split(" [tensorstore_spec")[0]
+  files = _LOCAL_FILE.findall(text) or re.findall(r"'(/[^']+)'", text)
+  where = files[-1] if files else str(step_dir)
+  text = re.sub(r'Error opening "\w+" driver: ', "", text)  # tensorstore's driver stack
+  if len(text) > 300:
+    text = text[:300] + "..."
+  return f"checkpoint step {step} is unreadable: {where}: {type(e).__name__}: {text}"
+
+
+def restore_newest(ckpt, abstract_state, data_iter=None, *, strict=False, move_aside=True):
+  """The newest readable checkpoint of `ckpt`: (state, step), or None when it holds none.
+
+  Steps that cannot be read are logged (one line each, naming the step and the file) and, with
+  move_aside, renamed to `<step>.unreadable` once an older step has been restored.
+
+  Args:
+    ckpt: Checkpointer.
+    abstract_state: restore target (ShapeDtypeStructs with shardings).
+    data_iter: iterator restored in place (None: not restored).
+    strict: raise UnreadableCheckpointError at the first unreadable step instead.
+    move_aside: rename unreadable steps (False for another run's directory, which is only read).
+
+  Raises:
+    UnreadableCheckpointError: strict and the newest step is unreadable, or no step is readable.
+  """
+  failures = []
+  for step in sorted(ckpt.manager.all_steps(), reverse=True):
+    try:
+      state = ckpt.restore(step, abstract_state, data_iter)
+    except UnreadableCheckpointError as e:
+      if strict:
+        raise UnreadableCheckpointError(
+            f"{e} (config.resume_strict=True; without it the run resumes from the newest readable "
+            "checkpoint)") from e
+      failures.append((step, str(e)))
+      continue
+    for bad_step, why in failures:
+      moved = f"; moved to {ckpt.move_aside(bad_step)}" if move_aside else ""
+      log.warning("%s; resuming from step %d instead%s", why, step, moved)
+    return state, step
+  if failures:
+    raise UnreadableCheckpointError(f"no readable checkpoint in {ckpt.directory}:\n"
+                                    + "\n".join(why for _, why in failures))
+  return None
+
+
+def restore_or_init(ckpt, abstract_state, init_fn, data_iter=None, resume_dir="", strict=False):
   """Returns (state, source) following the resume order.
 
   Resume order (big_vision / maxtext):
-    1. `ckpt.directory` has a checkpoint -> resume from its latest step, state and data iterator
-       (preemption safety: rerunning the same command with the same workdir continues).
+    1. `ckpt.directory` has a checkpoint -> resume from its newest readable step, state and data
+       iterator (preemption safety: rerunning the same command with the same workdir continues;
+       unreadable newer steps are logged and moved aside, see the module docstring).
     2. `resume_dir` (config.resume) names another run's checkpoint directory -> take its full train
-       state (params, optimizer, step, rng); the data iterator starts fresh.
+       state (params, optimizer, step, rng) from its newest readable step; the data iterator starts
+       fresh.
     3./4. `init_fn()` -> HF weights with a fresh optimizer (config.model.hf_dir), or random init for the
        tiny model; train.py's init_fn decides between the two.
 
@@ -104,21 +220,23 @@ def restore_or_init(ckpt, abstract_state, init_fn, data_iter=None, resume_dir=""
     init_fn: zero-arg callable building a fresh state (already on its shardings).
     data_iter: the training iterator (restored in place in case 1).
     resume_dir: optional checkpoint directory of another run.
+    strict: an unreadable newest checkpoint is an error (config.resume_strict).
 
   Returns:
     (state, source) with source in {"workdir", "resume", "init"}.
   """
-  step = ckpt.latest_step()
-  if step is not None:
-    return ckpt.restore(step, abstract_state, data_iter), "workdir"
+  found = restore_newest(ckpt, abstract_state, data_iter, strict=strict)
+  if found is not None:
+    return found[0], "workdir"
   if resume_dir:
     other = Checkpointer(resume_dir, use_async=False)
-    other_step = other.latest_step()
-    if other_step is None:
+    try:
+      found = restore_newest(other, abstract_state, strict=strict, move_aside=False)
+    finally:
+      other.close()
+    if found is None:
       raise FileNotFoundError(f"config.resume={resume_dir!r} holds no checkpoint")
-    state = other.restore(other_step, abstract_state)
-    other.close()
-    return state, "resume"
+    return found[0], "resume"
   return init_fn(), "init"
 
 

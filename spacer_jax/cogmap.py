@@ -202,7 +202,9 @@ def _parse_positional(st, names, config):
 
 _GT_LIMIT = 4096
 _PRED_CLIP = 8192          # |dx|, |dy| <= 16384 -> d^2 <= 2^29 fits int32 exactly
-_FLOAT_MAX = 1.7976931348623157e308
+# The smallest integer Python's int -> float conversion (inside math.sqrt) rejects: it rounds to the
+# nearest float, and below this halfway point to 2**1024 that is the largest finite float.
+_SQRT_OVERFLOW = 2 ** 1024 - 2 ** 970
 
 
 def _gt_ok(v) -> bool:
@@ -240,10 +242,14 @@ class MapItem:
 
 
 def _overflows(pred, gt) -> bool:
-  """True where the reference's math.sqrt((px-gx)**2 + (py-gy)**2) raises OverflowError."""
+  """True where the reference's math.sqrt((px-gx)**2 + (py-gy)**2) raises OverflowError.
+
+  A squared distance between the largest float and _SQRT_OVERFLOW converts (to the largest float)
+  and that pair simply scores 0, as in the reference.
+  """
   if not any(abs(int(v)) > 10 ** 150 for xy in pred for v in xy):
     return False
-  return any((int(px) - int(gx)) ** 2 + (int(py) - int(gy)) ** 2 > _FLOAT_MAX
+  return any((int(px) - int(gx)) ** 2 + (int(py) - int(gy)) ** 2 >= _SQRT_OVERFLOW
              for px, py in pred for gx, gy in gt)
 
 

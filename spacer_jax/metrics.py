@@ -114,12 +114,16 @@ class MetricWriter:
           f"{step} (see {self.metrics_path})")
     self._last_finite_step = int(step)
 
-  def write_samples(self, step, samples):
-    """Appends one JSON line per sample dict (prompt id, completion, parsed answer, rewards, advantage)."""
+  def write_samples(self, step, samples, num_text=4):
+    """Appends one JSON line per sample dict (prompt id, completion, parsed answer, rewards, advantage)
+    and shows the first `num_text` as TensorBoard text ("rollouts/samples")."""
     for s in samples:
       self._rollouts.write(json.dumps({"step": int(step), **{k: _to_python(v) for k, v in s.items()}})
                            + "\n")
     self._rollouts.flush()
+    if self._tb is not None and samples and num_text:
+      self._tb.add_text("rollouts/samples", samples_markdown(samples[:num_text]), int(step))
+      self._tb.flush()
 
   @contextlib.contextmanager
   def timed(self, name):
@@ -141,6 +145,18 @@ class MetricWriter:
     self._rollouts.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def samples_markdown(samples):
+  """Rollout samples as Markdown for TensorBoard's text tab: a header line of the short fields, then
+  the completion (or SFT target) in a code block."""
+  blocks = []
+  for s in samples:
+    head = ", ".join(f"{k}={_to_python(v)}" for k, v in s.items()
+                     if k not in ("completion", "target") and not isinstance(v, (list, dict)))
+    body = str(s.get("completion", s.get("target", ""))).replace("```", "`\u200b``")
+    blocks.append(f"**{head}**\n\n```\n{body}\n```")
+  return "\n\n".join(blocks)
 
 
 def progress(start_step, total_steps, disable=False):

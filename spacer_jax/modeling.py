@@ -35,6 +35,7 @@ tokenizer files. The abstract model is built outside any mesh context: `nnx.eval
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -132,10 +133,12 @@ class AbstractModel:
 
 
 def _module(cfg, dtype, param_dtype, seed=0, lora=None):
+  """The nnx model; `seed` an int or a key (traced, in the jitted random init)."""
   model = qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
   if lora is not None:
     # Their own stream, so the base weights of a random init do not depend on the adapters.
-    lora_lib.add_adapters(model, lora, rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1)),
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    lora_lib.add_adapters(model, lora, rngs=nnx.Rngs(jax.random.fold_in(key, 1)),
                           param_dtype=param_dtype)
   return model
 
@@ -231,14 +234,8 @@ def model_config(source, **overrides):
     path = run_dirs(source)[0] / RUN_MODEL_CONFIG
   else:
     path = pathlib.Path(source) / "config.json"
-  with open(path) as f:
-    hf = json.load(f)
-  if hf.get("model_type") != "qwen2_5_vl":
-    raise ValueError(
-        f"{path}: checkpoint architecture is model_type={hf.get('model_type')!r} "
-        f"{hf.get('architectures') or []}; spacer_jax runs Qwen2.5-VL (model_type 'qwen2_5_vl', "
-        "Qwen2_5_VLForConditionalGeneration)")
-  return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(hf, **overrides)
+  # Validated there: Qwen2.5-VL only, with its vision_config; errors name the file.
+  return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(path), **overrides)
 
 
 def tokenizer_dir(source, tokenizer_dir=None):
@@ -280,24 +277,30 @@ def check_tokenizer(tokenizer, cfg, where="the tokenizer directory"):
     raise ValueError(f"the tokenizer does not match the model (check {where}): " + "; ".join(bad))
 
 
-def _random_params(abstract, seed, keys=None):
-  """The modules' own initialisers, jitted straight onto the shardings (only `keys`, default all:
-  XLA drops the draws of the others).
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg, dtype, param_dtype, lora, targets):
+  """The modules' own initialisers as one jitted program onto `targets` (a tuple of (key, dtype,
+  sharding); XLA drops the draws of the other parameters), the seed an argument: compiled once per
+  model, dtypes and layout."""
 
-  unsafe_rbg: XLA compiles threefry for the ~100 parameter draws 2-3x slower on CPU, and this init
-  only has to be deterministic, not a particular stream. Each call returns fresh buffers (the
-  trainer donates the policy's and keeps the reference's).
-  """
-  cfg, dtype, param_dtype, lora = abstract.config, abstract.dtype, abstract.param_dtype, abstract.lora
-  keys = list(abstract.params) if keys is None else list(keys)
-
-  def init():
+  def init(seed):
+    # unsafe_rbg: XLA compiles threefry for the ~100 parameter draws 2-3x slower on CPU, and this
+    # init only has to be deterministic, not a particular stream.
     with jax.default_prng_impl("unsafe_rbg"):
-      flat = tree_utils.split_model(_module(cfg, dtype, param_dtype, seed, lora))[1]
-      return {k: flat[k].astype(abstract.params[k].dtype) for k in keys}
+      flat = tree_utils.split_model(_module(cfg, dtype, param_dtype, jax.random.key(seed), lora))[1]
+      return {k: flat[k].astype(dt) for k, dt, _ in targets}
 
+  return jax.jit(init, out_shardings={k: sh for k, _, sh in targets})
+
+
+def _random_params(abstract, seed, keys=None):
+  """Random init of `keys` (default: all) on the shardings. Each call returns fresh buffers (the
+  trainer donates the policy's and keeps the reference's)."""
+  keys = sorted(abstract.params if keys is None else keys)
+  fn = _jitted_init(abstract.config, abstract.dtype, abstract.param_dtype, abstract.lora,
+                    tuple((k, abstract.params[k].dtype, abstract.params[k].sharding) for k in keys))
   with jax.set_mesh(None):
-    return jax.jit(init, out_shardings={k: abstract.params[k].sharding for k in keys})()
+    return fn(jnp.int32(seed))
 
 
 def run_lora_config(source):
@@ -351,12 +354,15 @@ def load_params(source, abstract, *, step=None, seed=0, keys=None, adapter=None)
   run_lora = run_lora_config(source) if kind == "run" else None
   if run_lora is not None and abstract.lora is None:
     # A LoRA run read as a plain model: its adapters merged into the base weights.
+    # The base in the requested dtypes, the adapters in float32 (merged in float32, then cast).
     full = with_lora(abstract, dataclasses.replace(run_lora, base_param_dtype=None))
     names = {lora_lib.module_name(k) for k in keys}
-    needed = keys + [k for k in full.params
-                     if lora_lib.is_adapter_key(k) and lora_lib.module_name(k) in names]
-    params = checkpoint.restore_params(run_dirs(source)[1], {k: full.params[k] for k in needed},
-                                       step=step)
+    adapters = [k for k in full.params
+                if lora_lib.is_adapter_key(k) and lora_lib.module_name(k) in names]
+    targets = {k: abstract.params[k] for k in keys}
+    targets.update({k: jax.ShapeDtypeStruct(full.params[k].shape, jnp.float32,
+                                            sharding=full.params[k].sharding) for k in adapters})
+    params = checkpoint.restore_params(run_dirs(source)[1], targets, step=step)
     merged = lora_lib.merge_lora(params, run_lora)
     return {k: merged[k] for k in keys}
   if run_lora is not None:

@@ -6,14 +6,17 @@ bonus) at OuyangKun10/SpaceR b623af5 (spec spacer.md section 4), quirks included
 flags in section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the original
 behaviour.
 
-Split (STYLE 3.9): everything that reads text runs on the host (tag extraction, number parsing, the
-map literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring
-(map greedy matching, word error rate, ROUGE-1/2/L, the map-bonus logic, temporal and length
-bonuses, totals) is jnp over [B*G]. Two deliberate exceptions, both numeric comparisons that the
-spec requires in float64: the MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so
-a relative error of exactly 0.1 passes; float32 cannot tell 0.1 from 0.10000001) and the regression
-score (`(|p-g| + 1e-9) / (|g| + 1e-9)`, whose 1e-9 vanishes in float32). Those are vectorised NumPy
-float64 on the host and enter the jnp part as float32 values.
+Split: everything that reads text runs on the host (tag extraction, number parsing, the map
+literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring (map
+greedy matching, the edit-distance / n-gram / LCS dynamic programmes, the map-bonus logic, temporal
+and length bonuses, totals) is jnp over [B*G]. Every per-completion accuracy is computed as the
+reference computes it, in float64, and then stored as float32, as the reference stores its rewards
+(a float32 tensor); the bonuses then compare float32 values with 0.1 as the reference does. So the
+MRA threshold test (`1 - 0.8999999999999999 = 0.10000000000000009`, so a relative error of exactly
+0.1 passes; float32 cannot tell 0.1 from 0.10000001), the regression score (`(|p-g| + 1e-9) /
+(|g| + 1e-9)`, whose 1e-9 vanishes in float32) and the OCR / free-form ratios (from the kernels'
+exact integer counts, text_metrics.py: `1 - 9/10` must be 0.09999999999999998, not float32's
+0.10000002, which would cross the bonus threshold) are vectorised NumPy float64 on the host.
 
 Map parsing and scoring live in cogmap.py, WER and ROUGE in text_metrics.py; this module holds the
 public API, the config, number parsing and the batch assembly.
@@ -21,9 +24,17 @@ public API, the config, number parsing and the batch assembly.
 Where the original raises inside the reward (caught by its blanket `except: reward = 0`), this
 module detects the same condition explicitly, scores 0 and counts it; there is no broad try/except.
 
-Deviations (all outside what the reference can produce on sane input):
-* ROUGE and map scores are float32 (differences from the float64 reference are ~1e-7). ROUGE uses
-  our own port of NLTK's Porter stemmer (text_metrics.py), so neither nltk nor rouge_score is needed.
+Deviations:
+* Problem type per prompt. SG-RLVR.py reads `problem_type` of the first element of each reward call
+  and scores every completion of the call as that type. Its calls hold one prompt's completions
+  (one prompt per device), so that is each prompt's own type; `compute_rewards` scores B prompts at
+  once and uses each completion's own type, which is the same scoring. Reproducing "the first
+  element" literally would score a whole multi-prompt batch as its first prompt's type, which the
+  reference never does at its batch size.
+Deviations outside what the reference can produce on sane input:
+* Map scores are float32 (differences from the float64 reference are ~1e-7; the map bonus is only
+  added to accuracies >= 0.6, far from any threshold). ROUGE uses our own port of NLTK's Porter
+  stemmer (text_metrics.py), so neither nltk nor rouge_score is needed.
 * A map string longer than `RewardConfig.max_literal_chars` (100k) or with brackets nested deeper
   than `max_literal_depth` (100) is treated as "not a literal" (the reference would evaluate it);
   the positional fallback then reads it as usual.
@@ -70,6 +81,12 @@ class RewardConfig:
   # the reference: in a dict literal it silently falls back to the positional parser, in the
   # positional parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is invalid.
   use_overflow_fix: bool = False
+  # Completion mask: the reference ends a completion's mask at its first <|im_end|> only, so a
+  # completion that stopped on <|endoftext|> (Qwen2.5-VL's other EOS, also its pad token) keeps the
+  # padded width of its group (the longest completion of the prompt) for the loss mask and the
+  # length bonus, pad tokens included. Fix: every completion ends at its own stop token.
+  # (rollout.mask_lengths applies it; the rewards see the resulting lengths.)
+  use_stop_token_mask_fix: bool = False
   grid_size: int = 10
   temporal_alpha: float = 0.3        # SG_RLVR_trainer.py: + 0.3 ...
   temporal_mu: float = 0.8           # ... if mean(acc) >= 0.8 * mean(shuffled acc)
@@ -89,21 +106,28 @@ DEFAULT = RewardConfig()
 _WS = re.compile(r"\s*")
 
 
-def _extract_tag(text: str, tag: str) -> str:
-  """First match of `<tag>\\s*(.*?)\\s*</tag>` (DOTALL), stripped; "" if none. Linear time.
+def find_tag(text: str, tag: str) -> str | None:
+  """First match of `<tag>\\s*(.*?)\\s*</tag>` (DOTALL), stripped; None if none. Linear time.
 
   The regex itself backtracks quadratically on hostile input (many opening tags and no closing
   one); this computes the same match: the leftmost opening tag that has a closing tag after it is
-  the first opening tag, and the lazy group ends at the first closing tag after it.
+  the first opening tag, and the lazy group ends at the first closing tag after it. The evaluator's
+  SpaceR-Eval extraction uses it too.
   """
   opening, closing = f"<{tag}>", f"</{tag}>"
   a = text.find(opening)
   if a < 0:
-    return ""
+    return None
   c = text.find(closing, a + len(opening))
   if c < 0:
-    return ""
+    return None
   return text[a + len(opening):c].strip()
+
+
+def _extract_tag(text: str, tag: str) -> str:
+  """find_tag, with "" where there is no match (what the training rewards compare)."""
+  content = find_tag(text, tag)
+  return "" if content is None else content
 
 
 def extract_answer(text: str) -> str:

@@ -14,7 +14,8 @@ Output TrainBatch (numpy; the trainer puts it on the mesh). R = B*G rows, Tp pro
 completion length (= max_new_tokens):
   prompt_ids int32[B, Tp], prompt_mask bool[B, Tp], the vision arrays and their index dicts
   (image_vis / video_vis from qwen2_5_vl.prepare_vision_inputs), completion_ids int32[R, Tc],
-  completion_mask float32[R, Tc] (1 up to and including the stop token), attention_mask bool[R, Tp+Tc],
+  completion_mask float32[R, Tc] (1 up to and including the stop token; see `mask_lengths` for a
+  completion that stopped on <|endoftext|>), attention_mask bool[R, Tp+Tc],
   position_ids int32[R, 3, Tp+Tc] (exactly the positions the sampler used), prompt_index int32[R]
   (row r belongs to prompt r // G), advantages float32[R], sampler_logps float32[R, Tc].
 """
@@ -48,6 +49,29 @@ def _sample(sampler, prepared, params, *, num_samples, max_new_tokens, rng):
                           params=params)
   state = sampler.decode(state, params=params)
   return np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.lengths)
+
+
+def mask_lengths(tokens, lengths, group_size, eos_id):
+  """Completion lengths as the reference's completion mask counts them. int32[R].
+
+  The reference's mask ends at the first `eos_id` (<|im_end|>) and covers the whole padded width of
+  its generate call otherwise. It generates one prompt's G completions per call, so that width is
+  the group's longest completion (max_new_tokens if one was cut off): a completion that stopped on
+  <|endoftext|> gets that length, its pad tokens included, in the loss mask and for the length
+  bonus. `run` uses these unless RewardConfig.use_stop_token_mask_fix (then `lengths` as sampled).
+
+  Args:
+    tokens: int[R, Tc] sampled tokens (pad after the stop token), R = B * group_size.
+    lengths: int[R] tokens up to and including the stop token.
+    group_size: G.
+    eos_id: the token the reference's mask recognises (the tokenizer's eos, <|im_end|>).
+  """
+  lengths = np.asarray(lengths, np.int32)
+  tokens = np.asarray(tokens)
+  last = tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
+  on_eos = (lengths > 0) & (last == eos_id)
+  width = np.repeat(lengths.reshape(-1, group_size).max(1), group_size)
+  return np.where(on_eos, lengths, width).astype(np.int32)
 
 
 def _texts(tokenizer, tokens, lengths):
@@ -149,11 +173,13 @@ def run(sampler, params, batch, *, tokenizer, num_generations, max_new_tokens, r
     raise ValueError("temporal bonus on (config.rewards.use_temporal) but the batch has no "
                      "pixel_values_videos_shuffled; enable shuffled frames in the data pipeline")
 
-  comps, counts = rewards_lib.compute_rewards(texts, examples, lengths, g, shuffled_acc,
+  extended = mask_lengths(tokens, lengths, g, tokenizer.eos_token_id)  # the reference's
+  masked = lengths if reward_config.use_stop_token_mask_fix else extended
+  comps, counts = rewards_lib.compute_rewards(texts, examples, masked, g, shuffled_acc,
                                               config=reward_config)
   adv = np.asarray(grpo.compute_advantages(comps["total"], g, scaling=reward_scaling, eps=adv_eps))
 
-  tb = assemble(prepared, tokens, lengths, g)
+  tb = assemble(prepared, tokens, masked, g)
   tb["advantages"] = adv.astype(np.float32)
   tb["sampler_logps"] = np.where(tb["completion_mask"] > 0, logps, 0.0).astype(np.float32)
 
@@ -175,6 +201,9 @@ def run(sampler, params, batch, *, tokenizer, num_generations, max_new_tokens, r
   metrics["completion/truncated_frac"] = float((lengths >= max_new_tokens).mean())
   metrics["rollout/tokens"] = int(lengths.sum())
   metrics["advantage/abs_mean"] = float(np.abs(adv).mean())
+  # Completions whose mask (and length-bonus length) the reference extends past their stop token
+  # (stopped on <|endoftext|>); extended unless rewards.use_stop_token_mask_fix.
+  metrics["completion/extended_mask_frac"] = float((extended != lengths).mean())
 
   samples = []
   for i, text in enumerate(texts):

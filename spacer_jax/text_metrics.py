@@ -2,12 +2,18 @@
 
 Reproduces SG-RLVR.py `wer` (word-level Levenshtein / max(1, #reference words)) and `rouge_score`'s
 RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True) F-measures. The host turns words into
-integer ids (and bigrams into bigram ids); the scoring is jnp over padded [N, L] id arrays. Padded
-shapes are powers of two, so a training run compiles each kernel for a handful of shapes only.
+integer ids (and bigrams into bigram ids); the dynamic programmes (edit distance, n-gram overlap,
+LCS) are jnp over padded [N, L] id arrays and return exact integer counts. Padded shapes are powers
+of two, so a training run compiles each kernel for a handful of shapes only.
+
+The final ratios are computed from those counts on the host in float64, with the reference's
+operations in the reference's order, so the scores are the reference's bit for bit. That matters
+at thresholds: the trainer's bonuses test `accuracy > 0.1`, and an OCR accuracy of 1 - 9/10 is
+0.09999999999999998 in float64 (0.1 once stored as the reference's float32 reward, not above 0.1)
+but 0.10000002 when computed in float32 (above it).
 
 The stemmer is written here to match NLTK's PorterStemmer in its default NLTK_EXTENSIONS mode (what
-rouge_score uses), so there is no nltk dependency. Scores are float32 (~1e-7 from the float64
-reference).
+rouge_score uses), so there is no nltk dependency.
 """
 
 import re
@@ -60,12 +66,16 @@ def _edit_distance_kernel(ref, ref_len, hyp, hyp_len):
 
 
 def wer_accuracy(refs, hyps):
-  """OCR accuracy clip(1 - WER, 0, 1) with WER = distance / max(1, #ref words). float32[N]."""
+  """OCR accuracy max(0, min(1, 1 - WER)), WER = distance / max(1, #ref words). float64[N].
+
+  The distance is the jnp kernel's exact integer; the ratio is float64 as in the reference.
+  """
   vocab = {}
   ref, ref_len = _pad(_ids([r.split() for r in refs], vocab))
   hyp, hyp_len = _pad(_ids([h.split() for h in hyps], vocab))
-  dist = _edit_distance_kernel(ref, ref_len, hyp, hyp_len)
-  return jnp.clip(1.0 - dist / jnp.maximum(1, ref_len), 0.0, 1.0)[:len(refs)]
+  n = len(refs)
+  dist = np.asarray(_edit_distance_kernel(ref, ref_len, hyp, hyp_len))[:n].astype(np.float64)
+  return np.clip(1.0 - dist / np.maximum(1, ref_len[:n]), 0.0, 1.0)
 
 
 _ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -177,7 +187,10 @@ def rouge_tokens(text: str):
 
 @jax.jit
 def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
-  """mean(ROUGE-1 F, ROUGE-2 F, ROUGE-L F) per item, from padded token / bigram ids. [N]."""
+  """Unigram overlap, bigram overlap and LCS length per item, from padded token / bigram ids.
+
+  Returns int32[N] each (the F-measures are computed from them on the host, see `rouge_f`).
+  """
   def overlap(t, t_len, p, p_len):
     t_ok = jnp.arange(t.shape[1]) < t_len[:, None]
     p_ok = jnp.arange(p.shape[1]) < p_len[:, None]
@@ -186,11 +199,6 @@ def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
     c_p = ((t[:, :, None] == p[:, None, :]) & p_ok[:, None, :]).sum(-1)  # count of t_i in pred
     first = t_ok & ~jnp.any(jnp.tril(tt, -1), -1)                 # first occurrence of a type
     return jnp.where(first, jnp.minimum(c_t, c_p), 0).sum(-1)
-
-  def fmeasure(hit, t_len, p_len):
-    prec = hit / jnp.maximum(p_len, 1)
-    rec = hit / jnp.maximum(t_len, 1)
-    return jnp.where(prec + rec > 0, 2 * prec * rec / jnp.where(prec + rec > 0, prec + rec, 1), 0.0)
 
   n = prd.shape[1]
   cols = jnp.arange(n + 1)
@@ -206,14 +214,21 @@ def _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len):
   last, _ = jax.lax.scan(lcs_step, jnp.zeros((tgt.shape[0], n + 1), jnp.int32),
                          (jnp.arange(tgt.shape[1]), tgt.T))
   lcs = jnp.take_along_axis(last, prd_len[:, None], 1)[:, 0]
-  r1 = fmeasure(overlap(tgt, tgt_len, prd, prd_len), tgt_len, prd_len)
-  r2 = fmeasure(overlap(tgt2, tgt2_len, prd2, prd2_len), tgt2_len, prd2_len)
-  rl = jnp.where((tgt_len > 0) & (prd_len > 0), fmeasure(lcs, tgt_len, prd_len), 0.0)
-  return jnp.clip((r1 + r2 + rl) / 3, 0.0, 1.0)
+  return (overlap(tgt, tgt_len, prd, prd_len), overlap(tgt2, tgt2_len, prd2, prd2_len),
+          lcs.astype(jnp.int32))
+
+
+def _fmeasure(hit, target_count, prediction_count):
+  """rouge_score's _score_ngrams / scoring.fmeasure on float64 arrays, in its order of operations."""
+  precision = hit / np.maximum(prediction_count, 1)
+  recall = hit / np.maximum(target_count, 1)
+  total = precision + recall
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total > 0, 2 * precision * recall / total, 0.0)
 
 
 def rouge_f(refs, hyps):
-  """clip(mean(ROUGE-1 F, ROUGE-2 F, ROUGE-L F), 0, 1) per pair, rouge_score-style. float32[N]."""
+  """max(0, min(1, (ROUGE-1 F + ROUGE-2 F + ROUGE-L F) / 3)) per pair, as SG-RLVR.py. float64[N]."""
   vocab, vocab2 = {}, {}
   t_tok = [rouge_tokens(r) for r in refs]
   p_tok = [rouge_tokens(h) for h in hyps]
@@ -225,4 +240,12 @@ def rouge_f(refs, hyps):
   prd, prd_len = _pad(_ids(p_tok, vocab), p_width)
   tgt2, tgt2_len = _pad(_ids(bigrams(t_tok), vocab2), t_width)
   prd2, prd2_len = _pad(_ids(bigrams(p_tok), vocab2), p_width)
-  return _rouge_kernel(tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len)[:len(refs)]
+  n = len(refs)
+  hit1, hit2, lcs = (np.asarray(x)[:n].astype(np.float64) for x in _rouge_kernel(
+      tgt, tgt_len, prd, prd_len, tgt2, tgt2_len, prd2, prd2_len))
+  t1, p1, t2, p2 = tgt_len[:n], prd_len[:n], tgt2_len[:n], prd2_len[:n]
+  r1 = _fmeasure(hit1, t1, p1)
+  r2 = _fmeasure(hit2, t2, p2)
+  # _score_lcs: 0 when either side has no tokens, else lcs / len without the max(., 1).
+  rl = np.where((t1 > 0) & (p1 > 0), _fmeasure(lcs, t1, p1), 0.0)
+  return np.clip((r1 + r2 + rl) / 3, 0.0, 1.0)

@@ -222,28 +222,6 @@ def make_phases(config):
                 num_iterations=int(config.grpo.num_iterations))
 
 
-def check_paths(config):
-  """Fails at start-up, naming the config field, when a checkpoint or data path is missing."""
-  need = []
-  if not config.model.variant:
-    need.append(("config.model.hf_dir", config.model.hf_dir, None))
-  if config.data.source == "spacer":
-    need.append(("config.data.annotations", config.data.annotations, None))
-    need.append(("config.data.media_root", config.data.media_root, None))
-    if config.rewards.use_map and config.data.cognitive_maps:
-      need.append(("config.data.cognitive_maps", config.data.cognitive_maps, None))
-  elif config.data.source != "synthetic":
-    raise ValueError(f"config.data.source must be spacer|synthetic, got {config.data.source!r}")
-  if config.data.tokenizer_dir:
-    need.append(("config.data.tokenizer_dir", config.data.tokenizer_dir, None))
-  for field, path, inner in need:
-    if not path or not os.path.exists(path) or (inner and not os.path.exists(os.path.join(path, inner))):
-      what = f"{path!r}" + (f" (no {inner})" if path and inner and os.path.exists(path) else "")
-      raise FileNotFoundError(f"{field} = {what} does not exist; set --{field}=...")
-  if not config.model.variant:
-    modeling.model_config(config.model.hf_dir)  # a checkpoint directory of the right architecture
-
-
 def _git_commit():
   here = os.path.dirname(os.path.abspath(__file__))
   try:
@@ -427,7 +405,8 @@ def load_records(config, workdir):
     annotations, media_root = config.data.annotations, config.data.media_root
     maps = config.data.cognitive_maps or None
   bad = sources.BadRecords(strict=not config.data.skip_bad_records)
-  records = sources.load_spacer(annotations, media_root=media_root, cognitive_map_path=maps, bad=bad)
+  records = sources.load_spacer(annotations, media_root=media_root, cognitive_map_path=maps, bad=bad,
+                                allow_media_outside_root=config.data.allow_media_outside_root)
   if not config.data.use_cogmap_prompt:
     # Plain GRPO: every record gets the QUESTION_TEMPLATE prompt (no map instructions).
     records = [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type,
@@ -444,11 +423,10 @@ def synthetic_root(config, workdir):
 
 
 def _eval_data_dir(config, workdir):
+  """config.eval.data_dir, or the synthetic held-out split (VSI-Bench format) of a synthetic run."""
   if config.eval.data_dir or not config.eval.every_steps:
     return config.eval.data_dir
-  if config.data.source != "synthetic":
-    raise ValueError("config.eval.every_steps > 0 needs config.eval.data_dir (a VSI-Bench root)")
-  from spacer_jax.data import synthetic
+  from spacer_jax.data import synthetic  # Synthetic data (config_lib.validate checks the rest).
   return synthetic.dataset_paths(synthetic_root(config, workdir)).eval_root
 
 
@@ -518,7 +496,10 @@ def train_and_evaluate(config, workdir):
 
   # == Workdir record ===========================================================================
   workdir = os.path.abspath(workdir)  # orbax needs absolute paths; a relative --workdir is common.
-  check_paths(config)
+  # Every problem of the config (values, combinations, missing paths) at once, before any work.
+  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  if not config.model.variant:
+    modeling.model_config(config.model.hf_dir)  # a checkpoint of the right architecture
   if config.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -558,6 +539,7 @@ def train_and_evaluate(config, workdir):
     records, bad = load_records(config, workdir)
     logging.info("%d training records (%d skipped at load: %s)", len(records), bad.total,
                  dict(bad.counts))
+    records_by_id = {r.id: r for r in records}  # rollout metrics look up each prompt's record
     eval_dir = _eval_data_dir(config, workdir)
     train_iter = pipeline.make_iterator(
         records, tokenizer, config_lib.make_data_config(
@@ -571,7 +553,7 @@ def train_and_evaluate(config, workdir):
         ckpt, setup.abstract_state,
         lambda: init_state(modeling.load_params(source, abstract, seed=config.seed,
                                                 adapter=adapter), setup, config.seed),
-        train_iter, resume_dir=config.resume)
+        train_iter, resume_dir=config.resume, strict=config.resume_strict)
     start = int(state["step"]) + 1
     if start > phases.total_steps:
       logging.info("state from %s: the run already finished at step %d", origin, start - 1)
@@ -644,6 +626,8 @@ def train_and_evaluate(config, workdir):
               step, phase, step_metrics=step_metrics, roll_metrics=roll_metrics,
               timers=writer.pop_timers(), tb=tb, setup=setup, phases=phases, compiled=compiled(),
               bad=bad, batch=batch, wall=time.perf_counter() - t0)
+          if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
+            scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
           if step == start:
             logging.info("memory after step %d: %s", step, ", ".join(
                 f"{k.split('/')[1]} {v:.2f} GiB" for k, v in scalars.items()
@@ -664,7 +648,9 @@ def train_and_evaluate(config, workdir):
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
             scores = evaluate.run(
-                abstract.merge(), tokenizer, data_dir=eval_dir, protocol=config.eval.protocol,
+                abstract.merge(), tokenizer, data_dir=eval_dir, benchmark=config.eval.benchmark,
+                protocol=config.eval.protocol, aggregation=config.eval.aggregation,
+                image_kwargs=config.eval.image.to_dict() or None,
                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 params=abstract.state(state["params"]), mesh=mesh,
                 workdir=os.path.join(workdir, "eval", f"step_{step}"),
@@ -674,14 +660,13 @@ def train_and_evaluate(config, workdir):
     bar.close()
     ckpt.close()
     writer.close()
-    if config.export_hf_subdir and not guard.requested:
-      # LoRA adapters are merged into the base weights: a plain Hugging Face checkpoint.
-      out = os.path.join(workdir, config.export_hf_subdir)
-      qwen2_5_vl.save_hf(abstract.base.merge(lora.merge_lora(state["params"], abstract.lora)), out)
-      tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
-    if abstract.lora is not None and config.lora.export_subdir and not guard.requested:
-      lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
-                     base_model_name_or_path=config.model.hf_dir or None)
+  if config.export_hf_subdir and not guard.requested:
+    # Through the converter, which reads a LoRA run with its adapters merged into the base weights.
+    from spacer_jax import convert  # pylint: disable=g-import-not-at-top
+    convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
+  if abstract.lora is not None and config.lora.export_subdir and not guard.requested:
+    lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
+                   base_model_name_or_path=config.model.hf_dir or None)
   logging.info("done: %s", workdir)
   return state, guard.requested
 
@@ -700,7 +685,10 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
-  _, interrupted = train_and_evaluate(config, workdir)
+  try:
+    _, interrupted = train_and_evaluate(config, workdir)
+  except config_lib.ConfigError as e:  # every problem in one message, without a traceback
+    raise SystemExit(f"error: {e}") from None
   if config.get("post_train") and not interrupted:
     run_post_train(config, workdir)
 

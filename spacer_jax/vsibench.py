@@ -3,7 +3,7 @@
 Everything here is pure Python/NumPy (no model, no JAX), so the evaluator's arithmetic is testable on
 its own; `spacer_jax.evaluate` runs the model and calls into this file. Spec: spacer.md section 7.
 
-Two protocols (spec 7.2):
+Three protocols (docs/spacer_recipe.md, "VSI-Bench"):
 * "official": the VSI-Bench release (thinking-in-space/lmms_eval). Direct-answer prompt, greedy,
   max_new_tokens 16. Both MCA and NA parse the first space-separated word with trailing dots removed:
   `pred.split(' ')[0].rstrip('.').strip()`; MCA = case-insensitive equality with the option letter,
@@ -13,6 +13,15 @@ Two protocols (spec 7.2):
   output when there is no `<answer>`. MCA: drop "Answer:", take the first space-separated token; if it is
   an uppercase letter A-D with an optional dot use the letter, else the whole stripped text; compare
   case-insensitively. NA: MRA(float(fuzzy_number(answer)), float(gt)), 0 when unparseable.
+* "spacer_default": SpaceR-Eval's non-thinking "default" mode. Prompt "Question: {question + options}\n",
+  "\n", then "Answer with the option's letter from the given choices directly." (MCA) or "Please answer
+  the question using a numerical value (e.g., 42 or 3.1)." (NA); 128 new tokens; the raw output is
+  parsed as under "spacer" (no tag extraction).
+
+This module follows the benchmark contract of `spacer_jax.benchmarks.common` (read_records,
+build_prompt, score, item_fields, aggregate, table_columns), so `spacer_jax.evaluate` runs it like the
+other benchmarks. Records whose video path would leave data_dir (`..`, absolute, symlinks) are bad
+records.
 
 Aggregation (identical in both, and to the official repo): mean per question_type; the three
 object_rel_direction levels are averaged without weights into one task; overall = unweighted mean of
@@ -20,15 +29,20 @@ the task scores; reported x100.
 """
 
 import collections
-import json
 import math
 import os
 import re
+import sys
 
 from spacer_jax import rewards
+from spacer_jax.benchmarks import common
 from spacer_jax.data import prompts
 
-PROTOCOLS = ("official", "spacer")
+NAME = "VSI-Bench"
+PROTOCOLS = ("spacer", "official", "spacer_default")
+DEFAULT_MAX_NEW_TOKENS = {"spacer": 1024, "official": 16, "spacer_default": 128}
+MEDIA = "video"
+LAYOUT = "{data_dir}/{dataset}/{scene_name}.mp4"
 
 MCA_TYPES = prompts.VSI_MCA_TYPES  # the three object_rel_direction levels come first
 NA_TYPES = prompts.VSI_NA_TYPES
@@ -52,7 +66,6 @@ TASK_NAMES = tuple(name for name, _ in TASKS)
 REQUIRED_FIELDS = ("id", "dataset", "scene_name", "question_type", "question", "ground_truth")
 
 _MCA_LETTER = re.compile(r"^[A-D]\.?$")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def task_of(question_type):
@@ -78,40 +91,9 @@ def find_annotation_file(data_dir):
 
   The official release is `test-00000-of-00001.parquet` next to `{dataset}/{scene_name}.mp4`.
   """
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"VSI-Bench data_dir {data_dir!r} is not a directory")
-  names = sorted(os.listdir(data_dir))
-  found = [n for n in names if n.endswith((".parquet", ".jsonl", ".json"))]
-  if len(found) != 1:
-    raise FileNotFoundError(
-        f"VSI-Bench data_dir {data_dir!r} must hold exactly one annotation file (*.parquet, *.jsonl or"
-        f" *.json, e.g. test-00000-of-00001.parquet) next to the video folders {{dataset}}/"
-        f"{{scene_name}}.mp4; found {found or 'none'} among {names[:20]}")
-  return os.path.join(data_dir, found[0])
-
-
-def _read_rows(path):
-  if path.endswith(".parquet"):
-    try:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to"
-                        " JSONL") from e
-    return pq.read_table(path).to_pylist()
-  with open(path) as f:
-    if path.endswith(".jsonl"):
-      rows = []
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            rows.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-      return rows
-    rows = json.load(f)
-  if not isinstance(rows, list):
-    raise ValueError(f"{path}: expected a JSON list of VSI-Bench records, got {type(rows).__name__}")
-  return rows
+  return common.find_files(data_dir, (".parquet", ".jsonl", ".json"), "VSI-Bench",
+                           example="test-00000-of-00001.parquet next to the video folders"
+                           " {dataset}/{scene_name}.mp4")[0]
 
 
 def validate_record(row, where):
@@ -151,20 +133,28 @@ def validate_record(row, where):
   return rec
 
 
-def load_records(data_dir):
-  """Reads and validates the VSI-Bench records under `data_dir` -> list of dicts in file order."""
+def load_records(data_dir, bad=None, allow_outside=False):
+  """Reads and validates the VSI-Bench records under `data_dir` -> list of dicts in file order.
+
+  With `bad` (common.BadItems) a bad record (missing or invalid field, duplicate id, a line that is
+  not UTF-8 or JSON, a video path that resolves outside data_dir) is skipped and counted; with
+  bad=None it raises ValueError naming the file and record.
+  """
   path = find_annotation_file(data_dir)
-  rows = _read_rows(path)
-  if not rows:
+
+  def make(row, where):
+    rec = validate_record(row, where)
+    common.confined_path(data_dir, os.path.join(str(rec["dataset"]), f"{rec['scene_name']}.mp4"),
+                         allow_outside=allow_outside)
+    return rec
+
+  records = common.read_records([path], make, bad)
+  if not records and not bad:
     raise ValueError(f"{path}: no records")
-  records, seen = [], set()
-  for n, row in enumerate(rows):
-    rec = validate_record(row, f"{path} record {n}")
-    if rec["id"] in seen:
-      raise ValueError(f"{path} record {n}: duplicate id {rec['id']!r}")
-    seen.add(rec["id"])
-    records.append(rec)
   return records
+
+
+read_records = load_records
 
 
 def video_path(data_dir, record):
@@ -172,17 +162,15 @@ def video_path(data_dir, record):
   return os.path.join(data_dir, record["dataset"], f"{record['scene_name']}.mp4")
 
 
+media = video_path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Parsing and scoring.
 # ---------------------------------------------------------------------------------------------------
 
 
-def extract_answer(text):
-  """SpaceR-Eval answer extraction (spec 7.1): tag content, "None" if unclosed, raw text if no tag."""
-  if "<answer>" not in text:
-    return text
-  m = _ANSWER_TAG.search(text)
-  return m.group(1).strip() if m else "None"
+extract_answer = common.extract_answer  # tag content, "None" if unclosed, raw text if no tag
 
 
 def first_word(text):
@@ -224,8 +212,8 @@ def parse_and_score(protocol, question_type, output, ground_truth):
       return word, float(word.lower() == ground_truth.lower())
     value = _to_float(word)
     return (word if value is not None else "None"), _mra(value, ground_truth)
-  if protocol == "spacer":
-    text = extract_answer(output)
+  if protocol in ("spacer", "spacer_default"):
+    text = common.maybe_extract(output, protocol)
     if is_mca(question_type):
       choice = mca_choice_spacer(text)
       return choice, float(choice.lower() == ground_truth.lower())
@@ -234,20 +222,38 @@ def parse_and_score(protocol, question_type, output, ground_truth):
   raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
+def build_prompt(record, protocol):
+  """(user text, None = the chat template's default system prompt) of one record."""
+  style = protocol if protocol in PROTOCOLS else "unknown"
+  return prompts.vsibench_prompt(record["question"], record["question_type"], record["options"],
+                                 style=style), None
+
+
+def score(record, output, protocol):
+  answer, value = parse_and_score(protocol, record["question_type"], output, record["ground_truth"])
+  return {"answer": answer, "score": value}
+
+
+def item_fields(record):
+  return {k: record[k] for k in ("question_type", "dataset", "scene_name", "ground_truth")}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Aggregation and the table.
 # ---------------------------------------------------------------------------------------------------
 
 
-def aggregate(predictions):
+def aggregate(predictions, aggregation="code"):
   """Per-question_type means, per-task scores and the macro overall, all in [0, 1].
 
   predictions: iterable of dicts with "question_type" and "score".
   Returns {"per_type": {qtype: mean}, "counts": {qtype: n}, "tasks": {task: score}, "overall": float
   or None, "num_scored": n}. Tasks with no scored item are left out of "tasks" and of the overall
   mean (the official code averages the tasks it has); object_rel_direction averages the levels that
-  are present.
+  are present. The code and the README tables agree, so `aggregation` changes nothing.
   """
+  if aggregation not in common.AGGREGATIONS:
+    raise ValueError(f"aggregation={aggregation!r}; choose one of {common.AGGREGATIONS}")
   sums, counts = collections.defaultdict(float), collections.Counter()
   for p in predictions:
     sums[p["question_type"]] += float(p["score"])
@@ -265,45 +271,31 @@ def aggregate(predictions):
     elif task in per_type:
       tasks[task] = per_type[task]
   overall = sum(tasks.values()) / len(tasks) if tasks else None
-  return {"per_type": per_type, "counts": dict(counts), "tasks": tasks, "overall": overall,
+  counts = {q: counts[q] for q in QUESTION_TYPES if counts[q]}
+  return {"per_type": per_type, "counts": counts, "tasks": tasks, "overall": overall,
           "num_scored": sum(counts.values())}
 
 
-def _cell(x):
-  return "-" if x is None else f"{100.0 * x:.1f}"
+def table_columns(metrics):
+  """[(title, value)]: Avg then the 8 tasks in the paper's order."""
+  return [("Avg", metrics["overall"])] + [(title, metrics["tasks"].get(t)) for t, title in TASKS]
+
+
+def table_notes(metrics):
+  del metrics
+  return "Avg = mean of the task columns shown; Rel.Dir = mean of its easy/medium/hard levels."
 
 
 def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num_records=None,
-                 protocol=None):
+                 protocol=None, bad_records=None):
   """Markdown table in the paper's column order (x100, one decimal), with a footer.
 
   metrics: the output of aggregate(). skipped_videos: the videos that were missing or unreadable
   (shown in the footer, first five); num_skipped: how many questions they held.
   """
-  titles = ["Avg"] + [title for _, title in TASKS]
-  values = [metrics["overall"]] + [metrics["tasks"].get(t) for t in TASK_NAMES]
-  lines = [
-      "| Model | " + " | ".join(titles) + " |",
-      "|---|" + "---|" * len(titles),
-      f"| {name} | " + " | ".join(_cell(v) for v in values) + " |",
-      "",
-  ]
-  counts = metrics["counts"]
-  scored = ", ".join(f"{q} {counts[q]}" for q in QUESTION_TYPES if q in counts)
-  total = f" of {num_records}" if num_records is not None else ""
-  proto = f" Protocol: {protocol}." if protocol else ""
-  lines.append(f"Scored {metrics['num_scored']}{total} questions ({scored or 'none'}).{proto}"
-               " Avg = mean of the task columns shown; Rel.Dir = mean of its easy/medium/hard levels.")
-  skipped_videos = list(skipped_videos)
-  if skipped_videos or num_skipped:
-    shown = ", ".join(skipped_videos[:5]) + (", ..." if len(skipped_videos) > 5 else "")
-    lines.append("")
-    lines.append(f"Skipped {num_skipped} question(s) on {len(skipped_videos)} missing or unreadable"
-                 f" video(s): {shown}")
-  else:
-    lines.append("")
-    lines.append("Missing videos: 0.")
-  return "\n".join(lines) + "\n"
+  return common.benchmark_table(sys.modules[__name__], metrics, name=name, num_records=num_records,
+                                protocol=protocol, skipped=skipped_videos, num_skipped=num_skipped,
+                                bad_records=bad_records)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,58 +303,62 @@ def render_table(metrics, *, name="model", skipped_videos=(), num_skipped=0, num
 # ---------------------------------------------------------------------------------------------------
 
 
-class PredictionsFile:
-  """predictions.jsonl, one JSON object per scored question, appended and flushed as it goes.
+PredictionsFile = common.PredictionsFile
 
-  Opening an existing file loads its finished items (so a rerun skips them) and cuts off a torn last
-  line left by a killed run. Every line records the protocol; resuming with another protocol raises.
+
+# ---------------------------------------------------------------------------------------------------
+# Training-time metrics: VSI-Bench task accuracy of GRPO rollouts.
+# ---------------------------------------------------------------------------------------------------
+
+# VSI-Bench's question templates (which SR-91k and the synthetic data reuse), most specific first.
+_TASK_PATTERNS = (
+    ("object_rel_direction_hard", re.compile(r"standing by the .* facing the .*front-left", re.S)),
+    ("object_rel_direction_medium", re.compile(r"standing by the .* facing the .*left, right,? or"
+                                               r" back", re.S)),
+    ("object_rel_direction_easy", re.compile(r"standing by the .* facing the .*left or the right",
+                                             re.S)),
+    ("object_abs_distance", re.compile(r"direct distance between", re.I)),
+    ("object_rel_distance", re.compile(r"(closest|farthest|nearest) to the", re.I)),
+    ("object_size_estimation", re.compile(r"longest dimension", re.I)),
+    ("room_size_estimation", re.compile(r"size of (this|the) room|square meters", re.I)),
+    ("obj_appearance_order", re.compile(r"appearance order", re.I)),
+    ("route_planning", re.compile(r"\broute\b|\bnavigate\b", re.I)),
+    ("object_counting", re.compile(r"^\s*(question:\s*)?how many\b", re.I)),
+)
+
+
+def infer_question_type(question):
+  """The VSI-Bench question_type of a question written with VSI-Bench's templates, or None.
+
+  For training metrics only: SpaceR-151k records carry no task name, but SR-91k questions follow
+  VSI-Bench's wording ("How many chair(s) are in this room?", "... direct distance between ...").
   """
+  for qtype, pattern in _TASK_PATTERNS:
+    if pattern.search(question):
+      return qtype
+  return None
 
-  def __init__(self, path, protocol):
-    self.path = path
-    self.protocol = protocol
-    self.done = {}
-    if os.path.exists(path):
-      self._load()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._f = open(path, "a")
 
-  def _load(self):
-    with open(self.path, "rb") as f:
-      data = f.read()
-    # Only newline-terminated lines are finished; a killed run can leave a torn tail: cut it off.
-    complete = data[:data.rfind(b"\n") + 1]
-    for n, line in enumerate(complete.split(b"\n")[:-1], 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError:
-        raise ValueError(f"{self.path}:{n}: not valid JSON; delete the file to start over") from None
-      if item.get("protocol") != self.protocol:
-        raise ValueError(
-            f"{self.path}:{n}: written with protocol {item.get('protocol')!r}, this run uses"
-            f" {self.protocol!r}; use another workdir or delete the file")
-      self.done[str(item["id"])] = item
-    if len(complete) < len(data):
-      with open(self.path, "r+b") as f:
-        f.truncate(len(complete))
+def rollout_task_scores(samples, records_by_id, prefix="rollout_vsi/"):
+  """{prefix + task: mean VSI-Bench score} of GRPO rollout samples on VSI-style questions.
 
-  def __contains__(self, item_id):
-    return str(item_id) in self.done
-
-  def add(self, item):
-    item = dict(item, protocol=self.protocol)
-    item["id"] = str(item["id"])
-    self._f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    self._f.flush()
-    self.done[item["id"]] = item
-
-  def close(self):
-    self._f.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+  samples: rollout.run's sample dicts ("prompt_id", "completion", "solution"); records_by_id:
+  {id: sources.Record}. The task is the record's question_type, else inferred from its problem
+  text; each completion is scored as SpaceR-Eval scores VSI-Bench (tag extraction, MCA letter /
+  fuzzy-number MRA) against the solution's answer. Samples of other questions are left out.
+  """
+  sums, counts = collections.defaultdict(float), collections.Counter()
+  for s in samples:
+    rec = records_by_id.get(str(s.get("prompt_id")))
+    if rec is None or "completion" not in s:
+      continue
+    qtype = getattr(rec, "question_type", None) or infer_question_type(rec.problem)
+    if qtype not in QUESTION_TYPES:
+      continue
+    gt = rewards.find_tag(s["solution"], "answer")
+    if gt is None or (not is_mca(qtype) and _to_float(gt) in (None, 0.0)):
+      continue
+    _, value = parse_and_score("spacer", qtype, s["completion"], gt)
+    sums[task_of(qtype)] += value
+    counts[task_of(qtype)] += 1
+  return {f"{prefix}{t}": sums[t] / counts[t] for t in TASK_NAMES if counts[t]}

@@ -1,7 +1,10 @@
 """Checkpoints: save/restore of the train state onto shardings, data-iterator state, resume order,
-preemption flag."""
+unreadable checkpoints, preemption flag."""
 
+import logging
 import os
+import re
+import shutil
 import signal
 
 import jax
@@ -124,3 +127,109 @@ def test_relative_directory(tmp_path, monkeypatch):
   assert ck.save(1, st)
   ck.close()
   assert ck.latest_step() == 1 and os.path.isdir(tmp_path / "runs" / "ckpt" / "1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Unreadable checkpoints: log, move aside, resume from the newest readable one (or fail if strict).
+# ------------------------------------------------------------------------------------------------
+def _array_file(step_dir):
+  """The largest array chunk file the state item reads."""
+  return max((step_dir / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def _truncate(p):
+  p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+# variant -> (corruption of step directory d, the file the log line must name, relative to d)
+CORRUPTIONS = {
+    "truncated_array": (lambda d: _truncate(_array_file(d)), "state/d/"),
+    "deleted_array": (lambda d: _array_file(d).unlink(), "state/d/"),
+    "zeroed_array": (lambda d: _array_file(d).write_bytes(b"\0" * _array_file(d).stat().st_size),
+                     "state/d/"),
+    "garbage_state_metadata": (lambda d: (d / "state" / "_METADATA").write_text("garbage{"),
+                               "state/_METADATA"),
+    "garbage_array_metadatas": (
+        lambda d: (d / "state" / "array_metadatas" / "process_0").write_bytes(b"\xff\xfe"),
+        "state/array_metadatas/process_0"),
+    "deleted_ocdbt_manifest": (lambda d: (d / "state" / "manifest.ocdbt").unlink(), "state/"),
+    "empty_step_dir": (lambda d: [shutil.rmtree(d), d.mkdir()], "state"),
+    "missing_state_item": (lambda d: shutil.rmtree(d / "state"), "state"),
+    "missing_data_item": (lambda d: shutil.rmtree(d / "data"), "data"),
+    "garbage_data_json": (lambda d: (d / "data" / "metadata").write_text("{not json"),
+                          "data/metadata"),
+    "wrong_data_state": (lambda d: (d / "data" / "metadata").write_text(
+        '{"kind": "dict", "state": "not the iterator state"}'), "data"),
+}
+
+
+def _two_steps(directory, mesh):
+  """Checkpoints at steps 1 and 2 (iterator at 1 and 2); returns the state of step 1."""
+  ck = checkpoint.Checkpointer(directory, use_async=False)
+  it = CountingIter()
+  states = {}
+  for s in (1, 2):
+    next(it)
+    states[s] = dict(_state(mesh, seed=s), step=jnp.asarray(s, jnp.int32))
+    ck.save(s, states[s], it)
+  ck.close()
+  return states[1]
+
+
+@pytest.mark.parametrize("variant", sorted(CORRUPTIONS))
+def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(tmp_path, variant, caplog):
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+  want = _two_steps(tmp_path / "ckpt", mesh)
+  corrupt, named = CORRUPTIONS[variant]
+  corrupt(tmp_path / "ckpt" / "2")
+  abstract = checkpoint.abstract_of(_state(mesh))
+  ck = checkpoint.Checkpointer(tmp_path / "ckpt", use_async=False)
+  it = CountingIter()
+  with caplog.at_level(logging.WARNING, logger="spacer_jax.checkpoint"):
+    state, source = checkpoint.restore_or_init(ck, abstract, lambda: pytest.fail("init"), it)
+  assert source == "workdir" and int(state["step"]) == 1 and it.i == 1
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (line,) = [r.getMessage() for r in caplog.records if r.name == "spacer_jax.checkpoint"]
+  assert line.startswith("checkpoint step 2 is unreadable: " + str(tmp_path / "ckpt" / "2" / named))
+  assert "resuming from step 1 instead" in line and "\n" not in line
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2.unreadable"]
+  assert ck.save(2, state, it)  # the step can be written again
+  ck.close()
+
+
+@pytest.mark.parametrize("variant", ["truncated_array", "missing_data_item"])
+def test_resume_strict_makes_an_unreadable_checkpoint_an_error(tmp_path, variant):
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+  _two_steps(tmp_path / "ckpt", mesh)
+  corrupt, named = CORRUPTIONS[variant]
+  corrupt(tmp_path / "ckpt" / "2")
+  ck = checkpoint.Checkpointer(tmp_path / "ckpt", use_async=False)
+  with pytest.raises(checkpoint.UnreadableCheckpointError,
+                     match=re.escape(f"checkpoint step 2 is unreadable: {tmp_path / 'ckpt' / '2' / named}")
+                     + ".*config.resume_strict=True"):
+    checkpoint.restore_or_init(ck, checkpoint.abstract_of(_state(mesh)), lambda: None, CountingIter(),
+                               strict=True)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]  # nothing moved
+  ck.close()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+  _two_steps(tmp_path / "ckpt", mesh)
+  for s in ("1", "2"):
+    shutil.rmtree(tmp_path / "ckpt" / s / "data")
+  ck = checkpoint.Checkpointer(tmp_path / "ckpt", use_async=False)
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match="no readable checkpoint") as e:
+    checkpoint.restore_or_init(ck, checkpoint.abstract_of(_state(mesh)), lambda: pytest.fail("init"))
+  assert "step 2 is unreadable" in str(e.value) and "step 1 is unreadable" in str(e.value)
+  ck.close()
+  # config.resume from another run skips its unreadable steps too, without touching that run.
+  other = tmp_path / "other"
+  _two_steps(other, mesh)
+  _truncate(_array_file(other / "2"))
+  ck_b = checkpoint.Checkpointer(tmp_path / "b", use_async=False)
+  st, src = checkpoint.restore_or_init(ck_b, checkpoint.abstract_of(_state(mesh)), lambda: None,
+                                       resume_dir=str(other))
+  assert src == "resume" and int(st["step"]) == 1 and sorted(os.listdir(other)) == ["1", "2"]
+  ck_b.close()

@@ -173,6 +173,28 @@ def test_bad_input_skipped_and_counted(data, tok, caplog):
   assert any("aspect ratio" in m for m in msgs)
 
 
+WANT_BAD = {"data/bad_records": 6, "data/bad_records/media": 5, "data/bad_records/prompt_too_long": 1}
+
+
+def test_bad_records_counted_once_across_epochs(data, tok, caplog):
+  """Three passes over 6 bad records: 6 warnings and data/bad_records = 6, also through a
+  checkpoint of the iterator taken in the second epoch (workers: test_two_workers_same_batches)."""
+  recs = _records(data)
+  caplog.clear()  # the malformed line, reported at load
+  with caplog.at_level("WARNING", logger="spacer_jax.data.sources"):
+    it = _iter(recs, tok, seed=3, num_epochs=3, drop_remainder=False)
+    batches = _take(it, 5)  # 7 good records per epoch, batch 2: into the second epoch
+    state = it.get_state()
+    json.dumps(state)
+    batches += list(it)
+  assert sum(bool(v) for b in batches for v in b["valid"]) == 21  # 3 epochs x 7 good records
+  assert batches[-1]["bad_records"] == WANT_BAD
+  assert len(caplog.records) == 6
+  fresh = _iter(recs, tok, seed=3, num_epochs=3)
+  fresh.set_state(state)
+  assert list(fresh)[-1]["bad_records"] == WANT_BAD
+
+
 def test_strict_mode_raises(data, tok):
   with pytest.raises(sources.BadRecordError, match=r"record '100' in .*d.jsonl: media: .*missing.mp4"):
     list(_iter(_records(data), tok, num_epochs=1, shuffle=False, strict=True))
@@ -207,16 +229,22 @@ def test_device_put_batch(data, tok):
   assert isinstance(out["video_grid_thw"], np.ndarray) and out["id"] == b["id"]
 
 
-def test_two_workers_same_batches(data, tok):
+def test_two_workers_same_batches(data, tok, caplog):
+  """Worker processes give the in-process batches, and bad records met by different workers in
+  different epochs are warned about and counted once (the count lives in the main process)."""
   recs = _records(data)
-  ref = _take(_iter(recs, tok, seed=5, num_workers=0), 3)
-  it = _iter(recs, tok, seed=5, num_workers=2)
+  ref = list(_iter(recs, tok, seed=5, num_workers=0, num_epochs=3))
+  caplog.clear()
+  it = _iter(recs, tok, seed=5, num_workers=2, num_epochs=3)
   try:
-    got = _take(it, 3)
+    got = list(it)
   finally:
     it.close()
+  assert len(got) == len(ref) == 10  # 21 good elements, batch 2, remainder dropped
   for x, y in zip(ref, got):
     _same_batch(x, y)
+  assert got[-1]["bad_records"] == WANT_BAD
+  assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == 6
 
 
 @pytest.mark.slow

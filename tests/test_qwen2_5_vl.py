@@ -169,7 +169,8 @@ def test_config_from_flat_4x_and_nested_5x(tiny_cfg):
   assert qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(nested) == tiny_cfg
   t = nested["text_config"]
   flat = {k: v for k, v in nested.items() if k != "text_config"}
-  flat.update({k: v for k, v in t.items() if k != "rope_parameters"})
+  # A 4.x config.json keeps model_type "qwen2_5_vl" at the top (the text one is a 5.x sub-config).
+  flat.update({k: v for k, v in t.items() if k not in ("rope_parameters", "model_type")})
   flat["rope_theta"] = t["rope_parameters"]["rope_theta"]
   flat["rope_scaling"] = {"type": "mrope", "mrope_section": t["rope_parameters"]["mrope_section"]}
   flat["vision_config"] = dict(nested["vision_config"], model_type="qwen2_5_vl", in_chans=3,

@@ -353,9 +353,9 @@ _sentences = st.lists(st.sampled_from(["a", "b", "c", "dd", "E"]), max_size=8).m
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(st.lists(st.tuples(_sentences, _sentences), min_size=1, max_size=5))
 def test_wer_kernel_matches_reference(pairs):
-  got = np.asarray(text_metrics.wer_accuracy([r for r, _ in pairs], [h for _, h in pairs]))
+  got = text_metrics.wer_accuracy([r for r, _ in pairs], [h for _, h in pairs])
   want = [_reference_wer_acc(r, h) for r, h in pairs]
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert got.dtype == np.float64 and got.tolist() == want  # bit for bit
 
 
 def _reference_rouge(ref, hyp):
@@ -388,9 +388,9 @@ _rouge_words = st.lists(st.sampled_from(["the", "cat", "cats", "sat", "sitting",
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(st.lists(st.tuples(_rouge_words, _rouge_words), min_size=1, max_size=5))
 def test_rouge_kernel_matches_reference(pairs):
-  got = np.asarray(text_metrics.rouge_f([r for r, _ in pairs], [h for _, h in pairs]))
-  np.testing.assert_allclose(got, [_reference_rouge(r, h) for r, h in pairs], rtol=1e-5,
-                             atol=1e-6)
+  got = text_metrics.rouge_f([r for r, _ in pairs], [h for _, h in pairs])
+  want = [max(0.0, min(1.0, _reference_rouge(r, h))) for r, h in pairs]
+  assert got.dtype == np.float64 and got.tolist() == want  # bit for bit
 
 
 @pytest.mark.parametrize("word,stem", [
@@ -413,6 +413,128 @@ def test_rouge_free_form_value():
   got = _acc("<answer>the cats are sitting on the mat</answer>",
              "<answer>a cat sits on the mat</answer>", "free-form", None)
   assert got == pytest.approx(0.694638694638, rel=1e-6)
+
+
+# (ground truth, completion's answer, problem type, the reference's accuracy in float64). The
+# reference stores rewards as float32 and its bonuses test `accuracy > 0.1` in float32, so an
+# accuracy that is 0.1 after that rounding gets neither the temporal nor the length bonus.
+THRESHOLD_CASES = [
+    ("a b c d e f g h i j", "a x x x x x x x x x", "OCR", 0.09999999999999998),   # 1 - 9/10
+    ("a b c d e f g h i j", "a b x x x x x x x x", "OCR", 0.19999999999999996),   # 1 - 8/10
+    ("a b c", "a x c", "OCR", 0.6666666666666667),                                # vector 20
+    ("a b c d e f g h i j", "x", "OCR", 0.0),
+    ("one two three four five", "one six seven eight nine", "free-form", 0.13333333333333336),
+    ("the cat sat on the mat", "the dog", "free-form", 0.16666666666666666),
+    ("one two three four five six seven eight nine ten", "one x", "free-form", 0.11111111111111112),
+]
+
+
+@pytest.mark.parametrize("gt,answer,ptype,want", THRESHOLD_CASES)
+def test_text_scores_exactly_as_the_reference(gt, answer, ptype, want):
+  fn = text_metrics.wer_accuracy if ptype == "OCR" else text_metrics.rouge_f
+  assert fn([gt], [answer]).tolist() == [want]
+  ref = _reference_wer_acc(gt, answer) if ptype == "OCR" else _reference_rouge(gt, answer)
+  assert ref == want
+
+
+def test_ocr_accuracy_at_the_bonus_threshold_gets_the_references_totals():
+  """Issue 14's example: 9 substitutions of 10 words. In float32 1 - 9/10 is 0.10000002 (> 0.1:
+  +0.3 temporal, +0.2 length); the reference's float64 0.09999999999999998 is 0.1 as a float32
+  reward, which is not above 0.1: no bonus."""
+  completion = "<think>t</think><answer>a x x x x x x x x x</answer>"
+  examples = {"solution": ["<answer>a b c d e f g h i j</answer>"], "problem_type": ["OCR"],
+              "cognitive_map": [None], "data_type": ["video"]}
+  comps, _ = rewards.compute_rewards([completion] * 2, examples, [400, 400], 2,
+                                     shuffled_accuracy=[[0.0]])
+  acc = np.float32(0.09999999999999998)
+  assert acc == np.float32(0.1)
+  assert comps["accuracy"].tolist() == [acc] * 2
+  assert comps["temporal"].tolist() == [0.0, 0.0] and comps["length"].tolist() == [0.0, 0.0]
+  assert comps["total"].tolist() == [acc + np.float32(1.0)] * 2
+  # One more matching word (accuracy 0.2) earns both bonuses.
+  better = "<think>t</think><answer>a b x x x x x x x x</answer>"
+  comps, _ = rewards.compute_rewards([better] * 2, examples, [400, 400], 2,
+                                     shuffled_accuracy=[[0.0]])
+  np.testing.assert_allclose(comps["total"], [0.2 + 0.3 + 1.0 + 0.2] * 2, rtol=1e-6)
+
+
+def test_map_overflow_boundary_is_pythons_int_to_float():
+  """math.sqrt(int) converts to float: up to 2**1024 - 2**970 (exclusive) that rounds to the
+  largest float and the pair scores 0; from there on it raises and the reference's accuracy is 0."""
+  boundary = 2 ** 1024 - 2 ** 970
+  below = math.isqrt(boundary - 1)           # below**2 > largest float, still converts
+  assert below ** 2 > 1.7976931348623157e308 and (below + 1) ** 2 >= boundary
+  gt = {"chair": [[1, 1], [6, 5]], "table": [[0, 0]]}
+  sol = "<answer>B</answer>"
+  for dx, want in ((below, 1 + _reference_map_score({"chair": [[1 + below, 1], [1, 1]]}, gt)),
+                   (below + 1, 0.0)):
+    text = f"<answer>B</answer><map>{{'chair': [[{1 + dx}, 1], [1, 1]]}}</map>"
+    assert _acc(text, sol, MC, gt) == pytest.approx(want, rel=1e-6)
+  assert 1 + _reference_map_score({"chair": [[1 + below, 1], [1, 1]]}, gt) == pytest.approx(
+      1 + 0.5 * 2 / 3)
+  with pytest.raises(OverflowError):
+    _reference_map_score({"chair": [[2 + below, 1]]}, gt)
+  assert rewards.map_score({"chair": [[1 + below, 1]]}, gt) == 0.0
+  with pytest.raises(OverflowError):
+    rewards.map_score({"chair": [[2 + below, 1]]}, gt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Completion mask and problem type: what the reference's trainer does around the reward functions.
+# ------------------------------------------------------------------------------------------------
+IM_END, ENDOFTEXT = 7, 3
+
+
+def _tokens(lengths, stops, width=600):
+  toks = np.full((len(lengths), width), ENDOFTEXT, np.int32)   # the sampler pads with <|endoftext|>
+  for r, (n, stop) in enumerate(zip(lengths, stops)):
+    toks[r, :n - 1] = 11
+    if stop is not None:
+      toks[r, n - 1] = stop
+  return toks
+
+
+@pytest.mark.parametrize("lengths,stops,want", [
+    # <|im_end|> ends the mask; <|endoftext|> keeps the group's width (its longest completion).
+    ([400, 100, 450, 300], [IM_END, ENDOFTEXT, IM_END, ENDOFTEXT], [400, 450, 450, 450]),
+    ([50, 60, 70, 80], [IM_END] * 4, [50, 60, 70, 80]),
+    ([600, 10, 20, 30], [None, ENDOFTEXT, IM_END, IM_END], [600, 600, 20, 30]),  # cut off at 600
+    ([5, 9], [ENDOFTEXT, ENDOFTEXT], [9, 9]),
+])
+def test_mask_lengths_recognise_only_im_end(lengths, stops, want):
+  from spacer_jax import rollout
+  g = len(lengths)
+  two_groups = rollout.mask_lengths(_tokens(lengths * 2, stops * 2), lengths * 2, g, IM_END)
+  assert two_groups.tolist() == want * 2
+
+
+def test_length_bonus_on_the_references_mask_lengths_and_the_fix():
+  from spacer_jax import rollout
+  lengths, stops = [400, 100, 450, 300], [IM_END, ENDOFTEXT, IM_END, ENDOFTEXT]
+  extended = rollout.mask_lengths(_tokens(lengths, stops), lengths, 4, IM_END)
+  examples = {"solution": ["<answer>B</answer>"], "problem_type": [MC], "cognitive_map": [None]}
+  done = ["<think>t</think><answer>B</answer>"] * 4
+  comps, _ = rewards.compute_rewards(done, examples, extended, 4)
+  assert comps["length"].tolist() == [F32(0.2)] * 4    # 100 and 300 count as 450
+  assert comps["total"].tolist() == [F32(2.2)] * 4
+  comps, _ = rewards.compute_rewards(done, examples, lengths, 4,
+                                     config=cfg(use_stop_token_mask_fix=True))
+  assert comps["length"].tolist() == [F32(0.2), 0.0, F32(0.2), 0.0]
+
+
+def test_problem_type_is_each_prompts_own():
+  """The reference takes the type of a reward call's first element; its calls hold one prompt,
+  so a batch of B prompts scores exactly as B separate calls (not all as the first's type)."""
+  completions = ["<think>t</think><answer>B</answer>", "<think>t</think><answer>4.5</answer>",
+                 "<think>t</think><answer>a x c</answer>", "<think>t</think><answer>12</answer>"]
+  sols = ["<answer>B</answer>", "<answer>5</answer>", "<answer>a b c</answer>", "<answer>10</answer>"]
+  types = [MC, NUM, "OCR", "regression"]
+  together, _ = rewards.compute_rewards(completions, {"solution": sols, "problem_type": types,
+                                                      "cognitive_map": [None] * 4}, [10] * 4, 1)
+  alone = [rewards.compute_rewards([c], {"solution": [s], "problem_type": [t],
+                                         "cognitive_map": [None]}, [10], 1)[0]["accuracy"][0]
+           for c, s, t in zip(completions, sols, types)]
+  assert together["accuracy"].tolist() == alone == [1.0, F32(0.9), F32(2 / 3), F32(0.79999999992)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def spacer_dir(tmp_path):
       _spacer_row(1, data_source="SR_dataset", problem_type="multiple choice",
                   options=["A. table", "B. chair"], solution="<answer>B</answer>"),
       _spacer_row(2, data_source="SR_dataset"),
-      _spacer_row(3, data_type="image", path="/abs/img.png", problem_type="free-form"),
+      _spacer_row(3, data_type="image", path="imgs/../img.png", problem_type="free-form"),
   ])
   return tmp_path
 
@@ -53,7 +53,8 @@ def test_load_spacer(spacer_dir):
                                             ["table", "chair"])
   assert "['table', 'chair']" in r1.prompt and r1.options == ("A. table", "B. chair")
   assert r2.categories == ("bed",) and r2.solution == "<answer>3</answer>"
-  assert r3.media == "/abs/img.png" and r3.data_type == "image" and r3.cognitive_map is None
+  assert r3.media == str(spacer_dir / "imgs/../img.png")  # `..` that stays inside the root is fine
+  assert r3.data_type == "image" and r3.cognitive_map is None
   assert "<map>" not in r3.prompt and r3.prompt.endswith(prompts.TYPE_TEMPLATE["free-form"])
   assert sources.video_id("a/b/scene0001_00.mp4") == "scene0001_00"
 
@@ -112,6 +113,90 @@ def test_bad_cognitive_map_lines(tmp_path):
   bad = sources.BadRecords()
   assert sources.load_cognitive_maps(path, bad=bad) == {"a": {"x": [[1, 1]]}}
   assert bad.counts == {"missing_field": 1, "malformed_json": 1, "bad_field": 1}
+
+
+def test_non_utf8_line_is_a_bad_record_naming_file_and_line(tmp_path, caplog):
+  path = tmp_path / "d.jsonl"
+  rows = [json.dumps(_spacer_row(1)).encode(), b'{"problem_id": 2, "problem": "caf\xe9"}',
+          b"\xff\xfe", json.dumps(_spacer_row(4)).encode()]
+  path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")  # a BOM before line 1 is fine
+  bad = sources.BadRecords()
+  with caplog.at_level(logging.WARNING, logger="spacer_jax.data.sources"):
+    assert [r.id for r in sources.load_spacer(path, bad=bad)] == ["1", "4"]
+  assert bad.counts == {"not_utf8": 2}
+  msgs = [r.getMessage() for r in caplog.records]
+  assert any(f"record 'line 2' in {path}: not_utf8: byte b'\\xe9' at column 34" in m for m in msgs), msgs
+  assert any(f"record 'line 3' in {path}: not_utf8: byte b'\\xff' at column 1" in m for m in msgs), msgs
+  maps = tmp_path / "m.jsonl"
+  maps.write_bytes(b'{"video_id": "a", "cognitive_map": {}}\n{"video_id": "\x80"}\n')
+  bad = sources.BadRecords()
+  assert sources.load_cognitive_maps(maps, bad=bad) == {"a": {}}
+  assert bad.counts == {"not_utf8": 1}
+  with pytest.raises(sources.BadRecordError, match=r"record 'line 2' in .*m.jsonl: not_utf8"):
+    sources.load_cognitive_maps(maps, strict=True)
+
+
+def test_iter_jsonl_yields_line_numbers(tmp_path):
+  path = tmp_path / "x.jsonl"
+  path.write_bytes(b'{"a": 1}\r\n\n  \n{"a": 2}\n[3]\n{"a": 4}')  # CRLF, blanks, no final newline
+  bad = sources.BadRecords()
+  assert list(sources.iter_jsonl(path, bad)) == [(1, {"a": 1}), (4, {"a": 2}), (6, {"a": 4})]
+  assert bad.counts == {"malformed_json": 1}
+
+
+def test_media_paths_stay_inside_the_media_root(tmp_path, caplog):
+  root = tmp_path / "data"
+  (root / "videos").mkdir(parents=True)
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  (outside / "x.mp4").write_bytes(b"secret")
+  (root / "videos" / "out.mp4").symlink_to(outside / "x.mp4")
+  (root / "videos" / "in.mp4").write_bytes(b"fine")
+  (root / "alias").symlink_to(root / "videos")  # a symlink that stays inside is fine
+  path = _write_jsonl(root / "d.jsonl", [
+      _spacer_row(1, path="videos/in.mp4"),
+      _spacer_row(2, path="../outside/x.mp4"),
+      _spacer_row(3, path="videos/../../outside/x.mp4"),
+      _spacer_row(4, path=str(outside / "x.mp4")),
+      _spacer_row(5, path="videos/out.mp4"),
+      _spacer_row(6, path="alias/in.mp4"),
+      _spacer_row(7, path="videos/\x00.mp4"),
+  ])
+  bad = sources.BadRecords()
+  with caplog.at_level(logging.WARNING, logger="spacer_jax.data.sources"):
+    recs = sources.load_spacer(path, bad=bad)
+  assert [r.id for r in recs] == ["1", "6"]
+  assert bad.counts == {"media_outside_root": 3, "absolute_media_path": 1, "bad_field": 1}
+  msgs = [r.getMessage() for r in caplog.records]
+  assert any("record '2'" in m and "'../outside/x.mp4' resolves to" in m and "allow_media_outside_root" in m
+             for m in msgs), msgs
+  assert any("record '4'" in m and "is absolute" in m for m in msgs), msgs
+  with pytest.raises(sources.BadRecordError, match=r"record '2' in .*d.jsonl: media_outside_root"):
+    sources.load_spacer(path, strict=True)
+  # The switch for datasets laid out that way: everything but the NUL byte is accepted.
+  bad = sources.BadRecords()
+  recs = sources.load_spacer(path, bad=bad, allow_media_outside_root=True)
+  assert [r.id for r in recs] == ["1", "2", "3", "4", "5", "6"] and bad.counts == {"bad_field": 1}
+  assert recs[3].media == str(outside / "x.mp4")
+  # The root itself may be a symlink (a dataset mounted elsewhere).
+  (tmp_path / "link_root").symlink_to(root)
+  recs = sources.load_spacer(path, media_root=tmp_path / "link_root")
+  assert [r.id for r in recs] == ["1", "6"]
+
+
+def test_bad_records_counted_once_per_key(caplog):
+  bad = sources.BadRecords()
+  with caplog.at_level(logging.WARNING, logger="spacer_jax.data.sources"):
+    for _ in range(3):  # three passes over the same two bad records
+      bad.report("media", "a", "f.jsonl", "broken", key=0)
+      bad.report("media", "b", "f.jsonl", "broken", key=7)
+  assert bad.metrics() == {"data/bad_records": 2, "data/bad_records/media": 2}
+  assert len(caplog.records) == 2
+  fresh = sources.BadRecords()
+  fresh.set_state(json.loads(json.dumps(bad.get_state())))
+  fresh.report("media", "a", "f.jsonl", "broken", key=0)
+  fresh.report("prompt_too_long", "c", "f.jsonl", "long", key=3)
+  assert fresh.counts == {"media": 2, "prompt_too_long": 1}
 
 
 VSI_ROWS = [

@@ -241,7 +241,9 @@ def test_spacer_record_format(tiny_root):
   assert [r["problem_id"] for r in records] == list(range(1, len(records) + 1))
   for r in records:
     assert list(r) == SPACER_KEYS
-    assert r["data_type"] == "video" and r["process"] == "" and r["data_source"] == "SR_dataset"
+    assert r["data_type"] == "video" and r["data_source"] == "SR_dataset"
+    # process: the templated SFT trace (<think>...<map>...</map>...</think>; traces.sft_process).
+    assert r["process"].startswith("<think>") and r["process"].endswith("</think>")
     assert re.fullmatch(r"<answer>[^<>]+</answer>", r["solution"])
     assert not os.path.isabs(r["path"]) and os.path.exists(os.path.join(tiny_root, r["path"]))
     assert os.path.splitext(os.path.basename(r["path"]))[0] in maps

@@ -91,6 +91,40 @@ def test_vsibench_round_trip(tmp_path):
   assert recs[1].media_bytes == (d / "scannet" / "scene0011_00.mp4").read_bytes()
 
 
+def test_media_outside_the_manual_dir_is_never_stored(spacer_manual, tmp_path):
+  """A `../` path, an absolute path, a symlink leading out and a VSI `dataset` of `..` are bad
+  records: the secret's bytes never reach the dataset (unless explicitly allowed)."""
+  secret = tmp_path / "secret.mp4"
+  make_mp4(secret, seed=9)
+  (spacer_manual / "vids" / "link.mp4").symlink_to(secret)
+  base = {"problem": "How many?", "problem_type": "numerical", "solution": "<answer>1</answer>",
+          "data_type": "video"}
+  with open(spacer_manual / "SpaceR-151k.jsonl", "a") as f:
+    for pid, path in ((6, "../secret.mp4"), (7, str(secret)), (8, "vids/link.mp4")):
+      f.write(json.dumps({**base, "problem_id": pid, "path": path}) + "\n")
+  bad = tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds")
+  assert bad.counts == {"missing_media": 1, "unknown_problem_type": 1, "media_outside_root": 2,
+                        "absolute_media_path": 1}
+  src = tfds_builders.data_source("spacer151k", tmp_path / "tfds")
+  assert secret.read_bytes() not in {bytes(src[i]["media_bytes"]) for i in range(len(src))}
+  bad = tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds_allowed",
+                              allow_media_outside_root=True)
+  assert "media_outside_root" not in bad.counts and len(tfds_builders.data_source(
+      "spacer151k", tmp_path / "tfds_allowed")) == 6
+
+  vsi = tmp_path / "vsi"
+  make_mp4(vsi / "scannet" / "scene0011_00.mp4", seed=3)
+  row = {"question_type": "object_counting", "question": "How many?", "options": None,
+         "ground_truth": "2"}
+  rows = [{**row, "id": 0, "dataset": "scannet", "scene_name": "scene0011_00"},
+          {**row, "id": 1, "dataset": "..", "scene_name": "secret"},
+          {**row, "id": 2, "dataset": str(tmp_path), "scene_name": "secret"}]
+  pq.write_table(pa.Table.from_pylist(rows), vsi / "test-00000-of-00001.parquet")
+  bad = tfds_builders.prepare("vsibench", vsi, tmp_path / "tfds")
+  assert bad.counts == {"media_outside_root": 1, "absolute_media_path": 1}
+  assert len(tfds_builders.data_source("vsibench", tmp_path / "tfds")) == 1
+
+
 def test_prepare_strict_raises(spacer_manual, tmp_path):
   with pytest.raises(sources.BadRecordError, match=r"record '5' in .*SpaceR-151k.jsonl: unknown_problem_type"):
     tfds_builders.prepare("spacer151k", spacer_manual, tmp_path / "tfds", strict=True)
@@ -111,7 +145,7 @@ def test_pipeline_reads_tfds_source(spacer_manual, tmp_path):
   assert sorted(b["id"]) == ["1", "2", "3"] and b["bad_records"] == {"data/bad_records": 0}
   recs = {r.id: r for r in sources.load_spacer(spacer_manual / "SpaceR-151k.jsonl")}
   for row, rid in enumerate(b["id"]):
-    want = pipeline.Preprocess(tok, cfg, 0)(0, recs[rid])
+    want = pipeline.Preprocess(tok, cfg, 0)(0, (0, recs[rid]))
     np.testing.assert_array_equal(b["input_ids"][row][b["attention_mask"][row] == 1], want["input_ids"])
   assert b["cognitive_map"][b["id"].index("1")] == {"sofa": [[1, 2]], "tv": [[3, 4]]}
   assert len(b["video_grid_thw"]) == 2 and len(b["image_grid_thw"]) == 1

@@ -104,6 +104,7 @@ def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys
   assert isinstance(text, str) and "tokens in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_sft_then_grpo(tmp_path, shared):
   """The tiny random-init model: one SFT step on the synthetic traces, then one GRPO step."""
   wd = tmp_path / "run"
@@ -207,8 +208,9 @@ def test_trainer_logps_equal_sampler_logps(tiny_step):
   np.testing.assert_allclose(lp[m], tiny_step["sampler_logps"][m], atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,loss_agg", [("grpo", "seq_mean_token_mean"), ("grpo", "token_mean"),
-                                           ("grpo", "seq_mean_token_sum_norm"), ("sft", None)])
+@pytest.mark.parametrize("mode,loss_agg", [
+    pytest.param("grpo", "seq_mean_token_mean", marks=pytest.mark.slow), ("grpo", "token_mean"),
+    pytest.param("grpo", "seq_mean_token_sum_norm", marks=pytest.mark.slow), ("sft", None)])
 def test_grad_accumulation_scan_equals_one_batch(tiny_step, mode, loss_agg):
   ref = tiny_step["logps_fn"](tiny_step["flat"], tiny_step["tb"]) - 0.1 if mode == "grpo" else None
   kw = dict(mode=mode, loss_agg=loss_agg or "seq_mean_token_mean")

@@ -3,14 +3,17 @@
 Graph (one process of a multi-host run):
 
   MapDataset.source(records)          sources.Record list, or a TFDS data source + record_from_example
+    .map_with_index(_WithKey)         (source index, record): the record's identity for bad-record
+                                      counting across epochs
     [process_index::process_count]    per-process shard (multi-host ready)
     .shuffle(seed).repeat(num_epochs) seeded global shuffle, reshuffled each epoch
     .map_with_index(Preprocess)       decode + sample + resize + patchify + tokenise, in grain worker
                                       processes; a bad record becomes a marker, never an exception
     .to_iter_dataset().mp_prefetch()  N worker processes, elements interleaved in index order
-  _BatchIterDataset                   main process: count bad markers (one warning each, strict
-                                      mode raises), collect batch_size good elements, left-pad tokens
-                                      to a length bucket and vision rows to static patch budgets
+  _BatchIterDataset                   main process: count bad markers (one warning per distinct
+                                      record, whatever the epoch or worker; strict mode raises),
+                                      collect batch_size good elements, left-pad tokens to a length
+                                      bucket and vision rows to static patch budgets
   ThreadPrefetchIterDataset           a few batches ahead
 
 Batching runs after mp_prefetch (grain's advice for many-to-one steps): worker k processes elements
@@ -31,7 +34,8 @@ budgets, nv/ni = videos/images in the batch, in row order):
   valid bool[B]                                        False on padding rows of a final partial batch
   host metadata lists (len B): id, problem_type, solution, process, cognitive_map, categories,
   data_source, question_type, ground_truth, data_type, media
-  bad_records dict: skipped-record counts so far, by reason (sources.BadRecords.metrics format)
+  bad_records dict: distinct records skipped so far, by reason (sources.BadRecords.metrics format;
+                    a record that fails again in a later epoch is not counted again)
 Grids stay host arrays with only the real rows: they feed host index code (positions.get_rope_index,
 qwen2_5_vl.prepare_vision_inputs with the patch budgets as pad-to sizes), never a jitted function.
 """
@@ -138,28 +142,44 @@ def patch_budgets(cfg: DataConfig) -> tuple[int, int]:
   return int(v), int(i)
 
 
-class Preprocess:
-  """Record -> model-ready element (runs in grain workers; picklable).
+class _WithKey:
+  """(index in the source, record): the key that identifies a record in every epoch.
 
-  Input: sources.Record (media path or media_bytes). Output dict:
-    input_ids int32[T] (vision span expanded), pixels float32[P, 1176], grid_thw int64[3],
-    second_per_grid_t float (videos), pixels_shuffled float32[P, 1176] (videos, temporal=True),
-    plus the record's metadata fields. A bad record gives {"bad": (reason, id, file, detail)} instead.
+  grain hands a map below shuffle/repeat the element's index in the repeated stream (epoch * n +
+  position), so the position in the source is that index modulo the source length.
+  """
+
+  def __init__(self, num_records: int):
+    self.num_records = num_records
+
+  def __call__(self, index: int, rec):
+    return index % self.num_records, rec
+
+
+class Preprocess:
+  """(key, Record) -> model-ready element (runs in grain workers; picklable).
+
+  Input: (the record's index in the source, sources.Record with a media path or media_bytes).
+  Output dict: input_ids int32[T] (vision span expanded), pixels float32[P, 1176], grid_thw
+  int64[3], second_per_grid_t float (videos), pixels_shuffled float32[P, 1176] (videos,
+  temporal=True), plus the record's metadata fields. A bad record gives
+  {"bad": (reason, id, file, detail), "key": key} instead.
   """
 
   def __init__(self, tokenizer, cfg: DataConfig, seed: int):
     self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
     self.video_budget, self.image_budget = patch_budgets(cfg)
 
-  def __call__(self, index: int, rec: sources.Record) -> dict:
+  def __call__(self, index: int, item: tuple) -> dict:
+    key, rec = item
     try:
       return self._process(index, rec)
     except video.MediaError as e:
-      return {"bad": ("media", rec.id, rec.source_file, str(e))}
+      return {"bad": ("media", rec.id, rec.source_file, str(e)), "key": key}
     except prompts.PromptTooLongError as e:
-      return {"bad": ("prompt_too_long", rec.id, rec.source_file, str(e))}
+      return {"bad": ("prompt_too_long", rec.id, rec.source_file, str(e)), "key": key}
     except _OverBudget as e:
-      return {"bad": ("over_budget", rec.id, rec.source_file, str(e))}
+      return {"bad": ("over_budget", rec.id, rec.source_file, str(e)), "key": key}
 
   def _process(self, index, rec):
     cfg = self.cfg
@@ -238,7 +258,8 @@ def _stack_rows(arrays, rows):
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Counts bad markers and batches good elements (main process). State = parent state + counts."""
+  """Counts bad markers and batches good elements (main process, so the keys of every worker's bad
+  records meet in one place). State = parent state + bad-record counts and keys."""
 
   def __init__(self, parent, cfg: DataConfig, pad_token_id: int):
     super().__init__(parent)
@@ -254,7 +275,7 @@ class _BatchIterator(grain.DatasetIterator):
       except StopIteration:
         break
       if "bad" in e:
-        self.bad.report(*e["bad"])
+        self.bad.report(*e["bad"], key=e["key"])
       else:
         good.append(e)
     if not good or (len(good) < self._cfg.batch_size and self._cfg.drop_remainder):
@@ -264,12 +285,13 @@ class _BatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "bad_records": dict(self.bad.counts)}
+    return {"parent": self._parent.get_state(), "bad_records": self.bad.get_state()}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self.bad.counts.clear()
-    self.bad.counts.update(state["bad_records"])
+    bad = state["bad_records"]
+    # Checkpoints written before the keys were kept hold the bare counts.
+    self.bad.set_state(bad if "counts" in bad else {"counts": bad})
 
 
 class _BatchIterDataset(grain.IterDataset):
@@ -303,6 +325,7 @@ def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_ind
     from spacer_jax.data import tfds_builders  # TFDS is only needed for this kind of source.
 
     ds = ds.map(tfds_builders.record_from_example)
+  ds = ds.map_with_index(_WithKey(len(ds)))
   ds = ds[process_index::process_count]
   if cfg.shuffle:
     ds = ds.shuffle(seed)

@@ -89,11 +89,35 @@ VSI_NA_TYPES = (
 VSI_OFFICIAL_PRE_PROMPT = "These are frames of a video."
 VSI_OFFICIAL_MCA_POST_PROMPT = "Answer with the option's letter from the given choices directly."
 VSI_OFFICIAL_NA_POST_PROMPT = "Please answer the question using a single word or phrase."
+# SpaceR-Eval's non-thinking "default" prompt type (all its benchmarks): "Question: {Question}\n", then
+# "\n" and one of these.
+EVAL_DEFAULT_PRE_PROMPT = "Question: {Question}\n"
+EVAL_DEFAULT_MCA_POST_PROMPT = "Answer with the option's letter from the given choices directly."
+EVAL_DEFAULT_NA_POST_PROMPT = "Please answer the question using a numerical value (e.g., 42 or 3.1)."
 
 # Chat-template special strings (Qwen2.5 tokenizer added tokens, spec qwen2_5_vl.md §1.3).
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+
+# The Jinja chat template of every Qwen2.5-VL Instruct checkpoint (its chat_template.json), which
+# `chat_text` renders without Jinja; written next to exported checkpoints whose tokenizer has none
+# (docs/qwen2_5_vl.md, "Preprocessing").
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # Default length buckets for left padding (static shapes; a recompile per bucket, not per prompt).
 DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)
@@ -167,8 +191,9 @@ def vsibench_prompt(
 
   Args:
     question, question_type, options: fields of the official release.
-    style: "spacer" (SpaceR-Eval: COGMAP_TEMPLATE with a fixed 23-category list, then "\\n" + suffix)
-      or "official" (lmms-eval's thinking-in-space prompt).
+    style: "spacer" (SpaceR-Eval: COGMAP_TEMPLATE with a fixed 23-category list, then "\\n" + suffix),
+      "spacer_default" (SpaceR-Eval's non-thinking prompt: "Question: ...\\n", "\\n", a direct-answer
+      instruction) or "official" (lmms-eval's thinking-in-space prompt).
     categories: category list for the spacer style (SpaceR-Eval's fixed list by default).
   """
   is_mca = question_type in VSI_MCA_TYPES
@@ -179,9 +204,13 @@ def vsibench_prompt(
       opts = "Options:\n" + "\n".join(options or ())
       return "\n".join([VSI_OFFICIAL_PRE_PROMPT, question, opts, VSI_OFFICIAL_MCA_POST_PROMPT])
     return VSI_OFFICIAL_PRE_PROMPT + "\n" + question + "\n" + VSI_OFFICIAL_NA_POST_PROMPT
-  if style != "spacer":
-    raise ValueError(f"unknown VSI-Bench prompt style {style!r} (use 'spacer' or 'official')")
   q = question + ("\nOptions:\n" + "\n".join(options) if options else "")
+  if style == "spacer_default":
+    return (EVAL_DEFAULT_PRE_PROMPT.format(Question=q) + "\n"
+            + (EVAL_DEFAULT_MCA_POST_PROMPT if is_mca else EVAL_DEFAULT_NA_POST_PROMPT))
+  if style != "spacer":
+    raise ValueError(f"unknown VSI-Bench prompt style {style!r} (use 'spacer', 'spacer_default' or"
+                     " 'official')")
   body = COGMAP_TEMPLATE.format(Question=q, object_list=str(list(categories)), map_example=MAP_EXAMPLE)
   return body + "\n" + TYPE_TEMPLATE["multiple choice" if is_mca else "numerical"]
 
@@ -198,7 +227,8 @@ def chat_text(
 
   Args:
     prompt: user text.
-    media: "video", "image" or None (text only).
+    media: "video", "image", None (text only), or a sequence of them for several media items in
+      one turn (SPAR-Bench's images), each rendered as its own vision span, in order.
     system_prompt: system message (the template's default, which SpaceR gets because its message
       list has no system turn); None drops the system turn, which the template itself never does.
     add_generation_prompt: append "<|im_start|>assistant\\n".
@@ -207,12 +237,13 @@ def chat_text(
   if system_prompt is not None:
     parts.append(f"{IM_START}system\n{system_prompt}{IM_END}\n")
   parts.append(f"{IM_START}user\n")
-  if media == "video":
-    parts.append(VISION_START + VIDEO_PAD + VISION_END)
-  elif media == "image":
-    parts.append(VISION_START + IMAGE_PAD + VISION_END)
-  elif media is not None:
-    raise ValueError(f"media must be 'video', 'image' or None, got {media!r}")
+  for item in ([] if media is None else [media] if isinstance(media, str) else list(media)):
+    if item == "video":
+      parts.append(VISION_START + VIDEO_PAD + VISION_END)
+    elif item == "image":
+      parts.append(VISION_START + IMAGE_PAD + VISION_END)
+    else:
+      raise ValueError(f"media must be 'video', 'image' or None, got {media!r}")
   parts.append(f"{prompt}{IM_END}\n")
   if add_generation_prompt:
     parts.append(f"{IM_START}assistant\n")

@@ -19,6 +19,10 @@ Preparation (data in a manual directory, output in a TFDS data_dir):
   # VSI-Bench: {manual_dir}/test-*.parquet (or *.json / *.jsonl), videos at {manual_dir}/{dataset}/{scene_name}.mp4
   python -m spacer_jax.data.tfds_builders --dataset=vsibench --manual_dir=/data/VSI-Bench --data_dir=/data/tfds
 
+Only media inside the manual directory are stored: a record whose media path is absolute or resolves
+outside it (`..`, symlinks; VSI-Bench's `dataset`/`scene_name` likewise) is skipped and counted as a
+bad record (sources.confined_path), unless `--allow_media_outside_root` is given.
+
 Reading: `data_source("spacer151k", data_dir)` -> an ArrayRecordDataSource; `record_from_example` turns
 an example back into a sources.Record (with media_bytes set) for the pipeline.
 """
@@ -102,10 +106,11 @@ class _MediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # builders defined in a package; the answer is simply this file.
     return epath.Path(__file__)
 
-  def __init__(self, *, strict: bool = False, **kwargs):
+  def __init__(self, *, strict: bool = False, allow_media_outside_root: bool = False, **kwargs):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
     self.bad = sources.BadRecords(strict)
+    self.allow_media_outside_root = allow_media_outside_root
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features())
@@ -143,7 +148,8 @@ class Spacer151k(_MediaBuilder):
   )
 
   def _load_records(self, manual_dir):
-    return sources.load_spacer(manual_dir / self.ANNOTATION_FILE, media_root=manual_dir, bad=self.bad)
+    return sources.load_spacer(manual_dir / self.ANNOTATION_FILE, media_root=manual_dir, bad=self.bad,
+                               allow_media_outside_root=self.allow_media_outside_root)
 
 
 class Vsibench(_MediaBuilder):
@@ -163,14 +169,16 @@ class Vsibench(_MediaBuilder):
       raise FileNotFoundError(f"no VSI-Bench annotation (*.parquet/*.jsonl/*.json) in {manual_dir}")
     records = []
     for f in files:
-      records += sources.load_vsibench(f, video_root=manual_dir, bad=self.bad)
+      records += sources.load_vsibench(f, video_root=manual_dir, bad=self.bad,
+                                       allow_media_outside_root=self.allow_media_outside_root)
     return records
 
 
 BUILDERS = {"spacer151k": Spacer151k, "vsibench": Vsibench}
 
 
-def prepare(dataset: str, manual_dir, data_dir, strict: bool = False) -> sources.BadRecords:
+def prepare(dataset: str, manual_dir, data_dir, strict: bool = False,
+            allow_media_outside_root: bool = False) -> sources.BadRecords:
   """Builds the array_record dataset; returns the counter of skipped records.
 
   Args:
@@ -178,10 +186,12 @@ def prepare(dataset: str, manual_dir, data_dir, strict: bool = False) -> sources
     manual_dir: directory with the annotation files and media (see the builders' instructions).
     data_dir: TFDS data_dir the shards are written to ({data_dir}/{dataset}/1.0.0/).
     strict: raise on the first bad record instead of skipping it.
+    allow_media_outside_root: also store media whose path is absolute or leads out of manual_dir.
   """
   if dataset not in BUILDERS:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(BUILDERS)}")
-  builder = BUILDERS[dataset](data_dir=str(data_dir), strict=strict)
+  builder = BUILDERS[dataset](data_dir=str(data_dir), strict=strict,
+                              allow_media_outside_root=allow_media_outside_root)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
   )
@@ -196,7 +206,8 @@ def data_source(dataset: str, data_dir, split: str | None = None):
 
 def main(argv):
   del argv
-  bad = prepare(_FLAGS.dataset, _FLAGS.manual_dir, _FLAGS.data_dir, strict=_FLAGS.strict)
+  bad = prepare(_FLAGS.dataset, _FLAGS.manual_dir, _FLAGS.data_dir, strict=_FLAGS.strict,
+                allow_media_outside_root=_FLAGS.allow_media_outside_root)
   print(json.dumps(bad.metrics()))
 
 
@@ -207,6 +218,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("manual_dir", None, "Directory with the annotation files and media.")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to.")
   flags.DEFINE_bool("strict", False, "Fail on the first bad record instead of skipping it.")
+  flags.DEFINE_bool("allow_media_outside_root", False,
+                    "Also store media whose path is absolute or resolves outside --manual_dir.")
   flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
   _FLAGS = flags.FLAGS
   app.run(main)

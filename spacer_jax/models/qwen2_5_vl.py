@@ -33,6 +33,27 @@ from spacer_jax.models import text
 from spacer_jax.models import vision
 
 
+MODEL_TYPE = "qwen2_5_vl"
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+
+
+def check_hf_config(d, source="config dict"):
+  """Raises ValueError, naming `source`, unless the config.json dict `d` describes a Qwen2.5-VL.
+
+  Checks model_type (and architectures when listed) and that a vision_config is present, so that
+  a checkpoint of another family is refused before any of its weights is read.
+  """
+  if not isinstance(d, dict):
+    raise ValueError(f"{source}: config is a {type(d).__name__}, not a JSON object")
+  model_type, archs = d.get("model_type"), d.get("architectures") or []
+  if model_type != MODEL_TYPE or (archs and not set(archs) & set(ARCHITECTURES)):
+    raise ValueError(f"{source}: checkpoint architecture is model_type={model_type!r} {archs}; "
+                     f"this code runs Qwen2.5-VL (model_type {MODEL_TYPE!r}, {ARCHITECTURES[0]})")
+  if not isinstance(d.get("vision_config"), dict):
+    raise ValueError(f"{source}: Qwen2.5-VL config has no vision_config (a text-only Qwen2 "
+                     "checkpoint cannot be loaded as a vision-language model)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2_5_VLConfig:
   """Architecture + token ids. Build it from a checkpoint with `from_hf_json`."""
@@ -105,11 +126,22 @@ class Qwen2_5_VLConfig:
   @classmethod
   def from_hf_json(cls, path_or_dict, **overrides):
     """From a checkpoint's config.json (dir, file or dict), transformers 4.x flat or 5.x nested."""
-    d = path_or_dict
+    d, source = path_or_dict, "config dict"
     if not isinstance(d, dict):
-      path = os.path.join(d, "config.json") if os.path.isdir(d) else d
-      with open(path) as f:
-        d = json.load(f)
+      source = os.path.join(d, "config.json") if os.path.isdir(d) else os.fspath(d)
+      try:
+        with open(source) as f:
+          d = json.load(f)
+      except ValueError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from e
+    check_hf_config(d, source)
+    try:
+      return cls._from_dict(d, overrides)
+    except KeyError as e:
+      raise ValueError(f"{source}: Qwen2.5-VL config lacks the field {e.args[0]!r}") from e
+
+  @classmethod
+  def _from_dict(cls, d, overrides):
     t = dict(d.get("text_config") or d)  # 4.x: text keys at the top level
     v = d["vision_config"]
     rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
@@ -432,7 +464,9 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
     **config_overrides: Qwen2_5_VLConfig fields to override (e.g. text_after_vision="hf5").
 
   Raises:
-    KeyError listing every missing, unexpected and mis-shaped key.
+    ValueError (hf_weights.CheckpointError for the weight files) naming the file and key when
+    config.json is not a Qwen2.5-VL config or a file is corrupt, truncated, missing from disk or
+    holds non-finite values; KeyError listing every missing, unexpected and mis-shaped key.
   """
   from spacer_jax import modeling  # pylint: disable=g-import-not-at-top  (modeling imports this)
   if modeling.source_kind(path) != "hf":
@@ -441,11 +475,21 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None, *, mesh=None, rules=None,
                              rules=rules or (), **config_overrides)
 
 
-def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30):
-  """Writes config.json + safetensors in the published key layout (transformers-loadable)."""
+def save_hf(model: Qwen2_5_VL, path, *, max_shard_bytes: int = 4 << 30, dtype=None):
+  """Writes config.json + safetensors in the published key layout (transformers-loadable).
+
+  Args:
+    model: the model to save.
+    path: output directory (created; a previous checkpoint there is replaced).
+    max_shard_bytes: above this size the weights are split into files with an index.
+    dtype: cast the weights to this dtype while writing (e.g. "bfloat16"); None keeps the params'
+      dtype. config.json's `dtype` field records the dtype written.
+  """
   os.makedirs(path, exist_ok=True)
   cfg_dict = model.config.to_hf_dict()
-  cfg_dict["dtype"] = str(np.dtype(model.model.norm.weight[...].dtype))
+  stored = model.model.norm.weight[...].dtype if dtype is None else dtype
+  cfg_dict["dtype"] = str(np.dtype(stored))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg_dict, f, indent=2)
-  hf_weights.save_params(tree_utils.split_model(model)[1], path, max_shard_bytes=max_shard_bytes)
+  hf_weights.save_params(tree_utils.split_model(model)[1], path, max_shard_bytes=max_shard_bytes,
+                         dtype=None if dtype is None else np.dtype(dtype))
