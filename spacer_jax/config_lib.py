@@ -166,7 +166,7 @@ def make_data_config(config, temporal, process_count=1):
       shuffle=d.shuffle, strict=not d.skip_bad_records)
 
 
-def base_config(size="7b", frames=16, sharding="", lora=0):
+def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
   """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
 
   Args:
@@ -174,12 +174,17 @@ def base_config(size="7b", frames=16, sharding="", lora=0):
     frames: max frames per video.
     sharding: "" (by size) | "fsdp" | "fsdp_tp".
     lora: LoRA rank (0: full fine-tuning).
+    lora_targets: LORA_TARGETS presets joined by "+" (e.g. "text+vision").
 
   Returns:
     ml_collections.ConfigDict with every key train.py reads.
   """
   if size not in ("3b", "7b", "32b", "72b"):
     raise ValueError(f"config argument size must be 3b|7b|32b|72b, got {size!r}")
+  unknown = [n for n in lora_targets.split("+") if n not in LORA_TARGETS]
+  if unknown:
+    raise ValueError(f"config argument lora_targets: unknown {unknown}; use {sorted(LORA_TARGETS)} "
+                     "joined by '+'")
   c = ml_collections.ConfigDict()
   c.mode = "grpo"  # "grpo" | "sft"
   c.sft_warmup_steps = 0  # SFT steps on the solutions before RL starts (0 = SpaceR: none).
@@ -267,7 +272,8 @@ def base_config(size="7b", frames=16, sharding="", lora=0):
   # base_param_dtype and is also GRPO's reference policy (no second copy of the weights).
   c.lora = ml_collections.ConfigDict(dict(
       rank=lora, alpha=32.0, dropout=0.0,
-      targets=LORA_TARGETS["text"],  # regexes over module names; presets: config_lib.LORA_TARGETS
+      # Regexes searched in the Linear layers' names (LORA_TARGETS presets; lora_targets= argument).
+      targets=tuple(dict.fromkeys(t for n in lora_targets.split("+") for t in LORA_TARGETS[n])),
       train_also=(),  # regexes over parameter names trained in full (e.g. r"^lm_head\.")
       base_param_dtype="bfloat16", use_rslora=False,
       adapter_dir="",  # start from this peft adapter (adapter_config.json + safetensors)

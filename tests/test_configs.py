@@ -13,7 +13,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 ARGS = {
     "sgrlvr.py": ["", "size=3b", "size=7b", "size=32b", "size=72b", "frames=32", "sharding=fsdp_tp",
                   "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo", "size=3b,lora=16",
-                  "demo,lora=8"],
+                  "demo,lora=8", "smoke,lora=4,lora_targets=text+vision"],
     "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke", "lora=16,smoke"],
     "sft.py": ["", "size=3b", "size=72b", "target=process", "sharding=fsdp_tp", "smoke",
                "target=process,smoke", "lora=16"],
@@ -69,6 +69,8 @@ def test_config_loads(name, arg):
   assert c.lora.rank == (int(arg.split("lora=")[1].split(",")[0]) if "lora=" in arg else 0)
   lora = config_lib.make_lora_config(c)
   assert (lora is None) == (c.lora.rank == 0)
+  if "lora_targets=text+vision" in arg:
+    assert c.lora.targets == config_lib.LORA_TARGETS["text"] + config_lib.LORA_TARGETS["vision"]
 
 
 def test_recipe_values():
@@ -102,7 +104,8 @@ def test_bad_eval_arguments_raise(arg):
     _load("eval_vsibench.py").get_config(arg)
 
 
-@pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe"])
+@pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe",
+                                 "lora=4,lora_targets=text+audio"])
 def test_bad_arguments_raise(arg):
   with pytest.raises(ValueError):
     _load("sgrlvr.py").get_config(arg)
