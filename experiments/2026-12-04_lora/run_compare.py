@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
-SFT_STEPS, DEMO_STEPS, GRPO_STEPS = 150, 200, 50
+SFT_STEPS, DEMO_STEPS, GRPO_STEPS = 150, 200, 50  # --sft_steps/--grpo_steps: a dry run only
 ARMS = {
     "full": ["--config=configs/sgrlvr.py:demo", "--config.optim.lr=9e-4"],
     "lora": ["--config=configs/sgrlvr.py:demo,lora=8", "--config.optim.lr=9e-3"],
@@ -40,8 +40,9 @@ MARGIN = 0.05  # a difference of the arms' 3-seed means, fixed before the runs (
 
 
 def _train(workdir, flags, log):
+  # flags[0] is --config=...: absl reads the overrides after it.
   cmd = ["nice", "-n", "10", sys.executable, "-m", "spacer_jax.train", f"--workdir={workdir}",
-         "--config.post_train=", "--config.use_progress_bar=False", *flags]
+         *flags, "--config.post_train=", "--config.use_progress_bar=False"]
   env = {**os.environ, "PYTHONPATH": ROOT}
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -54,7 +55,7 @@ def _wait(proc, what, log):
   return usage.ru_utime + usage.ru_stime
 
 
-def make_base(out):
+def make_base(out, sft_steps=SFT_STEPS):
   """The SFT checkpoint both arms start from, as a Hugging Face directory."""
   hf = os.path.join(out, "sft_hf")
   if os.path.isfile(os.path.join(hf, "config.json")):
@@ -63,8 +64,9 @@ def make_base(out):
   log = os.path.join(out, "sft.log")
   t0 = time.time()
   cpu = _wait(_train(sft, ["--config=configs/sgrlvr.py:demo", "--config.seed=42",
-                           f"--config.total_steps={SFT_STEPS}",
-                           f"--config.sft_warmup_steps={SFT_STEPS}",
+                           f"--config.total_steps={sft_steps}",
+                           f"--config.sft_warmup_steps={sft_steps}",
+                           f"--config.ckpt_every_steps={sft_steps}",
                            f"--config.optim.decay_steps={DEMO_STEPS}",
                            f"--config.data.synthetic_root={os.path.join(out, 'data')}"], log),
               "the SFT base", log)
@@ -75,14 +77,14 @@ def make_base(out):
   return hf
 
 
-def run_flags(arm, seed, out, hf):
+def run_flags(arm, seed, out, hf, grpo_steps=GRPO_STEPS):
   return [*ARMS[arm], f"--config.seed={seed}", "--config.model.variant=",
           f"--config.model.hf_dir={hf}", "--config.sft_warmup_steps=0",
-          f"--config.total_steps={GRPO_STEPS}", f"--config.ckpt_every_steps={GRPO_STEPS}",
+          f"--config.total_steps={grpo_steps}", f"--config.ckpt_every_steps={grpo_steps}",
           f"--config.data.synthetic_root={os.path.join(out, 'data')}"]
 
 
-def heldout(out, workdirs):
+def heldout(out, workdirs, max_items=0):
   """Held-out greedy scores of the base and of each run's final weights (merged for LoRA runs)."""
   from configs import sgrlvr  # pylint: disable=g-import-not-at-top
   from spacer_jax import config_lib, demo, modeling  # pylint: disable=g-import-not-at-top
@@ -91,6 +93,7 @@ def heldout(out, workdirs):
   config = sgrlvr.get_config("demo")
   paths = synthetic.dataset_paths(os.path.join(out, "data"))
   records, qtypes = demo.heldout_records(paths, os.path.join(out, "heldout.jsonl"))
+  records = records[:max_items] if max_items else records
   hf = os.path.join(out, "sft_hf")
   tokenizer = tokenizer_lib.load_tokenizer(hf)
   abstract = modeling.abstract_model(modeling.model_config(hf))
@@ -157,6 +160,9 @@ def main():
   ap.add_argument("--arms", default="full,lora")
   ap.add_argument("--parallel", type=int, default=2)
   ap.add_argument("--summarize_only", action="store_true")
+  ap.add_argument("--sft_steps", type=int, default=SFT_STEPS)
+  ap.add_argument("--grpo_steps", type=int, default=GRPO_STEPS)
+  ap.add_argument("--heldout_items", type=int, default=0, help="0 = all (a dry run: fewer)")
   args = ap.parse_args()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
@@ -164,17 +170,17 @@ def main():
   names = [f"{arm}_{s}" for s in seeds for arm in args.arms.split(",")]
   times = {}
   if not args.summarize_only:
-    hf = make_base(out)
-    pending, running = [n for n in names
-                        if not os.path.isfile(os.path.join(out, n, "ckpt", str(GRPO_STEPS),
-                                                           "state", "_METADATA"))], []
+    hf = make_base(out, args.sft_steps)
+    from spacer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    pending, running = [n for n in names if checkpoint.latest_step(
+        os.path.join(out, n, "ckpt")) != args.grpo_steps], []
     while pending or running:
       while pending and len(running) < args.parallel:
         n = pending.pop(0)
         arm, seed = n.split("_")
         log = os.path.join(out, n + ".log")
-        running.append((n, log, time.time(), _train(os.path.join(out, n),
-                                                     run_flags(arm, seed, out, hf), log)))
+        running.append((n, log, time.time(), _train(
+            os.path.join(out, n), run_flags(arm, seed, out, hf, args.grpo_steps), log)))
       n, log, t0, proc = running.pop(0)
       times[n] = {"cpu_s": _wait(proc, n, log), "wall_s": time.time() - t0}
       print(f"{n} done: {times[n]}", flush=True)
@@ -183,7 +189,7 @@ def main():
   elif os.path.isfile(os.path.join(out, "times.json")):
     times = json.load(open(os.path.join(out, "times.json")))
   runs = {n: {**run_numbers(os.path.join(out, n)), **times.get(n, {})} for n in names}
-  scores = heldout(out, {n: os.path.join(out, n) for n in names})
+  scores = heldout(out, {n: os.path.join(out, n) for n in names}, args.heldout_items)
   for n in names:
     runs[n]["heldout_acc"] = scores[n]["accuracy_base"]
     runs[n]["heldout_format"] = scores[n]["format"]
