@@ -12,6 +12,10 @@ Run sheet
                          and, for 32b/72b, the FSDP+TP preset.
     frames=16            max frames per video (SpaceR: 16).
     sharding=fsdp|fsdp_tp
+    lora=RANK            LoRA adapters of this rank instead of full fine-tuning (0 = off; README
+                         "LoRA": alpha, dropout, peft export); a larger config.optim.lr is usual.
+    lora_targets=text    the adapted layers: text, vision, merger, all, or a '+' of them
+                         (config_lib.LORA_TARGETS; e.g. text+vision).
     smoke                tiny model, synthetic data, 2 steps on CPU (< 1 minute).
     demo                 the CPU demo (README's first command): synthetic data, tiny random-init model,
                          SFT warm-up on templated think/map/answer traces, then SG-RLVR; writes
@@ -30,8 +34,9 @@ from spacer_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", smoke=False, demo=False)
-  c = config_lib.base_config(a.size, a.frames, a.sharding)
+  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", lora=0, lora_targets="text",
+                           smoke=False, demo=False)
+  c = config_lib.base_config(a.size, a.frames, a.sharding, a.lora, a.lora_targets)
   # SG-RLVR = the base recipe as is: cognitive-map prompt and map reward, temporal and length bonuses.
   if a.demo:
     return demo(c)
