@@ -290,11 +290,19 @@ def main(argv):
     finish(config, os.path.abspath(workdir))
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+def define_flags(fv=None):
+  """--config (default: the packaged configs/sgrlvr.py:demo) and --workdir."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/sgrlvr.py:demo",
-                                  "Demo config (default: configs/sgrlvr.py:demo).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.")
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  config_flags.DEFINE_config_file("config", cli.resolve_config("configs/sgrlvr.py:demo"),
+                                  "Demo config (default: configs/sgrlvr.py:demo).", lock_config=True,
+                                  flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+if __name__ == "__main__":
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__)

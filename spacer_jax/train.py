@@ -39,8 +39,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, modeling, optim, rollout
-from spacer_jax import sampling, sharding, tree_utils
+from spacer_jax import checkpoint, cli, config_lib, grpo, metrics as metrics_lib, modeling, optim
+from spacer_jax import rollout, sampling, sharding, tree_utils
 from spacer_jax.models import qwen2_5_vl
 
 # Keys of a TrainBatch that have one entry per completion row (split into micro-batches).
@@ -502,10 +502,7 @@ def train_and_evaluate(config, workdir):
                            config.seed),
         train_iter, resume_dir=config.resume, strict=config.resume_strict)
     start = int(state["step"]) + 1
-    if start > phases.total_steps:
-      logging.info("state from %s: the run already finished at step %d", origin, start - 1)
-    else:
-      logging.info("state from %s; training steps %d..%d", origin, start, phases.total_steps)
+    logging.info(_start_message(origin, start - 1, phases.total_steps, config, source))
     # The reference policy is the initial model, reloaded (never checkpointed).
     ref_params = (modeling.load_params(source, abstract.with_param_dtype(
         config.model.ref_param_dtype), seed=config.seed) if use_ref else None)
@@ -534,8 +531,9 @@ def train_and_evaluate(config, workdir):
               "token_logps": int(logps_fn._cache_size()), **sampling.compile_counts()}  # pylint: disable=protected-access
 
     # == Loop =====================================================================================
-    writer = metrics_lib.MetricWriter(workdir, start_step=start,
-                                      use_tensorboard=config.use_tensorboard)
+    writer = metrics_lib.MetricWriter(
+        workdir, start_step=start, use_tensorboard=config.use_tensorboard,
+        wandb=config.wandb.to_dict() if config.get("wandb") else None, config=config.to_dict())
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
     with checkpoint.PreemptionGuard() as guard:
@@ -604,6 +602,18 @@ def train_and_evaluate(config, workdir):
   return state, guard.requested
 
 
+def _start_message(origin, step, total_steps, config, source):
+  """One line: where the state came from and which steps this process trains."""
+  where = {"workdir": f"resumed from this workdir's checkpoint at step {step}",
+           "resume": f"state of step {step} from config.resume={config.resume}",
+           "init": "initial weights from " + ("random init" if source == modeling.RANDOM
+                                              else str(source))}[origin]
+  if step >= total_steps:
+    return (f"{where}: nothing to train (total_steps={total_steps}; raise "
+            f"--config.total_steps to continue)")
+  return f"{where}; training steps {step + 1}..{total_steps}"
+
+
 def run_post_train(config, workdir):
   """Calls `config.post_train` ("module:function", e.g. the demo's "spacer_jax.demo:finish") with
   (config, workdir); the trainer itself knows nothing about what it does."""
@@ -626,9 +636,15 @@ def main(argv):
     run_post_train(config, workdir)
 
 
+def define_flags(fv=flags.FLAGS):
+  """--config and --workdir; defined only when run as a program, so other modules (the demo, the
+  planner, tests) import this one without defining them twice."""
+  config_flags.DEFINE_config_file("config", None, "Training config: a file (configs/sgrlvr.py[:args], "
+                                  "packaged configs are found from any directory) or a short name "
+                                  "(sgrlvr:smoke).", lock_config=True, flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); rerun to resume.",
+                      flag_values=fv)
+
+
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so other modules (the demo, the planner, tests)
-  # import this one without defining --config/--workdir twice.
-  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-  app.run(main)
+  cli.run(main, define_flags, __doc__)
