@@ -21,6 +21,7 @@ Host code (the sampler does the device work).
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -253,10 +254,13 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
     out["heldout"] = heldout
   out["eval_seconds"] = time.perf_counter() - t0
   out["train_seconds"] = float(sum(r.get("time/step_s", 0.0) for r in rows))
+  # The curve needs the optional [plots] part (matplotlib); without it the demo still finishes.
+  out["curve"] = importlib.util.find_spec("matplotlib") is not None
   with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
     json.dump(out, f, indent=1)
-  plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
-              title=f"spacer_jax demo (seed {config.seed})")
+  if out["curve"]:
+    plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
+                title=f"spacer_jax demo (seed {config.seed})")
   printer(summary_text(out))
   return out
 
@@ -274,8 +278,9 @@ def summary_text(m):
     lines.append(f"  held-out after {name:5s} (step {h['step']}): answer accuracy "
                  f"{h['accuracy_base']:.3f}, accuracy reward {h['accuracy']:.3f}, map {h['map']:.3f}, "
                  f"format {h['format']:.3f} on {h['num']} questions [{tasks}]")
-  lines.append(f"  curve: {os.path.join(m['workdir'], 'demo_curve.png')}; metrics: "
-               f"{os.path.join(m['workdir'], 'demo_metrics.json')}")
+  curve = (os.path.join(m["workdir"], "demo_curve.png") if m.get("curve", True)
+           else "not drawn (matplotlib missing: pip install 'spacer_jax[plots]')")
+  lines.append(f"  curve: {curve}; metrics: {os.path.join(m['workdir'], 'demo_metrics.json')}")
   return "\n".join(lines)
 
 
