@@ -564,9 +564,11 @@ def train_and_evaluate(config, workdir):
           if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
             scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
           if step == start:
+            bar.clear()  # the log line on a line of its own, not inside the progress bar's
             logging.info("memory after step %d: %s", step, ", ".join(
                 f"{k.split('/')[1]} {v:.2f} GiB" for k, v in scalars.items()
                 if k.startswith("memory/")))
+            bar.refresh()
           # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.
           writer.write(step, scalars, nonfinite_ok=tuple(k for k in scalars if k.startswith(
               "train/")) if step_metrics["skipped"] else ())
