@@ -17,7 +17,9 @@ other), and runs `cli.run(main, define_flags, __doc__)`, which is absl's `app.ru
                             The INFO chatter of libraries (orbax's checkpoint internals, jax's backend
                             probing, grain) is dropped unless --verbosity is given: --verbosity=0 (-v=0)
                             shows every INFO line, --verbosity=-1 only warnings and errors.
-  app.UsageError            "error: MESSAGE (see --help)" on stderr, exit status error.exitcode (1).
+  app.UsageError            "error: MESSAGE (see --help)" on stderr, exit status error.exitcode (1);
+                            a module's USER_ERRORS (bad input: a missing file, ...) "error: MESSAGE",
+                            exit status 2, no traceback.
 
 The console scripts of pyproject.toml are the functions at the bottom (SCRIPTS: script -> module).
 
@@ -94,11 +96,12 @@ def _checked(value):
   return resolved
 
 
-def help_text(doc, own, fv=flags.FLAGS):
-  """The docstring, then the help of the flags named in `own` (absl's format), then a footer."""
+def help_text(doc, own, fv=flags.FLAGS, modules=()):
+  """The docstring, then the help of the flags named in `own` or defined by `modules` (absl's format),
+  then a footer."""
   lines = [(doc or "").strip(), ""]
   for module, module_flags in fv.flags_by_module_dict().items():
-    if any(f.name in own for f in module_flags):
+    if module in modules or any(f.name in own for f in module_flags):
       lines += ["flags:"] + fv.module_help(module).strip().splitlines()[1:]  # minus "module:"
   lines += ["", "Logs: spacer_jax's INFO lines and every library's warnings and errors; --verbosity=0",
             "adds the libraries' INFO lines, --verbosity=-1 keeps only warnings and errors.",
@@ -133,9 +136,19 @@ def quiet_library_logs(fv=flags.FLAGS):
   return f
 
 
-def run(main, define_flags=None, doc=None):
+def run(main, define_flags=None, doc=None, module=None, user_errors=()):
   """absl's app.run(main) with the additions of the module docstring: packaged configs, --help exit 0,
-  quiet library logs, one-line usage errors."""
+  quiet library logs, one-line usage errors.
+
+  Args:
+    main: absl main(argv).
+    define_flags: defines the program's flags (None: they are defined at import, as absl's usual
+      module-level flags; --help then lists those of `module` or of the `python -m` main module).
+    doc: the help text's head (the module docstring).
+    module: name of the module that runs (console scripts), for --help with module-level flags.
+    user_errors: exception types that mean bad input (a missing file, ...): "error: MESSAGE" on
+      stderr and exit status 2, without a traceback.
+  """
   before = set(flags.FLAGS)
   if define_flags is not None:
     define_flags()
@@ -148,7 +161,7 @@ def run(main, define_flags=None, doc=None):
     sys.stdout.write((doc or "").strip() + "\n\n" + flags.FLAGS.get_help() + "\n")
     sys.exit(0)
   if any(a in HELP_ARGS for a in args):
-    sys.stdout.write(help_text(doc, own))
+    sys.stdout.write(help_text(doc, own, modules={sys.argv[0], module}))
     sys.exit(0)
 
   def parse(argv):
@@ -166,6 +179,9 @@ def run(main, define_flags=None, doc=None):
     except app.UsageError as e:
       sys.stderr.write(f"error: {e} (see --help)\n")
       sys.exit(e.exitcode)
+    except tuple(user_errors) as e:  # pylint: disable=catching-non-exception
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
 
   app.run(wrapped, flags_parser=parse)
 
@@ -193,7 +209,8 @@ SCRIPTS = {
 def run_module(name):
   """Runs module `name`'s main as its `python -m` command line does."""
   module = importlib.import_module(name)
-  run(module.main, module.define_flags, module.__doc__)
+  run(module.main, getattr(module, "define_flags", None), module.__doc__, module=name,
+      user_errors=getattr(module, "USER_ERRORS", ()))
 
 
 def train():

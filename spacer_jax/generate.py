@@ -124,16 +124,16 @@ def define_flags(fv=flags.FLAGS):
   flags.mark_flags_as_required(["model_dir", "question"], flag_values=fv)
 
 
+# Bad input the command line reports as "error: ..." (exit status 2) instead of a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, video_lib.MediaError,
+               ValueError)
+
+
 def main(argv, fv=flags.FLAGS):
-  """Answers --question; returns the text. A bad file or value: "error: ..." and exit status 2."""
+  """Answers --question (see `answer`); returns the text."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    return answer(fv)
-  except (FileNotFoundError, NotADirectoryError, IsADirectoryError, video_lib.MediaError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  return answer(fv)
 
 
 def answer(fv):
@@ -173,4 +173,4 @@ def answer(fv):
 
 if __name__ == "__main__":
   from spacer_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main, define_flags, __doc__)
+  cli.run(main, define_flags, __doc__, user_errors=USER_ERRORS)

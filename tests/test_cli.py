@@ -97,3 +97,11 @@ def test_library_info_is_dropped_unless_verbosity_is_given():
   flags.DEFINE_integer("verbosity", -1, "", flag_values=fv)
   fv(["p", "--verbosity=0"])
   assert cli.quiet_library_logs(fv) is None  # asked for: absl's behaviour, every INFO line
+
+
+def test_bad_input_is_one_error_line_without_a_traceback(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "spacer_jax.generate", f"--model_dir={tmp_path}/nope",
+                        "--question=q"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in out.stderr
