@@ -232,6 +232,10 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
   c.post_train = ""  # "module:function" that train.py's main calls with (config, workdir) afterwards.
   c.use_tensorboard = True
   c.use_progress_bar = True
+  # Weights & Biases, beside metrics.jsonl and TensorBoard (metrics.WandbWriter): off while project is
+  # "" (wandb is then never imported; pip install 'spacer_jax[wandb]' to use it). mode: "online",
+  # "offline" (files under {workdir}/wandb, `wandb sync` them later) or "disabled".
+  c.wandb = dict(project="", entity="", name="", tags=(), group="", notes="", mode="online")
 
   c.model = ml_collections.ConfigDict(dict(
       hf_dir=f"/ckpt/Qwen2.5-VL-{size.upper()}-Instruct",
@@ -449,6 +453,12 @@ def problems(config, *, num_devices=None, process_count=1):
   accum = check("grad_accum_steps", positive_int, "must be an integer >= 1")
   if config.get("resume"):
     path("resume")
+  if config.get("wandb") and config.wandb.get("project"):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    check("wandb.mode", lambda x: x in ("online", "offline", "disabled"),
+          "must be 'online', 'offline' or 'disabled'")
+    if importlib.util.find_spec("wandb") is None:
+      bad("wandb.project", "is set but wandb is not installed: pip install 'spacer_jax[wandb]'")
 
   # -- data --------------------------------------------------------------------------------------
   batch = check("data.batch_size", positive_int, "must be an integer >= 1")

@@ -89,7 +89,7 @@ def test_resume_from_hf_checkpoint_run(hf_run, shared):
 
 
 def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys):
-  from spacer_jax import evaluate, generate  # pylint: disable=g-import-not-at-top
+  from spacer_jax import cli, evaluate, generate  # pylint: disable=g-import-not-at-top
   from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   c = eval_vsibench.get_config("protocol=official")
   c.model_dir, c.dtype, c.progress, c.max_items, c.batch_size = str(hf_run["workdir"]), "float32", \
@@ -99,8 +99,9 @@ def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys
   result = evaluate.evaluate(c, str(tmp_path / "eval"))
   assert result["num_scored"] == 4 and (tmp_path / "eval" / "table.md").is_file()
   video = next(pathlib.Path(c.data_dir).rglob("*.mp4"))
-  text = generate.main(["--model_dir", str(hf_run["workdir"]), "--video", str(video), "--question",
-                        "How many chairs are in this room?", "--max_new_tokens", "3"])
+  text = cli.call(generate, ["--model_dir", str(hf_run["workdir"]), "--video", str(video),
+                             "--question", "How many chairs are in this room?",
+                             "--max_new_tokens", "3"])
   assert isinstance(text, str) and "tokens in" in capsys.readouterr().err
 
 
