@@ -184,7 +184,8 @@ def make_data_config(config, temporal, process_count=1):
 
 
 def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
-  """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
+  """The SpaceR recipe shared by spacer_jax/configs/{sgrlvr,grpo,sft}.py (docs/spacer_recipe.md,
+  "Hyper-parameters").
 
   Args:
     size: 3b|7b|32b|72b; picks the default checkpoint directory and, for 32b/72b, FSDP+TP.
@@ -391,7 +392,7 @@ def problems(config, *, num_devices=None, process_count=1):
   path exists. Nothing is compiled or loaded.
 
   Args:
-    config: the ConfigDict of configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
+    config: the ConfigDict of spacer_jax/configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
     num_devices: number of devices the mesh must cover (None: not checked).
     process_count: number of processes (hosts); data.batch_size must divide among them.
 
@@ -613,7 +614,7 @@ def validate(config, *, num_devices=None, process_count=1):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation (python -m spacer_jax.evaluate; configs/eval_*.py).
+# Evaluation (python -m spacer_jax.evaluate; spacer_jax/configs/eval_*.py).
 # ---------------------------------------------------------------------------------------------------
 
 # The benchmarks spacer_jax.evaluate runs (config value -> module, see evaluate.BENCHMARKS).
@@ -627,14 +628,15 @@ DEMO_SYNTHETIC_SUBDIR = "data/synthetic"  # train.py's default config.data.synth
 
 
 def eval_config(arg=None, benchmark="vsibench"):
-  """The evaluation config of configs/eval_*.py.
+  """The evaluation config of spacer_jax/configs/eval_*.py.
 
   Args:
     arg: `benchmark=NAME,protocol=P,aggregation=code|readme,demo,demo_workdir=DIR` (all optional).
       protocol "" = "spacer" (SpaceR-Eval's thinking mode); "spacer_default" = its non-thinking mode;
       "official" = VSI-Bench's own protocol (vsibench only). demo evaluates a `train.py` demo workdir
       on its synthetic VSI-Bench split.
-    benchmark: the default of the `benchmark=` argument (each configs/eval_X.py sets its own).
+    benchmark: the default of the `benchmark=` argument (each spacer_jax/configs/eval_X.py sets its
+      own).
   """
   arg = parse_arg(arg, benchmark=benchmark, protocol="", aggregation="code", demo=False,
                   demo_workdir="")

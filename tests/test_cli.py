@@ -105,3 +105,13 @@ def test_bad_input_is_one_error_line_without_a_traceback(tmp_path):
                        timeout=600)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in out.stderr
+
+
+def test_packaged_configs_resolve_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert {"sgrlvr", "grpo", "sft", "eval_vsibench"} <= set(cli.packaged_configs())
+  for value in ("configs/sgrlvr.py:smoke", "spacer_jax/configs/sgrlvr.py:smoke", "sgrlvr:smoke",
+                "sgrlvr.py:smoke"):
+    path, _, arg = cli.resolve_config(value).partition(":")
+    assert path == os.path.join(cli.CONFIG_DIR, "sgrlvr.py") and os.path.isfile(path), value
+    assert arg == "smoke", value

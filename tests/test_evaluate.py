@@ -307,7 +307,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _eval_config(model_dir, data_dir, protocol="spacer"):
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   c = eval_vsibench.get_config(f"protocol={protocol}")
   c.model_dir, c.data_dir, c.dtype = model_dir, data_dir, "float32"
   c.max_new_tokens, c.batch_size, c.prompt_buckets = 6, 8, (1024,)
@@ -519,7 +519,7 @@ def test_trainer_checkpoint(tmp_path, tiny_setup):
 def test_demo_config_on_trainer_workdir(tmp_path, tiny_setup):
   """configs/eval_vsibench.py:demo reads a demo workdir: its checkpoint, tokenizer and VSI split."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
   root, model_dir, _ = tiny_setup
   run = str(tmp_path / "demo")

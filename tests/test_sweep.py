@@ -14,7 +14,7 @@ from spacer_jax import config_lib, demo, grpo, sweep, train
 from spacer_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = os.path.join(ROOT, "spacer_jax", "configs")
 SMOKE = os.path.join(CONFIGS, "sgrlvr.py") + ":smoke"
 ABLATION = os.path.join(CONFIGS, "ablation.py")
 

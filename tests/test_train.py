@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke_config(shared, **overrides):
-  from configs import sgrlvr  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import sgrlvr  # pylint: disable=g-import-not-at-top
   c = sgrlvr.get_config("smoke")
   c.use_progress_bar = False
   c.use_tensorboard = False
@@ -90,7 +90,7 @@ def test_resume_from_hf_checkpoint_run(hf_run, shared):
 
 def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys):
   from spacer_jax import cli, evaluate, generate  # pylint: disable=g-import-not-at-top
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   c = eval_vsibench.get_config("protocol=official")
   c.model_dir, c.dtype, c.progress, c.max_items, c.batch_size = str(hf_run["workdir"]), "float32", \
       False, 4, 4
