@@ -23,7 +23,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from spacer_jax.data import prompts
 
-# Qwen2.5 added tokens in id order (spec qwen2_5_vl.md §1.3): (content, special).
+# Qwen2.5 added tokens in id order (docs/qwen2_5_vl.md, "Configurations"): (content, special).
 QWEN2_5_ADDED_TOKENS = (
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
     ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
