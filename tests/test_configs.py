@@ -88,7 +88,7 @@ def test_recipe_values():
   s = _load("sft.py").get_config("")
   assert s.mode == "sft" and s.optim.schedule == "linear" and s.optim.wd == 0.0
   e = _load("eval_vsibench.py")
-  assert e.get_config("").repetition_penalty == 1.05  # SpaceR-Eval (spec 7.1)
+  assert e.get_config("").repetition_penalty == 1.05  # SpaceR-Eval (docs/spacer_recipe.md, "Evaluation")
   assert e.get_config("protocol=official").repetition_penalty == 1.0
   assert e.get_config("demo,demo_workdir=/tmp/x").repetition_penalty == 1.0
   d = e.get_config("protocol=spacer_default")  # SpaceR-Eval's non-thinking mode
