@@ -92,10 +92,12 @@ def _rows(batch, ref_logps=None):
 
 def token_logps(params, batch, *, graphdef, paths, num_micro=1):
   """Per-token log-probs of the completions under `params` (no gradient): float32[R, Tc]."""
-  model = tree_utils.merge_model(graphdef, params, paths)
-  pe = _prompt_embeds(model, batch)
+  pe = _prompt_embeds(tree_utils.merge_model(graphdef, params, paths), batch)
 
   def body(_, mb):
+    # The model is merged inside the scan body: nnx.remat (use_remat) cannot split a module whose
+    # Variables belong to the enclosing trace.
+    model = tree_utils.merge_model(graphdef, params, paths)
     return None, grpo.token_logps(_row_logits(model, pe, mb), mb["completion_ids"])
 
   _, out = jax.lax.scan(body, None, _micro(_rows(batch), num_micro))

@@ -209,6 +209,19 @@ def test_trainer_logps_equal_sampler_logps(tiny_step):
   np.testing.assert_allclose(lp[m], tiny_step["sampler_logps"][m], atol=1e-5)
 
 
+def test_token_logps_with_remat_equal_without(tiny_step):
+  """The recipe remats every layer (model.use_remat): the reference log-probs must still trace (the
+  model is merged inside the micro-batch scan) and equal the plain forward."""
+  import functools
+  cfg = qwen2_5_vl.tiny(use_remat=True)
+  graphdef, _, paths = tree_utils.split_model(qwen2_5_vl.Qwen2_5_VL(cfg, rngs=__import__(
+      "flax").nnx.Rngs(0)))
+  fn = jax.jit(functools.partial(train.token_logps, graphdef=graphdef, paths=paths, num_micro=2))
+  tb = tiny_step["tb"]
+  np.testing.assert_allclose(np.asarray(fn(tiny_step["flat"], tb)),
+                             np.asarray(tiny_step["logps_fn"](tiny_step["flat"], tb)), atol=1e-6)
+
+
 @pytest.mark.parametrize("mode,loss_agg", [
     pytest.param("grpo", "seq_mean_token_mean", marks=pytest.mark.slow), ("grpo", "token_mean"),
     pytest.param("grpo", "seq_mean_token_sum_norm", marks=pytest.mark.slow), ("sft", None)])
