@@ -214,7 +214,7 @@ def smart_resize(h, w, factor, min_pixels, max_pixels):
 
 def setup_recipe():
   cfg_mod = config_lib.load_config_module(os.path.join(
-      os.path.dirname(__file__), "..", "..", "configs", "sgrlvr.py"))
+      os.path.dirname(__file__), "..", "..", "spacer_jax", "configs", "sgrlvr.py"))
   config = cfg_mod.get_config("size=3b")
   config.grad_accum_steps = ARGS.grad_accum
   if ARGS.generations:
