@@ -39,8 +39,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, modeling, optim, rollout
-from spacer_jax import sampling, sharding, tree_utils
+from spacer_jax import checkpoint, config_lib, distributed, grpo, metrics as metrics_lib, modeling
+from spacer_jax import optim, rollout, sampling, sharding, tree_utils
 from spacer_jax.models import qwen2_5_vl
 
 # Keys of a TrainBatch that have one entry per completion row (split into micro-batches).
@@ -255,19 +255,25 @@ def model_source(config):
 
 def make_tokenizer(config, workdir):
   """The run's tokenizer, also saved as {workdir}/tokenizer so the workdir is self-contained
-  (evaluate, generate and convert read it from there)."""
+  (evaluate, generate and convert read it from there). In a multi-process job process 0 writes the
+  files, then the others read them."""
   from spacer_jax.data import tokenizer as tokenizer_lib  # Host-only dependency (tokenizers).
   out = os.path.join(workdir, modeling.RUN_TOKENIZER_DIR)
-  if config.model.variant:
-    # Tiny/smoke/demo runs use the project's offline BPE (deterministic), built once per workdir.
-    src = config.data.tokenizer_dir or out
-    if os.path.exists(os.path.join(src, "tokenizer.json")):
-      return tokenizer_lib.load_tokenizer(src)
-    return tokenizer_lib.build_offline_tokenizer(out_dir=src)
-  src = modeling.tokenizer_dir(config.model.hf_dir, config.data.tokenizer_dir)
-  tokenizer = tokenizer_lib.load_tokenizer(src)
-  tokenizer_lib.copy_tokenizer_files(src, out)
-  return tokenizer
+
+  def make():
+    if config.model.variant:
+      # Tiny/smoke/demo runs use the project's offline BPE (deterministic), built once per workdir.
+      src = config.data.tokenizer_dir or out
+      if os.path.exists(os.path.join(src, "tokenizer.json")):
+        return tokenizer_lib.load_tokenizer(src)
+      return tokenizer_lib.build_offline_tokenizer(out_dir=src)
+    src = modeling.tokenizer_dir(config.model.hf_dir, config.data.tokenizer_dir)
+    tokenizer = tokenizer_lib.load_tokenizer(src)
+    if distributed.is_primary():
+      tokenizer_lib.copy_tokenizer_files(src, out)
+    return tokenizer
+
+  return distributed.primary_first(make)
 
 
 def make_model_config(config, tokenizer):
@@ -342,10 +348,11 @@ def init_state(params, setup, seed):
 
 
 def batch_shardings(tb, mesh, rules):
-  """Shardings of a TrainBatch: per-row and per-prompt arrays over the batch axes (where they
-  divide), pixels and vision index arrays replicated (the vision tower constrains its own
-  activations). Works on arrays and on ShapeDtypeStructs."""
-  batched = ROW_KEYS + ("prompt_ids", "prompt_mask")
+  """Shardings of a TrainBatch: per-row and per-prompt arrays and the pixel rows over the batch
+  axes (where they divide; the sampler lays the pixels out the same way, so in a multi-process job
+  each process's pixels stay on its devices), vision index arrays replicated (the vision tower
+  constrains its own activations). Works on arrays and on ShapeDtypeStructs."""
+  batched = ROW_KEYS + ("prompt_ids", "prompt_mask", "pixel_values", "pixel_values_videos")
   repl = sharding.replicated(mesh)
   return {k: (sharding.batch_shardings(v, mesh, rules) if k in batched
               else jax.tree.map(lambda _: repl, v)) for k, v in tb.items()}
@@ -441,17 +448,22 @@ def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, tb, setup,
   mu = phases.num_iterations if phase == "grpo" else 1
   updates_before = min(step - 1, phases.sft_steps) + max(step - 1 - phases.sft_steps, 0) * \
       phases.num_iterations
+  # Process-local values (each process's skipped records, its devices' memory) over all processes.
+  local = distributed.allgather_objects((batch.get("bad_records", {}), metrics_lib.memory_scalars()))
+  bad_in_batches = {k: sum(p[0].get(k, 0) for p in local) for k in sorted({k for p in local
+                                                                           for k in p[0]})}
+  memory = {k: max(p[1][k] for p in local if k in p[1]) for k in local[0][1]}
   scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
              "train/lr": float(setup.schedule(updates_before)), "train/updates_per_step": mu,
              "phase_sft": float(phase == "sft"), **bad.metrics("data/bad_records_at_load"),
-             **batch.get("bad_records", {}), "time/step_s": wall}
+             **bad_in_batches, "time/step_s": wall}
   if "rollout/tokens" in roll_metrics:
     scalars["rollout/tokens_per_s"] = roll_metrics["rollout/tokens"] / max(
         timers.get("time/rollout_s", wall), 1e-9)
   scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
       timers.get("time/train_s", wall), 1e-9)
   scalars.update({f"compiles/{k}": v for k, v in compiled.items()})
-  scalars.update(metrics_lib.memory_scalars())
+  scalars.update(memory)
   return scalars
 
 
@@ -473,11 +485,15 @@ def train_and_evaluate(config, workdir):
   if config.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # Multi-process jobs (spacer_jax/distributed.py): process 0 writes every file of the workdir
+  # (orbax writes each process's shards of the checkpoint); all values logged are global.
+  primary = distributed.is_primary()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-  with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
-    f.write(_git_commit() + "\n")
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+    with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
+      f.write(_git_commit() + "\n")
   phases = make_phases(config)
   grpo_config = config_lib.make_grpo_config(config)
   reward_config = config_lib.make_reward_config(config)
@@ -486,13 +502,15 @@ def train_and_evaluate(config, workdir):
   # == Mesh, tokenizer, model ===================================================================
   mesh = sharding.make_mesh(config.mesh)
   rules = config_lib.sharding_rules(config)
-  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
+  logging.info("mesh %s on %s (%d processes)", dict(mesh.shape), jax.devices()[0].platform,
+               jax.process_count())
   tokenizer = make_tokenizer(config, workdir)
   abstract = make_abstract_model(config, tokenizer, mesh)
-  with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
-    json.dump(abstract.config.to_hf_dict(), f, indent=2)
-  with open(os.path.join(workdir, "params.txt"), "w") as f:
-    f.write(abstract.describe() + "\n")
+  if primary:
+    with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
+      json.dump(abstract.config.to_hf_dict(), f, indent=2)
+    with open(os.path.join(workdir, "params.txt"), "w") as f:
+      f.write(abstract.describe() + "\n")
   logging.info("%s parameters (%d tensors; shapes, logical axes and shardings in %s)",
                f"{abstract.param_count:,}", len(abstract.params), os.path.join(workdir, "params.txt"))
   setup = make_train_setup(config, abstract, phases)
@@ -553,10 +571,11 @@ def train_and_evaluate(config, workdir):
 
     # == Loop =====================================================================================
     writer = metrics_lib.MetricWriter(workdir, start_step=start,
-                                      use_tensorboard=config.use_tensorboard)
-    bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
+                                      use_tensorboard=config.use_tensorboard, active=primary)
+    bar = metrics_lib.progress(start, config.total_steps,
+                               disable=not (config.use_progress_bar and primary))
     skipped_in_row = 0
-    with checkpoint.PreemptionGuard() as guard:
+    with checkpoint.Preemption(ckpt) as preemption:
       for step in range(start, phases.total_steps + 1):
         phase, t0 = phases.phase(step), time.perf_counter()
         with writer.timed("data"):
@@ -592,11 +611,13 @@ def train_and_evaluate(config, workdir):
                           reward=f"{roll_metrics.get('reward/total', 0.0):.3f}")
         if metrics_lib.every(step, config.rollout_log_every_steps):
           writer.write_samples(step, samples)
+        stop = preemption.reached(step)  # the same step on every process
         if (metrics_lib.every(step, config.ckpt_every_steps) or step == phases.total_steps
-            or guard.requested):
+            or stop):
           ckpt.save(step, state, train_iter)
-        if guard.requested:
-          logging.warning("signal %s: saved step %d, exiting", guard.signum, step)
+        if stop:
+          logging.warning("preemption (signal %s here): saved step %d, exiting", preemption.signum,
+                          step)
           break
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
@@ -611,12 +632,16 @@ def train_and_evaluate(config, workdir):
     bar.close()
     ckpt.close()
     writer.close()
-    if config.export_hf_subdir and not guard.requested:
+    if config.export_hf_subdir and not preemption.requested:
       out = os.path.join(workdir, config.export_hf_subdir)
-      qwen2_5_vl.save_hf(abstract.merge(state["params"]), out)
-      tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
+      params = state["params"]
+      if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+        params = {k: distributed.to_host(v) for k, v in params.items()}
+      if primary:
+        qwen2_5_vl.save_hf(abstract.merge(params), out)
+        tokenizer.backend.save(os.path.join(out, "tokenizer.json"))
   logging.info("done: %s", workdir)
-  return state, guard.requested
+  return state, preemption.requested
 
 
 def run_post_train(config, workdir):
@@ -633,6 +658,7 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
+  distributed.initialize_from_flags()
   _, interrupted = train_and_evaluate(config, workdir)
   if config.get("post_train") and not interrupted:
     run_post_train(config, workdir)
@@ -643,4 +669,5 @@ if __name__ == "__main__":
   # import this one without defining --config/--workdir twice.
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+  distributed.define_flags()
   app.run(main)
