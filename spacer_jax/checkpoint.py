@@ -163,9 +163,10 @@ class Preemption:
 
   One process: a handler turns SIGTERM/SIGINT into a flag, so the step in flight finishes, is saved
   and the run exits cleanly; a second SIGINT interrupts at once (Ctrl-C twice kills a stuck run).
-  Several processes: JAX's preemption sync manager (started by `jax.distributed.initialize`) catches
-  SIGTERM on any host and agrees with the others on the first step every process can still reach;
-  `reached` turns True at that same step on all of them (orbax's
+  Under JAX's distributed runtime (several processes, or one CPU process that joined a one-process
+  runtime, see distributed.initialize): JAX's preemption sync manager catches SIGTERM on any process
+  (also one that arrives before the loop starts) and agrees with the others on the first step every
+  process can still reach; `reached` turns True at that same step on all of them (orbax's
   `CheckpointManager.reached_preemption`), so they save one consistent checkpoint. SIGINT is sent on
   to the process as a SIGTERM, so Ctrl-C takes the same path; no Python SIGTERM handler is
   installed, which would replace JAX's.
@@ -196,7 +197,7 @@ class Preemption:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler starts the agreement
 
   def __enter__(self):
-    self._multi = jax.process_count() > 1
+    self._multi = jax.distributed.is_initialized()
     signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
     for s in signals:
       self._previous[s] = signal.signal(s, self._handle)

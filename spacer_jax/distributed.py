@@ -29,7 +29,6 @@ global host batch as a single-process run would, while the pixels (the only larg
 process-local and enter the global array through `put_rows` (`jax.make_array_from_process_local_data`).
 """
 
-import functools
 import importlib.metadata
 import os
 import pickle
@@ -96,6 +95,24 @@ def detected_cluster(environ=None):
   return None
 
 
+def slurm_local_devices(environ=None):
+  """All GPUs of the node when a SLURM step runs one task per node, else None.
+
+  JAX's SLURM detection gives each process the one GPU numbered by its SLURM_LOCALID (one process
+  per GPU, every GPU visible to every task); a single task per node must be handed all of them.
+  """
+  env = os.environ if environ is None else environ
+  per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+  match = re.match(r"\s*(\d+)", per_node)
+  if not match or int(match.group(1)) != 1:
+    return None
+  gpus = env.get("SLURM_GPUS_ON_NODE")
+  if gpus and gpus.isdigit():
+    return list(range(int(gpus)))
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  return list(range(len(visible))) if visible else None
+
+
 def initialize(coordinator_address=None, num_processes=None, process_id=None, mode="auto"):
   """Joins a multi-process job, or does nothing (a single process). Call before any other JAX use.
 
@@ -138,6 +155,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, mo
   logging.info("joining a multi-process job (%s)", ", ".join(
       [f"{k}={v}" for k, v in explicit.items()] + ([f"cluster={cluster}"] if cluster else [])
       or ["jax cluster auto-detection"]))
+  if cluster == "slurm" and "process_id" not in explicit:
+    local = slurm_local_devices()
+    if local is not None:
+      explicit["local_device_ids"] = local
   jax.distributed.initialize(**explicit)
   logging.info("process %d of %d: %d local devices, %d in all", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -299,14 +320,3 @@ def put_rows(local, sharding):
   if _holds_own_block(sharding, global_shape, local.shape[0]):
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
   return jax.device_put(allgather_rows(local), sharding)
-
-
-@functools.cache
-def _warned(key):
-  logging.warning(key)
-  return True
-
-
-def warn_once(message):
-  """logging.warning once per message per process."""
-  _warned(message)

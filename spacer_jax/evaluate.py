@@ -3,6 +3,10 @@
 Command line (the config docstring has more):
   python -m spacer_jax.evaluate --config=configs/eval_vsibench.py \
       --config.model_dir=DIR --config.data_dir=DIR --workdir=OUT
+Multi-process (one process per host): the same command on every host, plus
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or a detected SLURM / TPU
+environment, see spacer_jax/distributed.py); the questions are split over the processes and process
+0 writes the outputs.
 
 In the training loop, `train.py` calls `run(...)` every `eval_every_steps` on a held-out split (see
 its docstring). Scoring, aggregation, the table and the resumable predictions file are host code in
@@ -42,6 +46,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from spacer_jax import config_lib
+from spacer_jax import distributed
 from spacer_jax import modeling
 from spacer_jax import sampling
 from spacer_jax import sharding
@@ -241,8 +246,11 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
                           params=tree_utils.to_state(state["params"], paths),
                           workdir=f"{workdir}/eval/step_{step}", progress=False)
     writer.write_scalars(step, evaluate.scalars(scores, prefix="eval/"))
-  (`workdir=None` keeps nothing on disk.) One process: rows are sharded over the local devices of
-  `mesh`; multi-host evaluation is not implemented.
+  (`workdir=None` keeps nothing on disk.) Rows are sharded over the data/fsdp axes of `mesh`. In a
+  multi-process job every process calls `run` with the same arguments: each batch of `batch_size`
+  questions is split over the processes (each decodes only its own videos), the sampler runs the
+  global batch, every process scores its rows, and the scored items are gathered to all processes;
+  process 0 alone writes the files, and every process returns the same result.
 
   Args:
     model: a `qwen2_5_vl.Qwen2_5_VL` (its graph; weights from `params` if given).
@@ -290,13 +298,28 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   num_skipped = len(records) - len(present)  # questions on skipped videos
 
   modeling.check_tokenizer(tokenizer, model.config, where="config.tokenizer_dir")
-  if workdir:
-    check_run_info(workdir, dict(run_info or {}, protocol=protocol, max_new_tokens=max_new_tokens,
-                                 repetition_penalty=float(repetition_penalty),
-                                 data_dir=os.path.abspath(data_dir), video_kwargs=video_kwargs or {}))
+  # Multi-process (spacer_jax/distributed.py): process 0 owns the files; each batch of batch_size
+  # questions is split over the processes, process i decoding and scoring rows
+  # [i*batch_size/N, (i+1)*batch_size/N) of it, and the scored items are gathered to all.
+  primary, nproc = distributed.is_primary(), jax.process_count()
+  if batch_size % nproc:
+    raise ValueError(f"batch_size={batch_size} does not split over {nproc} processes")
+  per_process = batch_size // nproc
+  error = None
+  if workdir and primary:
+    try:
+      check_run_info(workdir, dict(run_info or {}, protocol=protocol, max_new_tokens=max_new_tokens,
+                                   repetition_penalty=float(repetition_penalty),
+                                   data_dir=os.path.abspath(data_dir),
+                                   video_kwargs=video_kwargs or {}))
+    except ValueError as e:
+      error = str(e)
+  error = distributed.broadcast_object(error)
+  if error:
+    raise ValueError(error)
   preds = (vsibench.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
-           if workdir else None)
-  done = dict(preds.done) if preds else {}
+           if workdir and primary else None)
+  done = distributed.broadcast_object(dict(preds.done) if preds else {})
   todo = [rec for rec in present if rec["id"] not in done]
   sampler = sampling.Sampler(model, temperature=0.0, mesh=mesh, cache_dtype=cache_dtype,
                              vision_budget=vision_budget, repetition_penalty=repetition_penalty)
@@ -305,8 +328,13 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
   # decoded once per batch that uses it and the decoded clip is shared by its questions.
   todo.sort(key=lambda rec: vsibench.video_path(data_dir, rec))
   bar = tqdm.tqdm(total=len(present), initial=len(present) - len(todo), desc=f"VSI-Bench {name}",
-                  unit="q", disable=not progress, dynamic_ncols=True)
+                  unit="q", disable=not (progress and primary), dynamic_ncols=True)
   chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  # This process's rows of each chunk; a process left without any repeats the chunk's last item
+  # (what make_batch pads with), its output unused.
+  me = jax.process_index()
+  mine = [chunk[me * per_process:(me + 1) * per_process] or [dict(chunk[-1], _filler=True)]
+          for chunk in chunks]
 
   def submit(pool, chunk, previous):
     """{video path: future} for a chunk, reusing the previous chunk's futures."""
@@ -319,41 +347,52 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
 
   try:
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-      pending = submit(pool, chunks[0], {}) if chunks else {}
+      pending = submit(pool, mine[0], {}) if chunks else {}
       for i in range(len(chunks)):
         current = pending
         # Decode the next batch's videos while this one runs on the device.
-        pending = submit(pool, chunks[i + 1], current) if i + 1 < len(chunks) else {}
+        pending = submit(pool, mine[i + 1], current) if i + 1 < len(chunks) else {}
         loaded = [(rec, path, *current[path].result())
-                  for rec in chunks[i] for path in [vsibench.video_path(data_dir, rec)]]
-        items = []
+                  for rec in mine[i] for path in [vsibench.video_path(data_dir, rec)]]
+        items, failed = [], {}
         for rec, path, vis, reason in loaded:
           if vis is None:
-            skipped[path] = reason
-            num_skipped += 1
-            bar.update(1)
+            if not rec.get("_filler"):
+              failed[rec["id"]] = (path, reason)
           else:
             items.append((rec, vis))
-        if not items:
-          continue
-        batch = make_batch(items, tokenizer, protocol, batch_size, prompt_buckets)
-        out = sampler(batch.pop("input_ids"), batch.pop("attention_mask"),
-                      max_new_tokens=max_new_tokens, params=params, **batch)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for b, (rec, _) in enumerate(items):
-          output = tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
-          answer, score = vsibench.parse_and_score(protocol, rec["question_type"], output,
-                                                   rec["ground_truth"])
-          item = {"id": rec["id"], "question_type": rec["question_type"],
-                  "dataset": rec["dataset"], "scene_name": rec["scene_name"],
-                  "ground_truth": rec["ground_truth"], "output": output, "answer": answer,
-                  "score": score, "num_tokens": int(lengths[b])}
-          if preds:
-            preds.add(item)
-          else:
-            item["protocol"] = protocol
-          done[rec["id"]] = item
-        bar.update(len(items))
+        if nproc > 1 and any(distributed.allgather_objects(bool(items))) and not items:
+          # Other processes have rows to run: take part with a one-token placeholder video.
+          items = [(dict(mine[i][0], _filler=True), _placeholder_video(model.config))]
+        scored = []
+        if items:
+          batch = make_batch(items, tokenizer, protocol, per_process, prompt_buckets)
+          out = sampler(batch.pop("input_ids"), batch.pop("attention_mask"),
+                        max_new_tokens=max_new_tokens, params=params, **batch)
+          rows = distributed.process_rows(batch_size)
+          tokens = distributed.to_host(out.tokens)[rows]
+          lengths = distributed.to_host(out.lengths)[rows]
+          for b, (rec, _) in enumerate(items):
+            if rec.get("_filler"):
+              continue
+            output = tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
+            answer, score = vsibench.parse_and_score(protocol, rec["question_type"], output,
+                                                     rec["ground_truth"])
+            scored.append({"id": rec["id"], "question_type": rec["question_type"],
+                           "dataset": rec["dataset"], "scene_name": rec["scene_name"],
+                           "ground_truth": rec["ground_truth"], "output": output,
+                           "answer": answer, "score": score, "num_tokens": int(lengths[b])})
+        for part_scored, part_failed in distributed.allgather_objects((scored, failed)):
+          for path, reason in part_failed.values():
+            skipped[path] = reason
+            num_skipped += 1
+          for item in part_scored:
+            if preds:
+              preds.add(item)
+            else:
+              item["protocol"] = protocol
+            done[item["id"]] = item
+          bar.update(len(part_scored) + len(part_failed))
   finally:
     bar.close()
     if preds:
@@ -379,7 +418,7 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
       "max_new_tokens": max_new_tokens,
       "seconds": time.time() - t0,
   }
-  if workdir:
+  if workdir and primary:
     table = vsibench.render_table(agg, name=name, num_records=len(records), protocol=protocol,
                                   skipped_videos=[f"{p} ({r})" for p, r in sorted(skipped.items())],
                                   num_skipped=num_skipped)
@@ -388,6 +427,15 @@ def run(model, tokenizer, *, data_dir, records=None, protocol="spacer", max_new_
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(dict(result, data_dir=data_dir, name=name), f, indent=2)
   return result
+
+
+def _placeholder_video(cfg):
+  """A black 2-frame video of one merged token: the rows a process runs when all its videos of a
+  batch failed to load while other processes' did not (its output is dropped)."""
+  m = cfg.spatial_merge_size
+  dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+  return video_lib.VisionInput(np.zeros((m * m, dim), np.float32), np.asarray([1, m, m], np.int64),
+                               video_lib.SPACER_SECOND_PER_GRID_T)
 
 
 def scalars(result, prefix="vsibench/"):
@@ -441,10 +489,12 @@ def evaluate(config, workdir):
 def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
+  distributed.initialize_from_flags()
   os.makedirs(workdir, exist_ok=True)
   evaluate(flags.FLAGS.config, workdir)
-  with open(os.path.join(workdir, "table.md")) as f:
-    print(f.read())
+  if distributed.is_primary():
+    with open(os.path.join(workdir, "table.md")) as f:
+      print(f.read())
 
 
 if __name__ == "__main__":
@@ -454,4 +504,5 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).")
   flags.mark_flags_as_required(["config", "workdir"])
+  distributed.define_flags()
   app.run(main)

@@ -18,6 +18,13 @@ jitted:
 
 Rollouts use sampling.py's jitted prefill/decode on the same weights (rollout.py is the host glue).
 
+Multi-process jobs (one process per host or per GPU; spacer_jax/distributed.py): `main` joins the
+job from --coordinator_address/--num_processes/--process_id or the cluster's environment. Every
+process runs this same loop: it reads its block of each global batch, the jitted functions span the
+global mesh, and every logged value is global; process 0 writes the workdir's files, orbax writes
+the checkpoint from all processes, and a SIGTERM on any of them stops all after one common step
+(checkpoint.Preemption).
+
 State: {"step": int32, "params": {hf_key: array}, "opt_state": optax state of the trainable subset,
 "rng": uint32[2]}. Parameters are stored in `config.model.param_dtype` (float32 master weights) and
 the model computes in `config.model.dtype` (bfloat16 on accelerators); Adam moments are float32.
@@ -442,7 +449,7 @@ def _update(phase, state, tb, *, get_step, logps_fn, ref_params, phases):
   return state, jax.device_get(metrics)
 
 
-def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, tb, setup, phases,
+def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, train_tokens, setup, phases,
                   compiled, bad, batch, wall):
   """Everything one logged step writes to metrics.jsonl / TensorBoard."""
   mu = phases.num_iterations if phase == "grpo" else 1
@@ -460,8 +467,7 @@ def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, tb, setup,
   if "rollout/tokens" in roll_metrics:
     scalars["rollout/tokens_per_s"] = roll_metrics["rollout/tokens"] / max(
         timers.get("time/rollout_s", wall), 1e-9)
-  scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
-      timers.get("time/train_s", wall), 1e-9)
+  scalars["train/tokens_per_s"] = train_tokens / max(timers.get("time/train_s", wall), 1e-9)
   scalars.update({f"compiles/{k}": v for k, v in compiled.items()})
   scalars.update(memory)
   return scalars
@@ -586,6 +592,7 @@ def train_and_evaluate(config, workdir):
               tokenizer=tokenizer, config=config, phases=phases, reward_config=reward_config,
               grpo_config=grpo_config)
         tb.pop("sampler_logps")
+        train_tokens = float(np.sum(tb["completion_mask"]))  # host: tb is the global batch
         tb = jax.device_put(tb, batch_shardings(tb, mesh, rules))
         with writer.timed("train"):
           state, step_metrics = _update(phase, state, tb, get_step=get_step, logps_fn=logps_fn,
@@ -598,7 +605,8 @@ def train_and_evaluate(config, workdir):
         if metrics_lib.every(step, config.log_every_steps) or step == phases.total_steps:
           scalars = _step_scalars(
               step, phase, step_metrics=step_metrics, roll_metrics=roll_metrics,
-              timers=writer.pop_timers(), tb=tb, setup=setup, phases=phases, compiled=compiled(),
+              timers=writer.pop_timers(), train_tokens=train_tokens, setup=setup, phases=phases,
+              compiled=compiled(),
               bad=bad, batch=batch, wall=time.perf_counter() - t0)
           if step == start:
             logging.info("memory after step %d: %s", step, ", ".join(
@@ -616,7 +624,8 @@ def train_and_evaluate(config, workdir):
             or stop):
           ckpt.save(step, state, train_iter)
         if stop:
-          logging.warning("preemption (signal %s here): saved step %d, exiting", preemption.signum,
+          logging.warning("preemption notice (%s): saved step %d, exiting",
+                          f"signal {preemption.signum}" if preemption.signum else "another process",
                           step)
           break
         if metrics_lib.every(step, config.eval.every_steps):
@@ -659,6 +668,9 @@ def main(argv):
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
   distributed.initialize_from_flags()
+  if config.get("post_train") and jax.process_count() > 1:
+    raise app.UsageError(f"config.post_train={config.post_train!r} (e.g. the demo's held-out "
+                         "evaluation) runs in single-process jobs only")
   _, interrupted = train_and_evaluate(config, workdir)
   if config.get("post_train") and not interrupted:
     run_post_train(config, workdir)
