@@ -394,7 +394,7 @@ class Sampler:
     In a multi-process job every process passes its own prompts (the same number on each) and gets
     the global batch back: the processes' prompts in process order, left-padded to the longest
     process's length, exactly the batch one process holding all of them would prepare. Pixels stay
-    process-local where they can (`_global_vision`).
+    process-local where they can (`_global_batch`).
     """
     cfg = self.cfg
     input_ids = np.asarray(input_ids).astype(np.int32)

@@ -2,6 +2,9 @@
 against 1 process x 8 devices, through the command lines users run (`--coordinator_address`,
 `--num_processes`, `--process_id`).
 
+The default run keeps the core check (2 training steps in both layouts, ~80 CPU-seconds on two
+cores); the evaluator, resuming with another process count and SIGTERM are `slow`.
+
 The equalities are exact: both layouts run the same global programs on the same global batches, and
 a one-process CPU run with several devices takes XLA's gloo collectives too (distributed.initialize),
 so the sums run in the same order. The smoke recipe's first gradient is pure rounding noise (every
@@ -131,6 +134,7 @@ def test_two_processes_train_exactly_like_one(runs):
   assert [s["state"]["process_index"] for s in saved["states"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_evaluator_two_processes_same_outputs(runs, shared):
   from spacer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = runs["root"]
@@ -138,7 +142,8 @@ def test_evaluator_two_processes_same_outputs(runs, shared):
 
   def args(out):
     return [f"--config={ROOT}/configs/eval_vsibench.py:demo,demo_workdir={runs['one']}",
-            f"--config.data_dir={heldout}", "--config.max_new_tokens=8", "--config.progress=False",
+            f"--config.tokenizer_dir={shared / 'tokenizer'}", f"--config.data_dir={heldout}",
+            "--config.max_new_tokens=8", "--config.progress=False",
             "--config.max_items=12", f"--workdir={out}"]
 
   procs = _launch("spacer_jax.evaluate", args(root / "eval_two"), 2, root)
