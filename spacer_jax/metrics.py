@@ -252,7 +252,11 @@ class WandbWriter:
     self.run.log({"rollouts/samples": table}, step=int(step))
 
   def close(self):
+    """Finishes the run and waits until W&B's service has written everything: `finish` alone
+    returns while the service may still be writing the run's file (a reader right after close, or a
+    resumed writer in the same process, could see it incomplete)."""
     self.run.finish()
+    self._wandb.teardown()
 
 
 def samples_markdown(samples):

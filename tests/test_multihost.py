@@ -74,7 +74,7 @@ def _wait(procs):
 
 
 def _train_args(workdir, shared, *overrides):
-  return [f"--config={ROOT}/configs/sgrlvr.py:smoke", f"--workdir={workdir}",
+  return [f"--config={ROOT}/spacer_jax/configs/sgrlvr.py:smoke", f"--workdir={workdir}",
           f"--config.jax_cache_dir={shared / 'xla'}",
           f"--config.data.synthetic_root={shared / 'synthetic'}",
           f"--config.data.tokenizer_dir={shared / 'tokenizer'}", "--config.use_progress_bar=False",
@@ -141,7 +141,7 @@ def test_evaluator_two_processes_same_outputs(runs, shared):
   heldout = synthetic.dataset_paths(str(shared / "synthetic")).eval_root
 
   def args(out):
-    return [f"--config={ROOT}/configs/eval_vsibench.py:demo,demo_workdir={runs['one']}",
+    return [f"--config={ROOT}/spacer_jax/configs/eval_vsibench.py:demo,demo_workdir={runs['one']}",
             f"--config.tokenizer_dir={shared / 'tokenizer'}", f"--config.data_dir={heldout}",
             "--config.max_new_tokens=8", "--config.progress=False",
             "--config.max_items=12", f"--workdir={out}"]
