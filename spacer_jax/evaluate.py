@@ -125,7 +125,8 @@ def check_video_complete(path):
 
 def load_video_spacer_eval(path, *, fps=1.0, max_frames=32, max_side=448, swap_hw=True,
                            min_pixels=video_lib.MIN_PIXELS, max_pixels=video_lib.MAX_PIXELS):
-  """SpaceR-Eval's frames (spec 7.1, `util.load_video_frames` + qwen-vl-utils) -> VisionInput.
+  """SpaceR-Eval's frames (`util.load_video_frames` + qwen-vl-utils; docs/spacer_recipe.md,
+  "Evaluation") -> VisionInput.
 
   k = max(1, min(max_frames, int(int(T / avg_fps) * fps))) frames at int(linspace(0, T-1, k))
   (truncation); a frame whose long side exceeds `max_side` is LANCZOS-resized to long side

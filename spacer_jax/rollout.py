@@ -6,7 +6,7 @@ Input: a host batch of B prompts (numpy + lists), as the data pipeline yields it
   optional pixel_values_videos float[P, 1176] + video_grid_thw int[n, 3] + second_per_grid_ts [n],
   optional pixel_values float[P', 1176] + image_grid_thw int[n', 3],
   optional pixel_values_videos_shuffled (same shapes as pixel_values_videos: the same frames in a
-  random time order, re-processed; the temporal bonus of spec 4.6),
+  random time order, re-processed; the temporal bonus, docs/spacer_recipe.md, "Rewards"),
   and per-prompt lists: solution, problem_type, cognitive_map (dict or None), data_type, id
   (plus process for SFT on reasoning traces).
 

@@ -75,7 +75,8 @@ META_KEYS = ("id", "problem_type", "solution", "process", "cognitive_map", "cate
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Pipeline settings; defaults are SpaceR's (spec spacer.md §3) unless noted.
+  """Pipeline settings; defaults are SpaceR's (docs/spacer_recipe.md, "Video preprocessing") unless
+  noted.
 
   Attributes:
     batch_size: examples per batch *per process*.
@@ -87,7 +88,8 @@ class DataConfig:
     second_per_grid_t: fixed seconds per temporal patch (SpaceR's effective 1.0); None = real fps.
     video_patch_budget, image_patch_budget: pixel rows reserved per batch row (static shapes);
       None derives the largest a clip can need from the settings above.
-    temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, spec §4.6).
+    temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, docs/spacer_recipe.md,
+      "Rewards").
     num_workers: grain worker processes for decode/preprocess (0 = in the main process).
     worker_buffer_size: elements each worker process prefetches.
     read_threads, read_buffer_size: grain ReadOptions of the map stage (in the main process with 0
