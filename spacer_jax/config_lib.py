@@ -144,7 +144,9 @@ def base_config(size="7b", frames=16, sharding=""):
       variant="",  # "tiny" only for tests/smoke; otherwise the architecture comes from hf_dir.
       tiny_overrides=ml_collections.ConfigDict(),
       dtype="bfloat16", param_dtype="float32", ref_param_dtype="bfloat16",
-      use_remat=True, text_after_vision="qwen", freeze_vision=False))
+      use_remat=True,
+      scan_layers=True,  # decoder as a lax.scan in train_step / token_logps (compile time, memory)
+      text_after_vision="qwen", freeze_vision=False))
 
   c.data = ml_collections.ConfigDict(dict(
       source="spacer",  # "spacer" (JSONL on disk) | "synthetic" (generated scenes)

@@ -83,10 +83,12 @@ def _rows(batch, ref_logps=None):
 
 def token_logps(params, batch, *, graphdef, paths, num_micro=1):
   """Per-token log-probs of the completions under `params` (no gradient): float32[R, Tc]."""
-  model = tree_utils.merge_model(graphdef, params, paths)
-  pe = _prompt_embeds(model, batch)
+  pe = _prompt_embeds(tree_utils.merge_model(graphdef, params, paths), batch)
 
   def body(_, mb):
+    # The model is merged inside the scan body: nnx.remat (use_remat) cannot split a module whose
+    # Variables belong to the enclosing trace.
+    model = tree_utils.merge_model(graphdef, params, paths)
     return None, grpo.token_logps(_row_logits(model, pe, mb), mb["completion_ids"])
 
   _, out = jax.lax.scan(body, None, _micro(_rows(batch), num_micro))
@@ -232,7 +234,7 @@ def _tokenizer(config, workdir):
 
 def _model_config(config, tokenizer):
   from spacer_jax.models import qwen2_5_vl
-  common = dict(use_remat=bool(config.model.use_remat),
+  common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
     ids = tokenizer.special_ids()
@@ -366,9 +368,9 @@ def main(argv):
   rules = tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in config.sharding_rules)
   logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
   # Parameter and batch shardings are explicit (tree_shardings / put_batch). Activation constraints
-  # inside the model (layers.constrain) are left to GSPMD propagation for now: they resolve logical
-  # names without removing a mesh axis already used by another dim, and FSDP maps both `batch` and
-  # `embed` to `fsdp` (see the report on issue 5).
+  # inside the model (layers.constrain) resolve with the same rules through
+  # sharding.logical_to_spec; they are active where the jitted functions are traced, in the loop
+  # (under nnx.logical_axis_rules), and not while models are built (flax would shard them eagerly).
   with jax.set_mesh(mesh):
     logical = sharding.param_logical_axes(nnx.split(abstract_model)[1])
     param_shardings = sharding.tree_shardings(abstract_params, mesh, rules, logical)
@@ -409,6 +411,7 @@ def main(argv):
         return random_init(jnp.dtype(p_dtype))()
       model = qwen2_5_vl.load_hf(config.model.hf_dir, dtype=dtype, param_dtype=p_dtype, mesh=mesh,
                                  rules=rules, use_remat=bool(config.model.use_remat),
+                                 scan_layers=bool(config.model.scan_layers),
                                  text_after_vision=config.model.text_after_vision)
       return tree_utils.split_model(model)[1]
 
@@ -490,7 +493,7 @@ def main(argv):
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
     logged_memory = False
-    with checkpoint.PreemptionGuard() as guard:
+    with checkpoint.PreemptionGuard() as guard, nnx.logical_axis_rules(rules):
       for step in range(start, config.total_steps + 1):
         phase = "sft" if step <= sft_steps else "grpo"
         t0 = time.perf_counter()
