@@ -576,6 +576,11 @@ def _summarise(report, extra, chip, shapes, use_ref):
   fns = report["functions"]
   for name, f in fns.items():
     f["step_peak_bytes"] = None if extra.get(name) is None else f["peak_bytes"] + extra[name]
+    f["estimate"] = "xla"
+    if not np.isfinite(f["estimated_seconds"]):  # XLA had no estimate: the roofline instead
+      f["estimated_seconds"] = max(f["flops"] / chip.peak_flops,
+                                   f["bytes_accessed"] / chip.hbm_bandwidth)
+      f["estimate"] = "roofline"
   peaks = {n: f["step_peak_bytes"] for n, f in fns.items() if f["step_peak_bytes"] is not None}
   worst = max(peaks, key=peaks.get) if peaks else None
   hbm = chip.hbm_bytes

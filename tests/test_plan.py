@@ -56,8 +56,9 @@ def test_first_import_of_jax_stays_on_cpu_with_libtpu_installed():
 
 @needs_libtpu
 def test_tpu_plan_of_the_smoke_recipe(tmp_path):
-  """v5p-8 (4 chips): every function compiles for TPU; shapes, residents and the verdict agree."""
-  config = _smoke()
+  """v5p-8 (4 chips): every function compiles for TPU; shapes, residents and the verdict agree.
+  With the real recipe's remat (token_logps once failed to trace with it)."""
+  config = _smoke(**{"model.use_remat": True})
   report = plan.plan(config, plan.tpu_target("v5p-8"), text_tokens=24, workdir=str(tmp_path),
                      log=lambda *_: None)
   assert report["platform"] == "tpu" and report["num_devices"] == 4
