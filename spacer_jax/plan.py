@@ -141,20 +141,28 @@ def tpu_target(topology):
   return Target(topology, "tpu", list(desc.devices), chip)
 
 
+def _chip_of_kind(kind):
+  kind = kind.lower()
+  for needle, key in (("h200", "h200"), ("h100", "h100"), ("tpu v6", "v6e"), ("tpu v5 lite", "v5e"),
+                      ("tpu v5e", "v5e"), ("tpu v5", "v5p"), ("tpu v4", "v4")):
+    if needle in kind:
+      return CHIPS[key]
+  return None
+
+
 def local_target():
-  """The devices present; chip specs from the device kind where known (GPU/TPU), else none."""
+  """The devices present. HBM: the backend's usable limit where it reports one (GPU, TPU), else
+  the chip table; peak FLOP/s and bandwidth from the chip table (unknown on CPU: no MFU)."""
   devices = jax.devices()
-  kind = devices[0].device_kind.lower()
-  chip = None
-  for key, c in CHIPS.items():
-    if key in kind.replace(" ", "") or c.name.lower() in kind:
-      chip = c
+  chip = _chip_of_kind(devices[0].device_kind)
+  stats = devices[0].memory_stats() or {}
   if chip is None:
-    # XLA:CPU: no HBM. The limit is this host's memory shared by the simulated devices; no peak.
-    stats = devices[0].memory_stats() or {}
+    # XLA:CPU: no HBM; the limit is this host's memory shared by the (simulated) devices.
     limit = stats.get("bytes_limit") or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                          / len(devices))
     chip = Chip(devices[0].device_kind, float(limit), float("nan"), float("nan"))
+  elif stats.get("bytes_limit"):
+    chip = dataclasses.replace(chip, hbm_bytes=float(stats["bytes_limit"]))
   return Target("local", devices[0].platform, devices, chip)
 
 
@@ -597,7 +605,7 @@ def _summarise(report, extra, chip, shapes, use_ref):
     d["decode_step_seconds"] = step_s
     d["tokens_per_second"] = shapes.rows / step_s
     report["rollout_tokens_per_second"] = d["tokens_per_second"]
-    est["rollout"] = fns["prefill"]["estimated_seconds"] + shapes.completion * step_s
+    est["rollout"] = fns.get("prefill", {}).get("estimated_seconds", 0.0) + shapes.completion * step_s
   train_names = [n for n in ("ref_logps", "old_logps", "train_step") if n in fns]
   if train_names:
     est["train"] = sum(fns[n]["estimated_seconds"] for n in train_names)
@@ -669,14 +677,14 @@ def format_report(report, config=None):
       lines.append(f"verdict: DOES NOT FIT by {-report['headroom_bytes'] / GIB:.2f} GiB; change:")
       lines.extend(f"  - {a}" for a in (advice(report, config) if config is not None else []))
   est = report.get("estimated_seconds") or {}
-  if est:
+  if est and np.isfinite(report["step_seconds_estimate"]):
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in est.items())
     lines.append(f"step time estimate (XLA, ideal overlap, lower bound): "
                  f"{report['step_seconds_estimate']:.2f} s ({parts})")
   if report.get("mfu_estimate") is not None and np.isfinite(report["mfu_estimate"]):
     lines.append(f"train-phase MFU estimate (upper bound): {100 * report['mfu_estimate']:.1f}% "
                  f"({report['train_model_flops'] / 1e15:.2f} PFLOP of matmuls per step)")
-  if report.get("rollout_tokens_per_second") is not None:
+  if np.isfinite(report.get("rollout_tokens_per_second") or float("nan")):
     d = report["functions"]["decode"]
     lines.append(f"rollout: {d['bytes_accessed'] / GIB:.2f} GiB read per decode step per device "
                  f"-> {report['rollout_tokens_per_second']:,.0f} tokens/s for the slice "
