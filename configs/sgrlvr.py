@@ -24,6 +24,9 @@ Run sheet
     bonus) climbs slowly; VSI-Bench average 45.6 for the released 7B checkpoint (paper abstract).
   Hardware/runtime: the PyTorch reference used 8 GPUs with ZeRO-3; one step is dominated by the
     64 x 1024-token rollout.
+  TPU: v5p-8 for 3B and 7B, v5p-32 for 32B, v5p-64 for 72B. Planned (python -m spacer_jax.plan
+    --config=configs/sgrlvr.py:size=7b --topology=v5p-8): the 7B train step peaks at 73.8 of 88.5 GiB
+    per chip; the other sizes are listed by experiments/plan_table.py, not yet compiled.
 """
 
 from spacer_jax import config_lib

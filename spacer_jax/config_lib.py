@@ -192,7 +192,11 @@ def base_config(size="7b", frames=16, sharding=""):
       variant="",  # "tiny" only for tests/smoke; otherwise the architecture comes from hf_dir.
       tiny_overrides=ml_collections.ConfigDict(),
       dtype="bfloat16", param_dtype="float32", ref_param_dtype="bfloat16",
-      use_remat=True, text_after_vision="qwen", freeze_vision=False))
+      use_remat=True,
+      # Decoder as a lax.scan in train_step / token_logps (one compiled layer; weights keep their
+      # names). Off: the 7B plan on v5p-8 was measured unrolled (experiments/2026-12-04_plan_7b_v5p8).
+      scan_layers=False,
+      text_after_vision="qwen", freeze_vision=False))
 
   c.data = ml_collections.ConfigDict(dict(
       source="spacer",  # "spacer" (JSONL on disk) | "synthetic" (generated scenes)

@@ -441,23 +441,23 @@ class Sampler:
       batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(cfg, np.asarray(grid), **budget)
     return batch
 
-  def _put(self, batch):
+  def batch_shardings(self, batch):
+    """Shardings of a prepared batch (arrays or ShapeDtypeStructs): prompt rows over the batch axes
+    where they divide, position rows along dim 1, pixels and vision index arrays replicated; None
+    without a mesh (or when the rows do not divide)."""
     sharding = self._row_sharding(batch["input_ids"].shape[0])
     if sharding is None:
-      return jax.device_put(batch)
+      return None
     mesh, axes = sharding
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
     cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    out = {}
-    for k, v in batch.items():
-      if k in ("input_ids", "attention_mask"):
-        out[k] = jax.device_put(v, rows)
-      elif k in ("position_ids", "base_pos"):
-        out[k] = jax.device_put(v, cols)
-      else:
-        out[k] = jax.device_put(v, repl)
-    return out
+    kinds = {"input_ids": rows, "attention_mask": rows, "position_ids": cols, "base_pos": cols}
+    return {k: jax.tree.map(lambda _, s=kinds.get(k, repl): s, v) for k, v in batch.items()}
+
+  def _put(self, batch):
+    shardings = self.batch_shardings(batch)
+    return jax.device_put(batch) if shardings is None else jax.device_put(batch, shardings)
 
   # -- device calls ----------------------------------------------------------------------------
 

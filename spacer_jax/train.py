@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, modeling, optim, rollout
@@ -91,10 +92,12 @@ def _rows(batch, ref_logps=None):
 
 def token_logps(params, batch, *, graphdef, paths, num_micro=1):
   """Per-token log-probs of the completions under `params` (no gradient): float32[R, Tc]."""
-  model = tree_utils.merge_model(graphdef, params, paths)
-  pe = _prompt_embeds(model, batch)
+  pe = _prompt_embeds(tree_utils.merge_model(graphdef, params, paths), batch)
 
   def body(_, mb):
+    # The model is merged inside the scan body: nnx.remat (use_remat) cannot split a module whose
+    # Variables belong to the enclosing trace.
+    model = tree_utils.merge_model(graphdef, params, paths)
     return None, grpo.token_logps(_row_logits(model, pe, mb), mb["completion_ids"])
 
   _, out = jax.lax.scan(body, None, _micro(_rows(batch), num_micro))
@@ -250,7 +253,7 @@ def make_tokenizer(config, workdir):
 
 def make_model_config(config, tokenizer):
   """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json."""
-  common = dict(use_remat=bool(config.model.use_remat),
+  common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
     ids = tokenizer.special_ids()
@@ -479,8 +482,10 @@ def train_and_evaluate(config, workdir):
   setup = make_train_setup(config, abstract, phases)
   source = model_source(config)
 
-  # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings); activations
-  # inside the model follow GSPMD propagation.
+  # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings). Activation
+  # constraints inside the model (layers.constrain) resolve with the same rules through
+  # sharding.logical_to_spec; they are active where the jitted functions are traced, in the loop
+  # (under nnx.logical_axis_rules), and not while models are built (flax would shard them eagerly).
   with jax.set_mesh(mesh):
     # == Data ===================================================================================
     records, bad = load_records(config, workdir)
@@ -538,7 +543,7 @@ def train_and_evaluate(config, workdir):
                                       use_tensorboard=config.use_tensorboard)
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
-    with checkpoint.PreemptionGuard() as guard:
+    with checkpoint.PreemptionGuard() as guard, nnx.logical_axis_rules(rules):
       for step in range(start, phases.total_steps + 1):
         phase, t0 = phases.phase(step), time.perf_counter()
         with writer.timed("data"):
