@@ -406,7 +406,8 @@ class Sampler:
         cfg, input_ids, image_grid_thw=image_grid_thw if pixel_values is not None else None,
         video_grid_thw=video_grid_thw if pixel_values_videos is not None else None,
         num_image_rows=None if pixel_values is None else np.shape(pixel_values)[0],
-        num_video_rows=None if pixel_values_videos is None else np.shape(pixel_values_videos)[0])
+        num_video_rows=None if pixel_values_videos is None else np.shape(pixel_values_videos)[0],
+        padded=self.vision_budget == "auto")
     pos, deltas = positions_lib.get_rope_index(
         input_ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
         spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,

@@ -539,6 +539,23 @@ def test_sharded_rows_match_single_device(hf_pair, model):
   np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
 
 
+def test_auto_budget_takes_pipeline_padded_pixels(model):
+  """vision_budget="auto" (the trainer): pixel rows padded past the real ones, as the data
+  pipeline's static budgets leave them, give the unpadded batch's samples."""
+  ids, mask, vision = _vision_batch(np.random.default_rng(23), VIDEO_ROWS, video_grids=VIDEO_GRIDS)
+  kw = dict(max_new_tokens=6, num_samples=2, rng=jax.random.key(4))
+  sampler = sampling.Sampler(model, temperature=1.0, top_k=20, stop_ids=(), vision_budget="auto")
+  want = sampler(ids, mask, **kw, **vision)
+  pixels = vision["pixel_values_videos"]
+  padded = dict(vision, pixel_values_videos=np.concatenate([pixels, np.zeros((40, 1176),
+                                                                             np.float32)]))
+  got = sampler(ids, mask, **kw, **padded)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  with pytest.raises(ValueError, match=r"pixel rows \(80\) < sum"):
+    sampler(ids, mask, **kw, **dict(vision, pixel_values_videos=pixels[:80]))
+
+
 def test_streaming_callback_sees_every_token(model):
   ids, mask = _text_batch(np.random.default_rng(12), [4, 6])
   chunks = []

@@ -272,13 +272,15 @@ def tiny(**overrides):
 
 
 def check_placeholder_counts(cfg, input_ids, image_grid_thw=None, video_grid_thw=None,
-                             num_image_rows=None, num_video_rows=None):
+                             num_image_rows=None, num_video_rows=None, padded=False):
   """Raises ValueError (before any compute) when placeholders, grids and pixel rows disagree.
 
   Args:
     input_ids: int[B, T] with expanded placeholders.
     image_grid_thw / video_grid_thw: int[n, 3] or None.
     num_image_rows / num_video_rows: optional number of pixel rows (patches) passed in.
+    padded: the pixel rows may include padding past the real ones (the data pipeline's static
+      budgets): then there must be at least as many rows as the grids need, not exactly as many.
   """
   ids = np.asarray(input_ids)
   merge2 = cfg.spatial_merge_size ** 2
@@ -291,9 +293,9 @@ def check_placeholder_counts(cfg, input_ids, image_grid_thw=None, video_grid_thw
       raise ValueError(f"{name} placeholders and features do not match: {n_tok} "
                        f"{name}_token_id ({tok}) tokens in input_ids, {n_feat} feature rows from "
                        f"{name}_grid_thw={g.tolist()}")
-    if rows is not None and rows != n_feat * merge2:
-      raise ValueError(f"{name} pixel rows ({rows}) != sum(t*h*w) of {name}_grid_thw "
-                       f"({n_feat * merge2})")
+    if rows is not None and (rows < n_feat * merge2 if padded else rows != n_feat * merge2):
+      raise ValueError(f"{name} pixel rows ({rows}) {'<' if padded else '!='} sum(t*h*w) of "
+                       f"{name}_grid_thw ({n_feat * merge2})")
 
 
 def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, num_frames=None,
