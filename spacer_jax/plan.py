@@ -52,11 +52,11 @@ if __name__ == "__main__" and not any(a in ("--topology=local", "--topology", "l
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
-from spacer_jax import optim, sharding, tree_utils, train
+from spacer_jax import config_lib, sharding, train, tree_utils
 
 GIB = 2.0 ** 30
 
@@ -202,95 +202,8 @@ def matmul_flops(jaxpr, scan_trips=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# The planner's model, state and batches (mirrors train.main; see build_state).
+# The recipe's shapes and host batches.
 # ------------------------------------------------------------------------------------------------
-_SIZE_PRESETS = {"3b": "qwen2p5_vl_3b", "7b": "qwen2p5_vl_7b", "32b": "qwen2p5_vl_32b",
-                 "72b": "qwen2p5_vl_72b"}
-
-
-def model_config(config, workdir):
-  """The architecture train.py would build: the tiny variant (offline tokenizer ids), the
-  checkpoint's config.json when `config.model.hf_dir` has one, else the published size named in
-  the directory (`Qwen2.5-VL-7B-Instruct` -> 7b), so a plan needs no checkpoint on this host."""
-  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
-  if config.model.variant or os.path.exists(os.path.join(config.model.hf_dir, "config.json")):
-    return train._model_config(config, train._tokenizer(config, workdir))  # pylint: disable=protected-access
-  m = re.search(r"(\d+)b(?![a-z])", os.path.basename(os.path.normpath(config.model.hf_dir)).lower())
-  if not m or f"{m.group(1)}b" not in _SIZE_PRESETS:
-    raise FileNotFoundError(
-        f"config.model.hf_dir={config.model.hf_dir!r} has no config.json and names no published "
-        f"size ({'/'.join(_SIZE_PRESETS)}); point it at a checkpoint or a Qwen2.5-VL-*B directory name")
-  preset = getattr(qwen2_5_vl, _SIZE_PRESETS[f"{m.group(1)}b"])
-  return preset(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
-                text_after_vision=config.model.text_after_vision)
-
-
-def grpo_config(config):
-  """grpo.GRPOConfig from config.grpo, as train.main builds it."""
-  from spacer_jax import grpo  # pylint: disable=g-import-not-at-top
-  g = config.grpo
-  return grpo.GRPOConfig(
-      beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_agg=g.loss_agg,
-      max_completion_length=g.max_completion_length, reward_scaling=g.reward_scaling,
-      importance_sampling=g.importance_sampling, adv_eps=g.adv_eps, kl_clamp=g.kl_clamp)
-
-
-def _sds(x, s):
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
-
-
-def build_state(config, cfg, mesh):
-  """Everything the trainer builds before its loop, abstract (no allocation). Mirrors train.main:
-
-  * "Tokenizer and model": abstract model via nnx.eval_shape outside the mesh context, split into
-    (graphdef, flat params, paths);
-  * "Mesh" / "Optimizer and state shardings": param shardings from the logical axes and
-    config.sharding_rules, the freeze list, optim.make_optimizer over the trainable subset, the
-    optimizer-state shardings (optax.tree_map_params), the state shardings and abstract state;
-  * the reference weights (beta > 0): the same tree in config.model.ref_param_dtype.
-
-  Returns a dict of those objects (abstract arrays carry their NamedShardings).
-  """
-  from spacer_jax.models import qwen2_5_vl  # pylint: disable=g-import-not-at-top
-  dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-  abstract_model = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(
-      cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype))
-  graphdef, abstract_params, paths = tree_utils.split_model(abstract_model)
-  rules = tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in config.sharding_rules)
-  mode = config.mode
-  mu = int(config.grpo.num_iterations)
-  # (train.main does this under jax.set_mesh; with abstract TPU devices that context would make
-  # optax.tree_map_params' eager tx.init target them, and nothing here needs it.)
-  logical = sharding.param_logical_axes(nnx.split(abstract_model)[1])
-  param_shardings = sharding.tree_shardings(abstract_params, mesh, rules, logical)
-  freeze = tuple(config.optim.freeze) + ((r"^visual\.",) if config.model.freeze_vision else ())
-  trainable_keys = optim.trainable_keys(abstract_params, freeze)
-  decay = config.optim.decay_steps or config.total_steps * (1 if mode == "sft" else mu)
-  tx, _ = optim.make_optimizer(
-      {k: abstract_params[k] for k in trainable_keys}, lr=config.optim.lr, total_steps=decay,
-      schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
-      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      grad_clip=config.optim.grad_clip)
-  abstract_opt = jax.eval_shape(tx.init, {k: abstract_params[k] for k in trainable_keys})
-  repl = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, {k: param_shardings[k] for k in trainable_keys},
-      transform_non_params=lambda _: repl)
-  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
-                     "rng": repl}
-  abstract_state = jax.tree.map(
-      _sds, jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": abstract_params,
-                                    "opt_state": abstract_opt, "rng": jax.random.PRNGKey(0)}),
-      state_shardings)
-  ref_dtype = jnp.dtype(config.model.ref_param_dtype)
-  ref_params = {k: jax.ShapeDtypeStruct(v.shape, ref_dtype, sharding=param_shardings[k])
-                for k, v in abstract_params.items()}
-  return dict(abstract_model=abstract_model, graphdef=graphdef, paths=paths,
-              abstract_params=abstract_params, param_shardings=param_shardings, rules=rules,
-              trainable_keys=tuple(trainable_keys), tx=tx, state_shardings=state_shardings,
-              abstract_state=abstract_state, ref_params=ref_params, repl=repl, logical=logical)
-
-
 @dataclasses.dataclass(frozen=True)
 class Shapes:
   """The recipe's static shapes for one step."""
@@ -316,7 +229,7 @@ def recipe_shapes(config, cfg, *, text_tokens, video_hw, phase):
   settings and pixel budget: `video.smart_resize` gives its frame size, `max_frames` its length.
   """
   from spacer_jax.data import pipeline, prompts, video  # pylint: disable=g-import-not-at-top
-  dcfg = train._data_config(config, temporal=False)  # pylint: disable=protected-access
+  dcfg = config_lib.make_data_config(config, temporal=False)
   pv, _ = pipeline.patch_budgets(dcfg)
   frames = dcfg.max_frames
   cap = video.video_max_pixels(frames, dcfg.video_min_pixels, dcfg.video_max_pixels,
@@ -335,9 +248,13 @@ def recipe_shapes(config, cfg, *, text_tokens, video_hw, phase):
                 text_tokens=text_tokens, patches_per_prompt=pv)
 
 
-def host_batches(cfg, shapes, sampler):
+def host_batches(cfg, shapes, sampler, pixels=None):
   """The sampler's prepared prompt batch and the TrainBatch, built by the trainer's own host code
-  (sampler.prepare, rollout.assemble) from placeholder token ids; pixels are zero-stride views."""
+  (sampler.prepare under vision_budget="auto", rollout.assemble) from placeholder token ids.
+
+  Pixels are the data pipeline's: B * patches_per_prompt rows, the clips' real rows first (zeros
+  by default, as a zero-stride view: nothing is allocated).
+  """
   from spacer_jax import rollout  # pylint: disable=g-import-not-at-top
   b, tp = shapes.prompts, shapes.prompt_bucket
   span = [cfg.vision_start_token_id] + [cfg.video_token_id] * shapes.video_tokens + [
@@ -352,12 +269,8 @@ def host_batches(cfg, shapes, sampler):
   mask[:, tp - n:] = 1
   grid = np.tile(np.asarray(shapes.video_grid, np.int64), (b, 1))
   patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-  # The pipeline reserves patches_per_prompt rows per prompt (the static budget the trainer's
-  # vision_budget reads); the sampler pads the clips' real rows up to it.
-  budget_rows = np.broadcast_to(np.float32(0), (b * shapes.patches_per_prompt, patch_dim))
-  pixels = np.broadcast_to(np.float32(0), (int(grid.prod(-1).sum()), patch_dim))
-  sampler.vision_budget = train.vision_budget(
-      cfg, {"pixel_values_videos": budget_rows, "video_grid_thw": grid})
+  if pixels is None:
+    pixels = np.broadcast_to(np.float32(0), (b * shapes.patches_per_prompt, patch_dim))
   prepared = sampler.prepare(ids, mask, pixel_values_videos=pixels, video_grid_thw=grid,
                              second_per_grid_ts=np.ones(b, np.float32))
   r, tc = shapes.rows, shapes.completion
@@ -367,12 +280,13 @@ def host_batches(cfg, shapes, sampler):
   return prepared, tb
 
 
-def train_batch_structs(tb, mesh, rules, repl):
-  """ShapeDtypeStructs of a TrainBatch with train.main's put_batch shardings (per-row and
-  per-prompt arrays over the batch axes where they divide, pixels and vision indices replicated)."""
-  batched = train.ROW_KEYS + ("prompt_ids", "prompt_mask")
-  return {k: (jax.tree.map(_sds, v, sharding.batch_shardings(v, mesh, rules)) if k in batched
-              else jax.tree.map(lambda x: _sds(x, repl), v)) for k, v in tb.items()}
+def _sds(x, s):
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+
+
+def abstract_batch(tree, shardings):
+  """ShapeDtypeStructs of a host batch on `shardings` (a matching tree)."""
+  return jax.tree.map(_sds, tree, shardings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,58 +337,69 @@ def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None):
   return compiled, fig
 
 
-def _jit_vision(abstract_model):
-  graphdef, params, paths = tree_utils.split_model(abstract_model.visual)
+def _jit_vision(abstract):
+  """The vision tower alone, jitted: (fn(visual params, pixels, vis) -> features, the abstract
+  visual params on their shardings)."""
+  graphdef, vparams, paths = tree_utils.split_model(abstract.merge().visual)
+  vparams = {k: abstract.params["visual." + k] for k in vparams}
 
   def vision_encoder(vparams, pixels, vis):
     return tree_utils.merge_model(graphdef, vparams, paths)(pixels, vis)
-  return jax.jit(vision_encoder), params
+  return jax.jit(vision_encoder), vparams
 
 
 def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
          functions=None, hlo_dir=None, log=print):
   """Compiles one step of `config` for `target`; returns the report dict (see --json).
 
-  functions: names to compile (default all); hlo_dir: write each optimized HLO there.
+  Everything is built by the trainer's own functions (train.make_abstract_model,
+  make_train_setup, batch_shardings, make_train_step, make_logps_fn; the sampler's prefill_fn /
+  decode_fn), on abstract values: nothing is allocated and no weight is read.
+
+  functions: names to compile (default all); hlo_dir: write each optimized HLO there;
+  workdir: where the tiny test model's offline tokenizer is built (real sizes need none).
   """
   from spacer_jax import sampling  # pylint: disable=g-import-not-at-top
   workdir = workdir or os.path.join(os.path.expanduser("~"), ".cache", "spacer_jax_plan")
-  os.makedirs(workdir, exist_ok=True)
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
   t_start = time.perf_counter()
-  cfg = model_config(config, workdir)
+  phases = train.make_phases(config)
+  phase = "grpo" if phases.rl_steps > 0 else "sft"
+  use_ref = phase == "grpo" and config.grpo.beta > 0
+  mu = phases.num_iterations
   mesh = sharding.make_mesh(config.mesh, devices=target.devices)
-  st = build_state(config, cfg, mesh)
-  rules, repl = st["rules"], st["repl"]
-  mode = config.mode
-  sft_steps = config.total_steps if mode == "sft" else int(config.sft_warmup_steps)
-  rl = config.total_steps > sft_steps
-  phase = "grpo" if rl else "sft"
-  use_ref = rl and config.grpo.beta > 0
-  mu = int(config.grpo.num_iterations)
+  rules = config_lib.sharding_rules(config)
+  repl = sharding.replicated(mesh)
+  # The tiny test model takes its token ids from the offline tokenizer; real sizes need no
+  # tokenizer or checkpoint here (train.make_model_config with tokenizer=None).
+  tokenizer = None
+  if config.model.variant:
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = train.make_tokenizer(config, workdir)
+  abstract = train.make_abstract_model(config, tokenizer, mesh)
+  setup = train.make_train_setup(config, abstract, phases)
+  cfg = abstract.config
   shapes = recipe_shapes(config, cfg, text_tokens=text_tokens, video_hw=video_hw, phase=phase)
-  dtype = jnp.dtype(config.model.dtype)
-  grpo_cfg = grpo_config(config)
+  grpo_cfg = config_lib.make_grpo_config(config)
   sampler = sampling.Sampler(
-      st["abstract_model"], temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-      top_p=config.sampling.top_p, mesh=mesh, cache_dtype=dtype,
+      abstract.merge(), temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+      top_p=config.sampling.top_p, mesh=mesh, cache_dtype=abstract.dtype, vision_budget="auto",
       stop_ids=sampling.default_stop_ids(cfg))
   prepared, tb = host_batches(cfg, shapes, sampler)
-  graphdef, paths = st["graphdef"], st["paths"]
   num_micro = shapes.micro_batches
-  state = st["abstract_state"]
-  params_state = tree_utils.to_state(state["params"], paths)
+  state = setup.abstract_state
+  ref_params = abstract.with_param_dtype(config.model.ref_param_dtype).params
   state_bytes = _bytes_per_device(state)
-  ref_bytes = _bytes_per_device(st["ref_params"]) if use_ref else 0
+  ref_bytes = _bytes_per_device(ref_params) if use_ref else 0
   opt_bytes = state_bytes - _bytes_per_device(state["params"])
   report = dict(
       topology=target.name, platform=target.platform, num_devices=len(target.devices),
       device_kind=target.devices[0].device_kind, mesh=dict(mesh.shape),
       hbm_bytes_per_device=float(target.chip.hbm_bytes), chip=dataclasses.asdict(target.chip),
-      param_count=tree_utils.param_count(st["abstract_params"]),
+      param_count=abstract.param_count,
       trainable_param_count=tree_utils.param_count(
-          {k: st["abstract_params"][k] for k in st["trainable_keys"]}),
+          {k: abstract.params[k] for k in setup.trainable_keys}),
       shapes=dict(dataclasses.asdict(shapes), rows=shapes.rows), phase=phase,
       resident_bytes=dict(state=state_bytes, optimizer=opt_bytes, ref_params=ref_bytes),
       functions={})
@@ -496,87 +421,66 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
         f"{fig['peak_bytes'] / GIB:.2f} GiB per device")
     return compiled
 
-  # Traced like train.main's loop: under the mesh and the logical rules that layers.constrain
+  # Traced like the trainer's loop: under the mesh and the logical rules that layers.constrain
   # resolves the activation constraints with.
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     if wanted("vision_encoder"):
-      fn, vparams = _jit_vision(st["abstract_model"])
-      vparams = {k: _sds(v, st["param_shardings"]["visual." + k]) for k, v in vparams.items()}
-      batch_vis = jax.tree.map(lambda x: _sds(x, repl), (prepared["pixel_values_videos"],
-                                                         prepared["video_vis"]))
+      fn, vparams = _jit_vision(abstract)
+      vis_batch = (prepared["pixel_values_videos"], prepared["video_vis"])
+      shard = sampler.batch_shardings(prepared) or jax.tree.map(lambda _: repl, prepared)
+      vis_shard = (shard["pixel_values_videos"], shard["video_vis"])
       # Part of prefill and train_step, not a phase of its own: no step peak.
-      measure("vision_encoder", fn, (vparams, *batch_vis), None)
-    if rl and (wanted("prefill") or wanted("decode")):
-      shard = sampler.batch_shardings(prepared)
-      batch = (jax.tree.map(_sds, prepared, shard) if shard else
-               jax.tree.map(lambda x: _sds(x, repl), prepared))
+      measure("vision_encoder", fn, (vparams, *abstract_batch(vis_batch, vis_shard)), None)
+    params_state = abstract.state(state["params"])
+    if phase == "grpo" and (wanted("prefill") or wanted("decode")):
+      shard = sampler.batch_shardings(prepared) or jax.tree.map(lambda _: repl, prepared)
+      batch = abstract_batch(prepared, shard)
       rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-      r = shapes.rows
-      prefill = functools.partial(
-          sampling._prefill, graphdef=sampler.graphdef, num_samples=shapes.generations,  # pylint: disable=protected-access
-          max_new_tokens=shapes.completion, cache_dtype=sampler.cache_dtype,
-          row_sharding=sampler._row_sharding(r),  # pylint: disable=protected-access
-          prompt_sharding=sampler._row_sharding(shapes.prompts),  # pylint: disable=protected-access
-          track_seen=sampler.scfg.repetition_penalty != 1.0)
-      compiled = measure("prefill", _Bound(prefill), (params_state, batch, rng),
-                         opt_bytes + ref_bytes)
+      prefill = sampler.prefill_fn(shapes.prompts, max_new_tokens=shapes.completion,
+                                   num_samples=shapes.generations)
+      compiled = measure("prefill", prefill, (params_state, batch, rng), opt_bytes + ref_bytes)
       if wanted("decode"):
         out = jax.eval_shape(prefill, params_state, batch, rng)
         sstate = jax.tree.map(_sds, out, compiled.output_shardings)
-        decode = functools.partial(sampling._decode, graphdef=sampler.graphdef, scfg=sampler.scfg)  # pylint: disable=protected-access
         until = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         del compiled
-        measure("decode", _Bound(decode), (params_state, sstate, until), opt_bytes + ref_bytes,
-                loop_scaled=False)
-    tbs = train_batch_structs(tb, mesh, rules, repl)
-    logps = jax.jit(functools.partial(train.token_logps, graphdef=graphdef, paths=paths,
-                                      num_micro=num_micro))
+        measure("decode", sampler.decode_fn(), (params_state, sstate, until),
+                opt_bytes + ref_bytes, loop_scaled=False)
+    tbs = abstract_batch(tb, train.batch_shardings(tb, mesh, rules))
+    logps_fn = train.make_logps_fn(abstract, num_micro)
+    # The trainer hands train_step the log-probs' arrays as they come out of token_logps.
+    logps_struct = jax.ShapeDtypeStruct(
+        tb["completion_ids"].shape, jnp.float32,
+        sharding=sharding.batch_sharding(mesh, rules, tb["completion_ids"].shape))
     ref_struct = None
     if use_ref:
-      ref_struct = jax.ShapeDtypeStruct(
-          tb["completion_ids"].shape, jnp.float32,
-          sharding=sharding.batch_sharding(mesh, rules, tb["completion_ids"].shape))
+      ref_struct = logps_struct
       if wanted("ref_logps"):
-        measure("ref_logps", logps, (st["ref_params"], tbs), state_bytes)
-    if rl and mu > 1:
-      tbs["old_logps"] = ref_struct or jax.ShapeDtypeStruct(
-          tb["completion_ids"].shape, jnp.float32,
-          sharding=sharding.batch_sharding(mesh, rules, tb["completion_ids"].shape))
+        compiled = measure("ref_logps", logps_fn, (ref_params, tbs), state_bytes)
+        ref_struct = _sds(logps_struct, compiled.output_shardings)
+        del compiled
+    if phase == "grpo" and mu > 1:
+      tbs["old_logps"] = ref_struct or logps_struct
       if wanted("old_logps"):
-        measure("old_logps", logps, (state["params"], tbs), opt_bytes + ref_bytes)
-    phases = [phase] + (["sft"] if phase == "grpo" and sft_steps else [])
-    for ph in phases:
+        measure("old_logps", logps_fn, (state["params"], tbs), opt_bytes + ref_bytes)
+    for ph in [phase] + (["sft"] if phase == "grpo" and phases.sft_steps else []):
       name = "train_step" if ph == phase else f"train_step_{ph}"
       if not wanted(name):
         continue
       if ph != phase:  # the SFT warm-up batch: G = 1, no reference, no old log-probs
-        ph_shapes = dataclasses.replace(shapes, generations=1)
-        _, tb_ph = host_batches(cfg, ph_shapes, sampler)
-        tbs_ph, ref_ph = train_batch_structs(tb_ph, mesh, rules, repl), None
+        _, tb_ph = host_batches(cfg, dataclasses.replace(shapes, generations=1), sampler)
+        tbs_ph, ref_ph = abstract_batch(tb_ph, train.batch_shardings(tb_ph, mesh, rules)), None
       else:
         tbs_ph, ref_ph = tbs, ref_struct
       shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-      step = jax.jit(
-          functools.partial(train.train_step, graphdef=graphdef, paths=paths, tx=st["tx"],
-                            trainable_keys=st["trainable_keys"], mode=ph, grpo_config=grpo_cfg,
-                            num_micro=num_micro),
-          in_shardings=(st["state_shardings"], shard_of(tbs_ph), shard_of(ref_ph)),
-          out_shardings=(st["state_shardings"], repl), donate_argnums=(0,))
+      step = train.make_train_step(abstract, setup, mode=ph, grpo_config=grpo_cfg,
+                                   num_micro=num_micro, batch_shardings_=shard_of(tbs_ph),
+                                   ref_shardings=shard_of(ref_ph))
       measure(name, step, (state, tbs_ph, ref_ph), ref_bytes)
 
   _summarise(report, extra, target.chip, shapes, use_ref)
   report["plan_seconds"] = time.perf_counter() - t_start
   return report
-
-
-class _Bound:
-  """A module-level jitted function with its static keywords bound, exposing .trace like jit."""
-
-  def __init__(self, partial):
-    self.partial = partial
-
-  def trace(self, *args):
-    return self.partial.func.trace(*args, **self.partial.keywords)
 
 
 def _summarise(report, extra, chip, shapes, use_ref):
@@ -699,35 +603,35 @@ def to_json(report):
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
-# The trainer's own --config flag (defined when train.py is imported): the same file, arguments and
-# --config.x=... overrides.
-_CONFIG = train._CONFIG  # pylint: disable=protected-access
-_TOPOLOGY = flags.DEFINE_string("topology", "local", "Cloud TPU slice name (v4-8, v5e-8, v5p-8, "
-                                "v6e-8, v5p-32, ...) or local (the devices present).")
-_JSON = flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
-_TEXT_TOKENS = flags.DEFINE_integer(
-    "text_tokens", 512, "Text tokens per prompt besides the video span (an SG-RLVR cognitive-map "
-    "multiple-choice prompt with 16 categories is 501 Qwen2.5 tokens with the chat template).")
-_VIDEO_HW = flags.DEFINE_string("video_hw", "480,640", "Source video frame height,width "
-                                "(ScanNet's 480x640) resized with the config's pixel budget.")
-_FUNCTIONS = flags.DEFINE_list("functions", None, "Only these functions (default: all).")
-_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each function's optimized HLO text here.")
-
-
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required")
-  target = local_target() if _TOPOLOGY.value == "local" else tpu_target(_TOPOLOGY.value)
-  hw = tuple(int(x) for x in _VIDEO_HW.value.split(","))
-  report = plan(config, target, text_tokens=_TEXT_TOKENS.value, video_hw=hw,
-                functions=_FUNCTIONS.value, hlo_dir=_HLO_DIR.value, log=logging.info)
+  topology = flags.FLAGS.topology
+  target = local_target() if topology == "local" else tpu_target(topology)
+  hw = tuple(int(x) for x in flags.FLAGS.video_hw.split(","))
+  report = plan(config, target, text_tokens=flags.FLAGS.text_tokens, video_hw=hw,
+                functions=flags.FLAGS.functions, hlo_dir=flags.FLAGS.hlo_dir, log=logging.info)
   print(format_report(report, config))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w") as f:
       json.dump(to_json(report), f, indent=2)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program (as in train.py): --config is the trainer's (the
+  # same file, arguments and --config.x=... overrides).
+  config_flags.DEFINE_config_file("config", None, "Training config file (as for train.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", "local", "Cloud TPU slice name (v4-8, v5e-8, v5p-8, v6e-8, "
+                      "v5p-32, ...) or local (the devices present).")
+  flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+  flags.DEFINE_integer("text_tokens", 512, "Text tokens per prompt besides the video span (an "
+                       "SG-RLVR cognitive-map multiple-choice prompt with 16 categories is 501 "
+                       "Qwen2.5 tokens with the chat template).")
+  flags.DEFINE_string("video_hw", "480,640", "Source video frame height,width (ScanNet's 480x640) "
+                      "resized with the config's pixel budget.")
+  flags.DEFINE_list("functions", None, "Only these functions (default: all).")
+  flags.DEFINE_string("hlo_dir", None, "Write each function's optimized HLO text here.")
   app.run(main)

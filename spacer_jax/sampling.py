@@ -310,6 +310,24 @@ def auto_vision_budget(cfg, grid_thw, num_patches):
               num_frames=_bucket(int(g[:, 0].sum())), frame_len=_bucket(int((g[:, 1] * g[:, 2]).max())))
 
 
+class BoundJit:
+  """A module-level jitted function with its static keyword arguments bound: callable like the
+  function, and `.trace(*args)` / `.lower(*args)` like a jitted function (one executable cache,
+  shared with every other caller of the same function and static arguments)."""
+
+  def __init__(self, jitted, **static):
+    self.jitted, self.static = jitted, static
+
+  def __call__(self, *args):
+    return self.jitted(*args, **self.static)
+
+  def trace(self, *args):
+    return self.jitted.trace(*args, **self.static)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args, **self.static)
+
+
 def compile_counts():
   """{"prefill": n, "decode": n}: executables compiled so far by the jitted sampler functions."""
   return {"prefill": int(_prefill._cache_size()), "decode": int(_decode._cache_size())}  # pylint: disable=protected-access
@@ -462,22 +480,32 @@ class Sampler:
 
   # -- device calls ----------------------------------------------------------------------------
 
+  def prefill_fn(self, num_prompts, *, max_new_tokens, num_samples=1):
+    """The jitted prefill with this sampler's static settings bound for `num_prompts` prompts:
+    fn(params, batch, rng) -> SamplingState. Like a jitted function it also has `.trace(...)`
+    and `.lower(...)`, which take abstract arguments (the planner compiles it that way)."""
+    return BoundJit(_prefill, graphdef=self.graphdef, num_samples=int(num_samples),
+                    max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
+                    row_sharding=self._row_sharding(num_prompts * num_samples),
+                    prompt_sharding=self._row_sharding(num_prompts),
+                    track_seen=self.scfg.repetition_penalty != 1.0)
+
+  def decode_fn(self):
+    """The jitted decode loop with this sampler's static settings bound: fn(params, state, until)
+    -> SamplingState (donates `state`; `until` an int32 scalar); `.trace`/`.lower` as prefill_fn."""
+    return BoundJit(_decode, graphdef=self.graphdef, scfg=self.scfg)
+
   def prefill(self, batch, *, max_new_tokens, num_samples=1, rng=None, params=None):
     """Jitted prefill on a prepared batch -> SamplingState with B*num_samples rows."""
     rng = jax.random.key(0) if rng is None else rng
-    rows = batch["input_ids"].shape[0] * num_samples
-    return _prefill(self.params if params is None else params, self._put(batch), rng,
-                    graphdef=self.graphdef, num_samples=int(num_samples),
-                    max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
-                    row_sharding=self._row_sharding(rows),
-                    prompt_sharding=self._row_sharding(batch["input_ids"].shape[0]),
-                    track_seen=self.scfg.repetition_penalty != 1.0)
+    fn = self.prefill_fn(batch["input_ids"].shape[0], max_new_tokens=max_new_tokens,
+                         num_samples=num_samples)
+    return fn(self.params if params is None else params, self._put(batch), rng)
 
   def decode(self, state, *, until=None, params=None):
     """Jitted decode loop (donates `state`)."""
     until = state.tokens.shape[1] if until is None else until
-    return _decode(self.params if params is None else params, state, jnp.int32(until),
-                   graphdef=self.graphdef, scfg=self.scfg)
+    return self.decode_fn()(self.params if params is None else params, state, jnp.int32(until))
 
   def __call__(self, input_ids, attention_mask=None, *, max_new_tokens, num_samples=1, rng=None,
                params=None, callback: Callable[[np.ndarray, np.ndarray], None] | None = None,

@@ -252,7 +252,12 @@ def make_tokenizer(config, workdir):
 
 
 def make_model_config(config, tokenizer):
-  """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json."""
+  """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json.
+
+  tokenizer=None (the planner, which needs no weights or tokenizer files on its host): no tokenizer
+  check, and without a config.json in config.model.hf_dir the published Qwen2.5-VL of the size the
+  directory names (modeling.published_config).
+  """
   common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
@@ -262,6 +267,10 @@ def make_model_config(config, tokenizer):
                            **config.model.tiny_overrides.to_dict())
   if config.model.variant:
     raise ValueError(f"config.model.variant must be '' or 'tiny', got {config.model.variant!r}")
+  if tokenizer is None:
+    if not os.path.isfile(os.path.join(config.model.hf_dir, "config.json")):
+      return modeling.published_config(config.model.hf_dir, **common)
+    return modeling.model_config(config.model.hf_dir, **common)
   cfg = modeling.model_config(config.model.hf_dir, **common)
   modeling.check_tokenizer(tokenizer, cfg, where="config.data.tokenizer_dir / config.model.hf_dir")
   return cfg
