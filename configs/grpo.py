@@ -6,7 +6,9 @@ Run sheet
       --config.model.hf_dir=/ckpt/Qwen2.5-VL-7B-Instruct \
       --config.data.annotations=/data/SpaceR-151k/SpaceR-151k.jsonl \
       --config.data.media_root=/data/SpaceR-151k
-  Arguments: size=3b|7b|32b|72b, frames=16, sharding=fsdp|fsdp_tp, smoke (tiny model on CPU).
+  Arguments: size=3b|7b|32b|72b, frames=16, sharding=fsdp|fsdp_tp, lora=RANK and
+    lora_targets=text|vision|merger|all|text+vision (LoRA instead of full fine-tuning; README "LoRA"),
+    smoke (tiny model on CPU).
   Same optimiser, sampling and KL as configs/sgrlvr.py; rewards = accuracy (MC exact match, numerical
   MRA) + format. This is the ablation that isolates SG-RLVR's map reward (spec spacer.md 5.3).
   Expected: accuracy below SG-RLVR on the spatial tasks at equal steps.
@@ -16,8 +18,9 @@ from spacer_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", smoke=False)
-  c = config_lib.base_config(a.size, a.frames, a.sharding)
+  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", lora=0, lora_targets="text",
+                           smoke=False)
+  c = config_lib.base_config(a.size, a.frames, a.sharding, a.lora, a.lora_targets)
   c.data.use_cogmap_prompt = False
   c.data.cognitive_maps = ""
   c.rewards.use_map = False

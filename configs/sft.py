@@ -6,7 +6,9 @@ Run sheet
       --config.model.hf_dir=/ckpt/Qwen2.5-VL-7B-Instruct \
       --config.data.annotations=/data/SpaceR-151k/SpaceR-151k.jsonl \
       --config.data.media_root=/data/SpaceR-151k
-  Arguments: size=3b|7b|32b|72b, frames=16, sharding=fsdp|fsdp_tp, smoke (tiny model on CPU),
+  Arguments: size=3b|7b|32b|72b, frames=16, sharding=fsdp|fsdp_tp, lora=RANK and
+    lora_targets=text|vision|merger|all|text+vision (LoRA; README "LoRA"),
+    smoke (tiny model on CPU),
     target=solution|process (train on `solution` as the reference does, or on the `process` CoT
     trace followed by the solution).
   Recipe (spec spacer.md 6.2): global batch 16 (8 GPUs x 1 x grad-accum 2), lr 1e-6, linear decay, no
@@ -27,10 +29,11 @@ from spacer_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", target="solution", smoke=False)
+  a = config_lib.parse_arg(arg, size="7b", frames=16, sharding="", lora=0, lora_targets="text",
+                           target="solution", smoke=False)
   if a.target not in ("solution", "process"):
     raise ValueError(f"configs/sft.py: target must be solution|process, got {a.target!r}")
-  c = config_lib.base_config(a.size, a.frames, a.sharding)
+  c = config_lib.base_config(a.size, a.frames, a.sharding, a.lora, a.lora_targets)
   c.mode = "sft"
   c.total_steps = 9457
   c.sft_target = a.target

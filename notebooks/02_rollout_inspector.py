@@ -1,3 +1,13 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,kernelspec,-jupytext.text_representation
+#   kernelspec:
+#     display_name: Python 3
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 02 Rollout inspector
 #
@@ -12,31 +22,46 @@
 #   `completion`, `answer`, `solution`, `length`, `advantage`, `reward_<component>`),
 # * `config.json`: the run's config, used to find the training records and their videos.
 #
-# and shows, for one step, each prompt's frames with its G completions, parsed answers, reward
-# components and advantages, then the reward components over steps.
+# and shows, for one step, each prompt's frames, the cognitive map each of its G completions wrote
+# (parsed as the map reward parses it) beside the ground-truth map on the same grid, the
+# completions, parsed answers, reward components and advantages; then the reward components over
+# steps.
 
 # %%
-# Install (Colab only; a local checkout with the venv needs nothing). The smoke run needs the
-# repository's configs/, so install from a clone: set SPACER_JAX_REPO to its git URL first.
-import importlib.util
+# Install (Colab). Set REPO_URL to this repository's git URL: the one edit a fresh Colab runtime
+# (CPU, GPU or TPU) needs. The cell clones the repository to /content/spacer_jax and runs
+# `python -m spacer_jax.colab` there: jax at the pinned version for this runtime (jax[tpu],
+# jax[cuda12] or plain jax), flax, optax, orbax-checkpoint and grain at their pins, every other
+# requirement only where the runtime lacks it or has an older version (nothing Colab preinstalled
+# is downgraded: pip runs under a constraints file that holds each installed package at >= its
+# version), then the project itself with `pip install -e . --no-deps`. If the install replaced a
+# package this kernel had already imported, the cell asks for one restart. Outside Colab it does
+# nothing: use the repository's environment (`pip install -r requirements.txt -e .`).
+REPO_URL = "https://github.com/YOUR_ORG/spacer_jax.git"
+import json
 import os
 import subprocess
 import sys
 
-IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB and importlib.util.find_spec("spacer_jax") is None:
-  repo = os.environ.get("SPACER_JAX_REPO")
-  if not repo:
-    raise RuntimeError("set os.environ['SPACER_JAX_REPO'] to the spacer_jax git URL, then rerun")
-  subprocess.run(["git", "clone", "-q", repo, "/content/spacer_jax"], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/spacer_jax"],
-                 check=True)
-  sys.path.insert(0, "/content/spacer_jax")
-  os.chdir("/content/spacer_jax")
+REPO_DIR = "/content/spacer_jax"
+if "google.colab" in sys.modules:
+  if "YOUR_ORG" in REPO_URL:
+    raise ValueError("set REPO_URL in this cell to the spacer_jax repository's git URL")
+  if not os.path.isdir(REPO_DIR):
+    subprocess.run(["git", "clone", "--depth=1", REPO_URL, REPO_DIR], check=True)
+  subprocess.run([sys.executable, "-m", "spacer_jax.colab", "--report=/tmp/spacer_jax_install.json"],
+                 cwd=REPO_DIR, check=True)
+  sys.path.insert(0, REPO_DIR)
+  os.chdir(REPO_DIR)
+  with open("/tmp/spacer_jax_install.json") as f:
+    stale = [m for m in json.load(f)["modules"] if m in sys.modules]
+  if stale:
+    raise SystemExit(f"Restart the runtime (Runtime > Restart session), then run all cells again: "
+                     f"the install changed {stale}, which this kernel had already imported.")
 
 # %%
 import collections
-import json
+import dataclasses
 import pathlib
 import tempfile
 
@@ -44,6 +69,8 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+from spacer_jax import cogmap
+from spacer_jax import rewards
 from spacer_jax.data import sources
 from spacer_jax.data import synthetic
 from spacer_jax.data import video as video_lib
@@ -53,22 +80,20 @@ WORKDIR = os.environ.get("WORKDIR", "/content/runs/sgrlvr")
 
 # %% [markdown]
 # ## (SMOKE) A 2-step run to inspect
-# `spacer_jax.train.main` reads absl flags, exactly as `python -m spacer_jax.train
-# --config=configs/sgrlvr.py:smoke --workdir=...` would set them.
+# `train.train_and_evaluate` is what `python -m spacer_jax.train
+# --config=configs/sgrlvr.py:smoke --workdir=...` runs.
 
 # %%
 if SMOKE:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from spacer_jax import config_lib  # pylint: disable=g-import-not-at-top
   from spacer_jax import train  # pylint: disable=g-import-not-at-top
   config_file = pathlib.Path(train.__file__).resolve().parents[1] / "configs" / "sgrlvr.py"
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file}: the smoke run needs the repository's configs/ "
                             "(install from a clone with pip install -e)")
   WORKDIR = tempfile.mkdtemp(prefix="nb02_")
-  # Only --config and --workdir: config_flags reads `--config.x=y` overrides from sys.argv, which
-  # in a notebook is the kernel's command line.
-  flags.FLAGS(["02_rollout_inspector", f"--config={config_file}:smoke", f"--workdir={WORKDIR}"])
-  train.main([])
+  train.train_and_evaluate(config_lib.load_config_module(str(config_file)).get_config("smoke"),
+                           WORKDIR)
 
 # %% [markdown]
 # ## Load the run
@@ -111,12 +136,18 @@ if os.path.exists(annotations):
 print(f"{len(records)} records from {annotations}")
 
 # %% [markdown]
-# ## One step: frames, completions, rewards, advantages
+# ## One step: frames, cognitive maps, completions, rewards, advantages
 # Set `STEP` to any logged step (default: the last one). Each prompt's G completions form one
 # GRPO group; the advantages are the group-normalised totals, so they sum to ~0 per group.
+#
+# The maps: the ground truth (the record's `cognitive_map`, one point per object at its cell of the
+# 10x10 floor grid) first, then each completion's `<map>` as `rewards.parse_map` reads it (the
+# reward's own parser; the overflow fix is on here only so that a malformed map is drawn instead of
+# raising), titled with the map score the rollout got. Colours follow the ground-truth categories.
 
 # %%
 STEP = max(r["step"] for r in grpo_rows)
+display_config = dataclasses.replace(rewards.DEFAULT, use_overflow_fix=True)
 COMPONENTS = ("format", "accuracy_base", "map", "accuracy", "temporal", "length", "total")
 step_rows = [r for r in grpo_rows if r["step"] == STEP]
 groups = collections.defaultdict(list)
@@ -137,6 +168,19 @@ for pid, rows in groups.items():
         ax.imshow(frames[i])
         ax.axis("off")
       fig.suptitle(os.path.basename(rec.media), fontsize=8)
+      plt.show()
+    if rec.cognitive_map:
+      order = sorted(rows, key=lambda r: r["sample"])
+      fig, axes = plt.subplots(1, 1 + len(order), figsize=(2.3 * (1 + len(order)), 2.6),
+                               squeeze=False)
+      cogmap.draw(axes[0, 0], rec.cognitive_map, list(rec.cognitive_map), title="ground truth")
+      axes[0, 0].legend(fontsize=5, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=2)
+      for ax, r in zip(axes[0, 1:], order):
+        pred = rewards.parse_map(rewards.extract_map(r["completion"]), list(rec.cognitive_map),
+                                 display_config)
+        cogmap.draw(ax, pred, list(rec.cognitive_map),
+                    title=f"#{r['sample']}: map {r.get('reward_map', float('nan')):.2f}")
+      plt.tight_layout()
       plt.show()
   print(f"{'#':>2} {'len':>5} {'answer':>12} " + "".join(f"{c[:9]:>10}" for c in COMPONENTS)
         + f"{'adv':>8}")

@@ -1,3 +1,13 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,kernelspec,-jupytext.text_representation
+#   kernelspec:
+#     display_name: Python 3
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 03 Rewards playground
 #
@@ -12,18 +22,36 @@
 # `SMOKE=1` changes nothing here (the notebook is already tiny); it is honoured for uniformity.
 
 # %%
-# Install (Colab only; a local checkout with the venv needs nothing). Set SPACER_JAX_REPO to the
-# git URL of this repository before running, e.g. os.environ["SPACER_JAX_REPO"] = "https://..."
-import importlib.util
+# Install (Colab). Set REPO_URL to this repository's git URL: the one edit a fresh Colab runtime
+# (CPU, GPU or TPU) needs. The cell clones the repository to /content/spacer_jax and runs
+# `python -m spacer_jax.colab` there: jax at the pinned version for this runtime (jax[tpu],
+# jax[cuda12] or plain jax), flax, optax, orbax-checkpoint and grain at their pins, every other
+# requirement only where the runtime lacks it or has an older version (nothing Colab preinstalled
+# is downgraded: pip runs under a constraints file that holds each installed package at >= its
+# version), then the project itself with `pip install -e . --no-deps`. If the install replaced a
+# package this kernel had already imported, the cell asks for one restart. Outside Colab it does
+# nothing: use the repository's environment (`pip install -r requirements.txt -e .`).
+REPO_URL = "https://github.com/YOUR_ORG/spacer_jax.git"
+import json
 import os
 import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("spacer_jax") is None:
-  repo = os.environ.get("SPACER_JAX_REPO")
-  if not repo:
-    raise RuntimeError("set os.environ['SPACER_JAX_REPO'] to the spacer_jax git URL, then rerun")
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{repo}"], check=True)
+REPO_DIR = "/content/spacer_jax"
+if "google.colab" in sys.modules:
+  if "YOUR_ORG" in REPO_URL:
+    raise ValueError("set REPO_URL in this cell to the spacer_jax repository's git URL")
+  if not os.path.isdir(REPO_DIR):
+    subprocess.run(["git", "clone", "--depth=1", REPO_URL, REPO_DIR], check=True)
+  subprocess.run([sys.executable, "-m", "spacer_jax.colab", "--report=/tmp/spacer_jax_install.json"],
+                 cwd=REPO_DIR, check=True)
+  sys.path.insert(0, REPO_DIR)
+  os.chdir(REPO_DIR)
+  with open("/tmp/spacer_jax_install.json") as f:
+    stale = [m for m in json.load(f)["modules"] if m in sys.modules]
+  if stale:
+    raise SystemExit(f"Restart the runtime (Runtime > Restart session), then run all cells again: "
+                     f"the install changed {stale}, which this kernel had already imported.")
 
 # %%
 import dataclasses

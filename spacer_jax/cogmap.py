@@ -343,3 +343,39 @@ def scores(items, config, where):
   if not config.use_overflow_fix:
     error = error | overflow
   return np.where(error, 0.0, score).astype(np.float32), error
+
+
+def draw(ax, cmap, categories, grid_size=10, title=""):
+  """Draws a cognitive map {category: [[x, y], ...]} on its grid_size x grid_size grid (matplotlib).
+
+  Each point is drawn at the centre of its cell, coloured by the category's position in
+  `categories` (so a prediction and its ground truth drawn with the same list match), with the
+  category's first letters beside it. Points off the grid are counted in the title. Host only.
+
+  Args:
+    ax: a matplotlib Axes.
+    cmap: the map (parse_map output, or a ground-truth map).
+    categories: the category order that fixes the colours (e.g. the ground-truth keys).
+    grid_size: cells per side (SpaceR: 10).
+    title: the Axes title; "(empty)" or the count of off-grid points is appended when it applies.
+  """
+  order = {c.lower(): i for i, c in enumerate(categories)}
+  off = 0
+  for cat, points in cmap.items():
+    color = f"C{order.get(cat.lower(), len(order)) % 10}"
+    inside = [(x, y) for x, y in points if 0 <= x < grid_size and 0 <= y < grid_size]
+    off += len(points) - len(inside)
+    if inside:
+      xs, ys = np.array(inside, np.float64).T + 0.5
+      ax.scatter(xs, ys, color=color, s=40, label=cat, zorder=3)
+      for x, y in zip(xs, ys):
+        ax.annotate(cat[:3], (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
+  ax.set(xlim=(0, grid_size), ylim=(0, grid_size), aspect="equal",
+         xticks=range(0, grid_size + 1, 2), yticks=range(0, grid_size + 1, 2))
+  ax.grid(True, lw=0.3)
+  ax.tick_params(labelsize=6)
+  if not any(cmap.values()):
+    title += " (empty)"
+  elif off:
+    title += f" ({off} off the grid)"
+  ax.set_title(title, fontsize=7)

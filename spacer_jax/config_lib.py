@@ -5,6 +5,9 @@ text after the colon of `--config=configs/sgrlvr.py:size=7b,smoke` into a Config
 the presets below are the only place mesh axis names meet logical axis names.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Mesh axis names (model code never mentions these; only the rules below and sharding.py do).
@@ -47,6 +50,17 @@ FSDP_TP_RULES = (
 )
 
 SHARDING_PRESETS = {"fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
+
+# LoRA target presets (config.lora.targets), regexes over module names; see spacer_jax/lora.py.
+#   text: q/k/v/o and gate/up/down of every decoder layer; vision: the ViT blocks' qkv/proj and MLP;
+#   merger: the vision merger's two layers; all: the three.
+LORA_TARGETS = {
+    "text": (r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$",
+             r"^model\.layers\.\d+\.mlp\.(gate|up|down)_proj$"),
+    "vision": (r"^visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)$",),
+    "merger": (r"^visual\.merger\.fc[12]$",),
+}
+LORA_TARGETS["all"] = LORA_TARGETS["text"] + LORA_TARGETS["vision"] + LORA_TARGETS["merger"]
 MESH_PRESETS = {"fsdp": MESH_FSDP, "fsdp_tp": MESH_FSDP_TP2}
 
 
@@ -101,6 +115,20 @@ def parse_arg(arg, lazy=False, **spec):
   return ml_collections.ConfigDict(out)
 
 
+def load_config_module(path):
+  """Imports a config file (`configs/x.py`) by path, as config_flags does, and returns the module.
+
+  For what config_flags does not expose: a config's `sweep(add)` (spacer_jax.sweep) and one config
+  building on another (configs/ablation.py).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  name = "spacer_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
 
 def sharding_rules(config):
   """`config.sharding_rules` as a tuple of (logical name, mesh axis | tuple of mesh axes | None)."""
@@ -131,6 +159,18 @@ def make_grpo_config(config):
       importance_sampling=g.importance_sampling, adv_eps=g.adv_eps, kl_clamp=g.kl_clamp)
 
 
+def make_lora_config(config):
+  """lora.LoraConfig from `config.lora`, or None when config.lora.rank is 0 (LoRA off)."""
+  from spacer_jax import lora  # pylint: disable=g-import-not-at-top
+  c = config.lora
+  if not c.rank:
+    return None
+  return lora.LoraConfig(
+      rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout), targets=tuple(c.targets),
+      train_also=tuple(c.train_also), base_param_dtype=c.base_param_dtype or None,
+      use_rslora=bool(c.use_rslora))
+
+
 def make_data_config(config, temporal, process_count=1):
   """pipeline.DataConfig from `config.data`; `data.batch_size` is global, split over processes."""
   from spacer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -143,19 +183,25 @@ def make_data_config(config, temporal, process_count=1):
       shuffle=d.shuffle, strict=not d.skip_bad_records)
 
 
-def base_config(size="7b", frames=16, sharding=""):
+def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
   """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
 
   Args:
     size: 3b|7b|32b|72b; picks the default checkpoint directory and, for 32b/72b, FSDP+TP.
     frames: max frames per video.
     sharding: "" (by size) | "fsdp" | "fsdp_tp".
+    lora: LoRA rank (0: full fine-tuning).
+    lora_targets: LORA_TARGETS presets joined by "+" (e.g. "text+vision").
 
   Returns:
     ml_collections.ConfigDict with every key train.py reads.
   """
   if size not in ("3b", "7b", "32b", "72b"):
     raise ValueError(f"config argument size must be 3b|7b|32b|72b, got {size!r}")
+  unknown = [n for n in lora_targets.split("+") if n not in LORA_TARGETS]
+  if unknown:
+    raise ValueError(f"config argument lora_targets: unknown {unknown}; use {sorted(LORA_TARGETS)} "
+                     "joined by '+'")
   c = ml_collections.ConfigDict()
   c.mode = "grpo"  # "grpo" | "sft"
   c.sft_warmup_steps = 0  # SFT steps on the solutions before RL starts (0 = SpaceR: none).
@@ -240,7 +286,22 @@ def base_config(size="7b", frames=16, sharding=""):
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-6, schedule="cosine", warmup_steps=0, decay_steps=0, wd=0.01, b1=0.9, b2=0.999,
-      eps=1e-8, grad_clip=5.0, freeze=()))
+      eps=1e-8, grad_clip=5.0, freeze=(),
+      # > 0 with sft_warmup_steps: the schedule spans the SFT steps (peak lr) and starts again at the
+      # first GRPO step with peak rl_lr. 0 = one schedule over the whole run.
+      rl_lr=0.0))
+
+  # LoRA (spacer_jax/lora.py; README "LoRA"): rank 0 = off (full fine-tuning). Only the adapters
+  # (and `train_also` parameters) are trained and held by the optimizer; the frozen base is stored in
+  # base_param_dtype and is also GRPO's reference policy (no second copy of the weights).
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=lora, alpha=32.0, dropout=0.0,
+      # Regexes searched in the Linear layers' names (LORA_TARGETS presets; lora_targets= argument).
+      targets=tuple(dict.fromkeys(t for n in lora_targets.split("+") for t in LORA_TARGETS[n])),
+      train_also=(),  # regexes over parameter names trained in full (e.g. r"^lm_head\.")
+      base_param_dtype="bfloat16", use_rslora=False,
+      adapter_dir="",  # start from this peft adapter (adapter_config.json + safetensors)
+      export_subdir="adapter"))  # the final adapters in peft format ("" = off)
 
   preset = sharding or ("fsdp_tp" if size in ("32b", "72b") else "fsdp")
   if preset not in SHARDING_PRESETS:
@@ -265,6 +326,7 @@ def smoke(c):
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.ref_param_dtype = "float32"
+  c.lora.base_param_dtype = "float32"
   c.model.use_remat = False
   c.data.source = "synthetic"
   c.data.annotations = ""
@@ -482,6 +544,24 @@ def problems(config, *, num_devices=None, process_count=1):
       re.compile(pattern)
     except (re.error, TypeError) as e:
       bad("optim.freeze", f"entry {i} ({pattern!r}) is not a regular expression: {e}")
+
+  # -- LoRA (only when on) ---------------------------------------------------------------------------
+  rank = check("lora.rank", non_negative_int, "must be an integer >= 0 (0 = full fine-tuning)")
+  if rank:
+    check("lora.alpha", lambda x: _is_number(x) and x > 0, "must be > 0")
+    check("lora.dropout", lambda x: _is_number(x) and 0 <= x < 1, "must be in [0, 1)")
+    check("lora.base_param_dtype", lambda x: x in ("", "float32", "bfloat16", "float16"),
+          "must be float32, bfloat16, float16 or '' (= model.param_dtype)")
+    check("lora.targets", lambda x: len(x) > 0, "must name at least one layer (presets: "
+          "config_lib.LORA_TARGETS)")
+    for field in ("lora.targets", "lora.train_also"):
+      for i, pattern in enumerate(config.lora.get(field.split(".")[1]) or ()):
+        try:
+          re.compile(pattern)
+        except (re.error, TypeError) as e:
+          bad(field, f"entry {i} ({pattern!r}) is not a regular expression: {e}")
+    if config.lora.get("adapter_dir"):
+      path("lora.adapter_dir", "adapter_config.json")
 
   # -- periodic evaluation ---------------------------------------------------------------------
   if config.eval.get("every_steps"):

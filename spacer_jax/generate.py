@@ -7,6 +7,7 @@ DIR is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenize
 workdir (model_config.json + ckpt/, or that ckpt/ directory): its latest orbax step's policy params are
 restored by `spacer_jax.modeling.load_model` (`--step` picks another) and the tokenizer is the run's
 tokenizer/ directory, the tokenizer_dir / model.hf_dir recorded in its config.json, or `--tokenizer_dir`.
+A LoRA run's adapters come merged into the weights; `--adapter DIR` applies a peft adapter directory.
 The data path
 is the training pipeline's: frames are sampled and resized as SpaceR does (spacer_jax.data.video), the
 question is wrapped in SpaceR's prompt template and the Qwen chat template (spacer_jax.data.prompts;
@@ -101,6 +102,9 @@ def main(argv=None):
                  help="Hugging Face checkpoint directory, or a train.py workdir (orbax checkpoint)")
   p.add_argument("--step", type=int, default=None, help="train.py workdir: checkpoint step "
                  "(default: latest)")
+  p.add_argument("--adapter", default=None,
+                 help="a peft LoRA adapter directory to apply to --model_dir (adapter_config.json + "
+                 "adapter_model.safetensors)")
   p.add_argument("--tokenizer_dir", default=None,
                  help="tokenizer files (default: the checkpoint's own, see above)")
   p.add_argument("--video", default=None, help="video file (mp4, ...)")
@@ -129,7 +133,7 @@ def main(argv=None):
   vision = load_media(video, image)  # before the (slow) model load: a bad file fails fast
   tok = tokenizer_lib.load_tokenizer(modeling.tokenizer_dir(model_dir, args.tokenizer_dir))
   t0 = time.perf_counter()
-  model = modeling.load_model(model_dir, dtype=args.dtype, step=args.step)
+  model = modeling.load_model(model_dir, dtype=args.dtype, step=args.step, adapter=args.adapter)
   cfg = model.config
   ids = build_inputs(tok, cfg, args.question, vision, video=video is not None,
                      image=image is not None, problem_type=args.problem_type,

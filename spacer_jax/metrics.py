@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -37,6 +38,20 @@ def memory_scalars(devices=None):
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
   out["memory/host_peak_gib"] = rss / gib * (1 if sys.platform == "darwin" else 1024)
   return out
+
+
+def git_commit(path=None):
+  """HEAD of the git checkout holding `path` (default: this package), "-dirty" with uncommitted
+  changes to tracked files; "unknown" outside a checkout."""
+  here = path or os.path.dirname(os.path.abspath(__file__))
+  try:
+    sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
 
 
 def every(step, n):

@@ -20,7 +20,8 @@ import optax
 HF_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
-def make_schedule(lr, total_steps, schedule="cosine", warmup_steps=0, end_lr=0.0):
+def make_schedule(lr, total_steps, schedule="cosine", warmup_steps=0, end_lr=0.0, *, restart_step=0,
+                  restart_lr=0.0):
   """Learning-rate schedule (step -> lr).
 
   Args:
@@ -30,10 +31,18 @@ def make_schedule(lr, total_steps, schedule="cosine", warmup_steps=0, end_lr=0.0
       the SFT baseline) or "constant".
     warmup_steps: linear warmup from 0 (SpaceR: 0).
     end_lr: final value.
+    restart_step, restart_lr: when both are > 0 (and restart_step < S), the schedule spans the first
+      `restart_step` steps only and starts again there with peak `restart_lr` (no warmup) over the
+      remaining S - restart_step steps: an SFT warm-up and the RL phase after it each get their own
+      decay instead of RL inheriting the tail of one decay over both.
 
   Returns:
     optax schedule.
   """
+  if restart_lr > 0 and 0 < restart_step < total_steps:
+    return optax.join_schedules(
+        [make_schedule(lr, restart_step, schedule, warmup_steps, end_lr),
+         make_schedule(restart_lr, total_steps - restart_step, schedule, 0, end_lr)], [restart_step])
   total_steps = max(int(total_steps), 1)
   decay_steps = max(total_steps - warmup_steps, 1)
   if schedule == "cosine":
@@ -62,12 +71,13 @@ def decay_mask(params, no_decay=HF_NO_DECAY):
 
 
 def make_optimizer(params, *, lr=1e-6, total_steps=1, schedule="cosine", warmup_steps=0, wd=0.01,
-                   b1=0.9, b2=0.999, eps=1e-8, grad_clip=5.0, no_decay=HF_NO_DECAY):
+                   b1=0.9, b2=0.999, eps=1e-8, grad_clip=5.0, no_decay=HF_NO_DECAY, restart_step=0,
+                   restart_lr=0.0):
   """AdamW with clipping and schedule over the (trainable) flat param dict.
 
   Args:
     params: flat `{key: array or ShapeDtypeStruct}` of the trainable parameters.
-    lr, total_steps, schedule, warmup_steps: see `make_schedule`.
+    lr, total_steps, schedule, warmup_steps, restart_step, restart_lr: see `make_schedule`.
     wd: decoupled weight decay (multiplied by the lr, as torch AdamW).
     b1, b2, eps: Adam constants.
     grad_clip: max global grad norm (0 or None disables).
@@ -76,7 +86,8 @@ def make_optimizer(params, *, lr=1e-6, total_steps=1, schedule="cosine", warmup_
   Returns:
     (optax.GradientTransformation, schedule).
   """
-  sched = make_schedule(lr, total_steps, schedule, warmup_steps)
+  sched = make_schedule(lr, total_steps, schedule, warmup_steps, restart_step=restart_step,
+                        restart_lr=restart_lr)
   mask = decay_mask(params, no_decay)
   chain = []
   if grad_clip:

@@ -377,8 +377,9 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
   if config.model.variant:
     os.makedirs(workdir, exist_ok=True)
     tokenizer = train.make_tokenizer(config, workdir)
-  abstract = train.make_abstract_model(config, tokenizer, mesh)
-  setup = train.make_train_setup(config, abstract, phases)
+  setup = train.make_train_setup(config, train.make_abstract_model(config, tokenizer, mesh),
+                                 phases)
+  abstract = setup.abstract  # the policy (with its LoRA adapters, if any)
   cfg = abstract.config
   shapes = recipe_shapes(config, cfg, text_tokens=text_tokens, video_hw=video_hw, phase=phase)
   grpo_cfg = config_lib.make_grpo_config(config)
@@ -389,10 +390,15 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
   prepared, tb = host_batches(cfg, shapes, sampler)
   num_micro = shapes.micro_batches
   state = setup.abstract_state
-  ref_params = abstract.with_param_dtype(config.model.ref_param_dtype).params
   state_bytes = _bytes_per_device(state)
-  ref_bytes = _bytes_per_device(ref_params) if use_ref else 0
   opt_bytes = state_bytes - _bytes_per_device(state["params"])
+  # The reference policy (beta > 0): the policy's own frozen params plus a second copy of the
+  # trained ones (setup.ref_loaded_keys, in ref_param_dtype), which stays resident all run.
+  ref_params, ref_bytes = None, 0
+  if use_ref:
+    loaded = {k: setup.reference.params[k] for k in setup.ref_loaded_keys}
+    ref_params = setup.ref_params(state["params"], loaded)
+    ref_bytes = _bytes_per_device(loaded)
   report = dict(
       topology=target.name, platform=target.platform, num_devices=len(target.devices),
       device_kind=target.devices[0].device_kind, mesh=dict(mesh.shape),
@@ -456,7 +462,10 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
     if use_ref:
       ref_struct = logps_struct
       if wanted("ref_logps"):
-        compiled = measure("ref_logps", logps_fn, (ref_params, tbs), state_bytes)
+        # Resident besides its arguments: the state less the policy params it shares.
+        shared = _bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
+        compiled = measure("ref_logps", train.make_logps_fn(setup.reference, num_micro),
+                           (ref_params, tbs), state_bytes - shared)
         ref_struct = _sds(logps_struct, compiled.output_shardings)
         del compiled
     if phase == "grpo" and mu > 1:

@@ -28,7 +28,6 @@ import functools
 import importlib
 import json
 import os
-import subprocess
 import time
 from typing import Any
 
@@ -40,9 +39,11 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, config_lib, grpo, metrics as metrics_lib, modeling, optim, rollout
-from spacer_jax import sampling, sharding, tree_utils
-from spacer_jax.models import qwen2_5_vl
+from spacer_jax import checkpoint, config_lib, grpo, lora, metrics as metrics_lib, modeling, optim
+from spacer_jax import rollout, sampling, sharding, tree_utils
+from spacer_jax.models import layers, qwen2_5_vl
+
+_DROPOUT_STREAM = 0x4C6F5241  # "LoRA": folded into the step key for LoRA dropout masks
 
 # Keys of a TrainBatch that have one entry per completion row (split into micro-batches).
 ROW_KEYS = ("completion_ids", "completion_mask", "attention_mask", "position_ids", "prompt_index",
@@ -126,11 +127,16 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
   trainable = {k: params[k] for k in trainable_keys}
   frozen = {k: v for k, v in params.items() if k not in trainable}
 
+  # LoRA dropout (a no-op without adapters or at rate 0): one key per step, one per micro-batch;
+  # a stream of its own (rollouts use fold_in(rng, step)).
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), _DROPOUT_STREAM)
+
   def embed_fn(tr):
     return _prompt_embeds(tree_utils.merge_model(graphdef, {**tr, **frozen}, paths), batch)
 
   # Vision + prompt embeddings once per prompt; its backward runs once, on the summed cotangent.
-  pe, embed_vjp = jax.vjp(embed_fn, trainable)
+  with layers.lora_dropout(jax.random.fold_in(dropout_key, num_micro)):
+    pe, embed_vjp = jax.vjp(embed_fn, trainable)
   loss_fn = functools.partial(_loss, graphdef=graphdef, paths=paths, mode=mode,
                               grpo_config=grpo_config)
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
@@ -142,9 +148,11 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
   token_mean = mode == "sft" or grpo_config.loss_agg == "token_mean"
   total_tokens = jnp.maximum(batch["completion_mask"].sum(), 1.0)
 
-  def body(carry, mb):
+  def body(carry, xs):
+    i, mb = xs
     g_acc, pe_acc, m_acc = carry
-    (_, m), (g, g_pe) = grad_fn(trainable, frozen, pe, mb)
+    with layers.lora_dropout(jax.random.fold_in(dropout_key, i)):
+      (_, m), (g, g_pe) = grad_fn(trainable, frozen, pe, mb)
     if token_mean and num_micro > 1:
       w = num_micro * mb["completion_mask"].sum() / total_tokens
       g = jax.tree.map(lambda x: x * w.astype(x.dtype), g)
@@ -158,7 +166,7 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
   init = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable),
           jnp.zeros(pe.shape, jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
-  (g_sum, pe_sum, m_sum), _ = jax.lax.scan(body, init, rows)
+  (g_sum, pe_sum, m_sum), _ = jax.lax.scan(body, init, (jnp.arange(num_micro), rows))
   inv = 1.0 / num_micro
   (g_embed,) = embed_vjp((pe_sum * inv).astype(pe.dtype))
   grads = jax.tree.map(lambda a, b: a * inv + b.astype(jnp.float32), g_sum, g_embed)
@@ -216,16 +224,6 @@ def make_phases(config):
                 num_iterations=int(config.grpo.num_iterations))
 
 
-def _git_commit():
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                         timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def model_source(config):
@@ -285,28 +283,61 @@ def make_abstract_model(config, tokenizer, mesh):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """The optimizer and the train state's abstract value, on the mesh.
+  """The trained model, its optimizer, the train state's abstract value and the reference policy.
 
   state = {"step": int32, "params": {hf_key: array}, "opt_state": optax state of the trainable
   params, "rng": uint32[2]}.
+
+  The reference policy (GRPO's KL term, only when beta > 0) is the initial model: `reference` is its
+  graph (the base model without LoRA adapters), the parameters the optimizer never changes are read
+  from the policy's own state (`ref_shared_keys`, no copy: with LoRA, the whole frozen base), and
+  only the trained base parameters are loaded once more (`ref_loaded_keys`, in
+  config.model.ref_param_dtype: without LoRA, every unfrozen parameter).
   """
+  abstract: Any  # modeling.AbstractModel of the policy (with its LoRA adapters, if any)
   tx: Any
   schedule: Any
   trainable_keys: tuple
   abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
   state_shardings: Any
+  reference: Any = None  # modeling.AbstractModel of the reference (None without one)
+  ref_shared_keys: tuple = ()
+  ref_loaded_keys: tuple = ()
+
+  def ref_params(self, params, loaded):
+    """The reference policy's params: shared entries of the policy's `params` + `loaded`."""
+    return {**{k: params[k] for k in self.ref_shared_keys}, **loaded}
 
 
 def make_train_setup(config, abstract, phases):
-  """Optimizer (regex freeze, schedule over every update) and the sharded abstract train state."""
+  """LoRA adapters (config.lora.rank > 0), the optimizer over the trainable parameters (regex
+  freeze, schedule over every update), the sharded abstract train state and the reference policy.
+
+  Args:
+    config: the run config.
+    abstract: modeling.AbstractModel of the base model (`make_abstract_model`).
+    phases: `make_phases(config)`.
+  """
   freeze = tuple(config.optim.freeze) + ((r"^visual\.",) if config.model.freeze_vision else ())
-  trainable_keys = tuple(optim.trainable_keys(abstract.params, freeze))
+  lora_config = config_lib.make_lora_config(config)
+  if lora_config is not None:
+    abstract = modeling.with_lora(abstract, lora_config)
+    candidates = lora.trainable_keys(abstract.params, lora_config)
+  else:
+    candidates = list(abstract.params)
+  trainable_keys = tuple(optim.trainable_keys(candidates, freeze))
+  if not trainable_keys:
+    raise ValueError("nothing to train: config.optim.freeze / model.freeze_vision freeze every "
+                     "trainable parameter" + (" (LoRA adapters included)" if lora_config else ""))
   trainable = {k: abstract.params[k] for k in trainable_keys}
   tx, schedule = optim.make_optimizer(
       trainable, lr=config.optim.lr, total_steps=config.optim.decay_steps or phases.decay_steps,
       schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps, wd=config.optim.wd,
       b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      grad_clip=config.optim.grad_clip)
+      grad_clip=config.optim.grad_clip,
+      # optim.rl_lr > 0 restarts the schedule at the first GRPO step: the SFT warm-up and RL each
+      # get their own decay.
+      restart_step=phases.sft_steps if phases.rl_steps else 0, restart_lr=config.optim.rl_lr)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   repl = sharding.replicated(abstract.mesh)
   opt_shardings = optax.tree_map_params(
@@ -319,8 +350,14 @@ def make_train_setup(config, abstract, phases):
       {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract.params,
        "opt_state": abstract_opt, "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))},
       state_shardings)
-  return TrainSetup(tx=tx, schedule=schedule, trainable_keys=trainable_keys,
-                    abstract_state=abstract_state, state_shardings=state_shardings)
+  reference, shared, loaded = None, (), ()
+  if phases.rl_steps > 0 and config.grpo.beta > 0:
+    reference = abstract.base.with_param_dtype(config.model.ref_param_dtype)
+    shared = tuple(k for k in reference.params if k not in trainable)
+    loaded = tuple(k for k in reference.params if k in trainable)
+  return TrainSetup(abstract=abstract, tx=tx, schedule=schedule, trainable_keys=trainable_keys,
+                    abstract_state=abstract_state, state_shardings=state_shardings,
+                    reference=reference, ref_shared_keys=shared, ref_loaded_keys=loaded)
 
 
 def init_state(params, setup, seed):
@@ -362,7 +399,7 @@ def make_logps_fn(abstract, num_micro):
 def load_records(config, workdir):
   """Training records (sources.Record list) and their load-time BadRecords; generates the synthetic
   dataset on first use."""
-  from spacer_jax.data import prompts, sources
+  from spacer_jax.data import sources
   if config.data.source == "synthetic":
     from spacer_jax.data import synthetic
     paths = synthetic.generate_dataset(synthetic_root(config, workdir), synthetic.SyntheticConfig.demo(
@@ -376,9 +413,7 @@ def load_records(config, workdir):
                                 allow_media_outside_root=config.data.allow_media_outside_root)
   if not config.data.use_cogmap_prompt:
     # Plain GRPO: every record gets the QUESTION_TEMPLATE prompt (no map instructions).
-    records = [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type,
-                                                                   r.options, "", ()))
-               for r in records]
+    records = sources.without_map_prompt(records)
   if not records:
     raise ValueError(f"no usable records in {annotations} (skipped: {dict(bad.counts)})")
   return records, bad
@@ -413,9 +448,13 @@ def _rollout(phase, step, *, state, batch, sampler, abstract, tokenizer, config,
       adv_eps=grpo_config.adv_eps)
 
 
-def _update(phase, state, tb, *, get_step, logps_fn, ref_params, phases):
-  """The optimizer step(s) of one batch: reference/old-policy log-probs, then mu updates."""
-  ref = logps_fn(ref_params, tb) if phase == "grpo" and ref_params is not None else None
+def _update(phase, state, tb, *, get_step, logps_fn, ref_logps_fn, phases):
+  """The optimizer step(s) of one batch: reference/old-policy log-probs, then mu updates.
+
+  ref_logps_fn(params, tb): the reference policy's log-probs given the policy's params, or None.
+  """
+  ref = (ref_logps_fn(state["params"], tb) if phase == "grpo" and ref_logps_fn is not None
+         else None)
   if phase == "grpo" and phases.num_iterations > 1:
     tb["old_logps"] = logps_fn(state["params"], tb)
   step_fn = get_step(phase, tb, ref)
@@ -470,26 +509,30 @@ def train_and_evaluate(config, workdir):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
-    f.write(_git_commit() + "\n")
+    f.write(metrics_lib.git_commit() + "\n")
   phases = make_phases(config)
   grpo_config = config_lib.make_grpo_config(config)
   reward_config = config_lib.make_reward_config(config)
-  use_ref = phases.rl_steps > 0 and config.grpo.beta > 0
 
   # == Mesh, tokenizer, model ===================================================================
   mesh = sharding.make_mesh(config.mesh)
   rules = config_lib.sharding_rules(config)
   logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
   tokenizer = make_tokenizer(config, workdir)
-  abstract = make_abstract_model(config, tokenizer, mesh)
+  setup = make_train_setup(config, make_abstract_model(config, tokenizer, mesh), phases)
+  abstract = setup.abstract  # the policy, with its LoRA adapters if any
   with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
     json.dump(abstract.config.to_hf_dict(), f, indent=2)
+  if abstract.lora is not None:
+    with open(os.path.join(workdir, modeling.RUN_LORA_CONFIG), "w") as f:
+      json.dump(abstract.lora.to_dict(), f, indent=2)
   with open(os.path.join(workdir, "params.txt"), "w") as f:
     f.write(abstract.describe() + "\n")
-  logging.info("%s parameters (%d tensors; shapes, logical axes and shardings in %s)",
-               f"{abstract.param_count:,}", len(abstract.params), os.path.join(workdir, "params.txt"))
-  setup = make_train_setup(config, abstract, phases)
+  logging.info("%s parameters (%d tensors; shapes, logical axes and shardings in %s), %s trained",
+               f"{abstract.param_count:,}", len(abstract.params), os.path.join(workdir, "params.txt"),
+               f"{tree_utils.param_count({k: abstract.params[k] for k in setup.trainable_keys}):,}")
   source = model_source(config)
+  adapter = config.lora.adapter_dir or None
 
   # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings). Activation
   # constraints inside the model (layers.constrain) resolve with the same rules through
@@ -512,17 +555,19 @@ def train_and_evaluate(config, workdir):
                                    max_to_keep=config.keep_ckpts)
     state, origin = checkpoint.restore_or_init(
         ckpt, setup.abstract_state,
-        lambda: init_state(modeling.load_params(source, abstract, seed=config.seed), setup,
-                           config.seed),
+        lambda: init_state(modeling.load_params(source, abstract, seed=config.seed,
+                                                adapter=adapter), setup, config.seed),
         train_iter, resume_dir=config.resume, strict=config.resume_strict)
     start = int(state["step"]) + 1
     if start > phases.total_steps:
       logging.info("state from %s: the run already finished at step %d", origin, start - 1)
     else:
       logging.info("state from %s; training steps %d..%d", origin, start, phases.total_steps)
-    # The reference policy is the initial model, reloaded (never checkpointed).
-    ref_params = (modeling.load_params(source, abstract.with_param_dtype(
-        config.model.ref_param_dtype), seed=config.seed) if use_ref else None)
+    # The reference policy is the initial model: its frozen parameters are the policy's own (with
+    # LoRA, the whole base), the trained ones are reloaded from the source (never checkpointed).
+    ref_loaded = (modeling.load_params(source, setup.reference, seed=config.seed,
+                                       keys=setup.ref_loaded_keys)
+                  if setup.ref_loaded_keys else {})
 
     # == Jitted functions =========================================================================
     sampler = sampling.Sampler(
@@ -542,10 +587,17 @@ def train_and_evaluate(config, workdir):
       return step_fns[phase]
 
     logps_fn = make_logps_fn(abstract, num_micro)
+    ref_fn = None if setup.reference is None else make_logps_fn(setup.reference, num_micro)
+
+    def ref_logps_fn(params, tb):
+      return ref_fn(setup.ref_params(params, ref_loaded), tb)
 
     def compiled():
-      return {**{f"train_step_{k}": int(v._cache_size()) for k, v in step_fns.items()},  # pylint: disable=protected-access
-              "token_logps": int(logps_fn._cache_size()), **sampling.compile_counts()}  # pylint: disable=protected-access
+      counts = {**{f"train_step_{k}": int(v._cache_size()) for k, v in step_fns.items()},  # pylint: disable=protected-access
+                "token_logps": int(logps_fn._cache_size()), **sampling.compile_counts()}  # pylint: disable=protected-access
+      if ref_fn is not None:
+        counts["token_logps_ref"] = int(ref_fn._cache_size())  # pylint: disable=protected-access
+      return counts
 
     # == Loop =====================================================================================
     writer = metrics_lib.MetricWriter(workdir, start_step=start,
@@ -565,8 +617,9 @@ def train_and_evaluate(config, workdir):
         tb.pop("sampler_logps")
         tb = jax.device_put(tb, batch_shardings(tb, mesh, rules))
         with writer.timed("train"):
-          state, step_metrics = _update(phase, state, tb, get_step=get_step, logps_fn=logps_fn,
-                                        ref_params=ref_params, phases=phases)
+          state, step_metrics = _update(
+              phase, state, tb, get_step=get_step, logps_fn=logps_fn,
+              ref_logps_fn=None if ref_fn is None else ref_logps_fn, phases=phases)
         skipped_in_row = skipped_in_row + 1 if step_metrics["skipped"] else 0
         if skipped_in_row > config.max_skipped_steps:
           raise FloatingPointError(f"{skipped_in_row} steps in a row (up to step {step}) had "
@@ -612,8 +665,12 @@ def train_and_evaluate(config, workdir):
     ckpt.close()
     writer.close()
   if config.export_hf_subdir and not guard.requested:
+    # Through the converter, which reads a LoRA run with its adapters merged into the base weights.
     from spacer_jax import convert  # pylint: disable=g-import-not-at-top
     convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
+  if abstract.lora is not None and config.lora.export_subdir and not guard.requested:
+    lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
+                   base_model_name_or_path=config.model.hf_dir or None)
   logging.info("done: %s", workdir)
   return state, guard.requested
 

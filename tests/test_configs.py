@@ -12,10 +12,12 @@ from spacer_jax import config_lib
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 ARGS = {
     "sgrlvr.py": ["", "size=3b", "size=7b", "size=32b", "size=72b", "frames=32", "sharding=fsdp_tp",
-                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo"],
-    "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke"],
+                  "size=72b,sharding=fsdp", "smoke", "size=3b,smoke", "demo", "size=3b,lora=16",
+                  "demo,lora=8", "smoke,lora=4,lora_targets=text+vision"],
+    "grpo.py": ["", "size=3b", "size=72b", "frames=8", "sharding=fsdp_tp", "smoke", "lora=16,smoke"],
     "sft.py": ["", "size=3b", "size=72b", "target=process", "sharding=fsdp_tp", "smoke",
-               "target=process,smoke"],
+               "target=process,smoke", "lora=16"],
+    "ablation.py": ["demo", "smoke"],  # "" is the demo recipe too (the sweep's arms live in sweep())
 }
 # Configs read by other entry points (spacer_jax.evaluate): they only have to load.
 OTHER_ARGS = {
@@ -65,6 +67,11 @@ def test_config_loads(name, arg):
     assert c.model.hf_dir and c.data.annotations and c.model.variant == ""
   if "size=72b" in arg and "sharding=fsdp" not in arg:
     assert dict(c.mesh)["tensor"] == 2
+  assert c.lora.rank == (int(arg.split("lora=")[1].split(",")[0]) if "lora=" in arg else 0)
+  lora = config_lib.make_lora_config(c)
+  assert (lora is None) == (c.lora.rank == 0)
+  if "lora_targets=text+vision" in arg:
+    assert c.lora.targets == config_lib.LORA_TARGETS["text"] + config_lib.LORA_TARGETS["vision"]
 
 
 def test_recipe_values():
@@ -98,7 +105,8 @@ def test_bad_eval_arguments_raise(arg):
     _load("eval_vsibench.py").get_config(arg)
 
 
-@pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe"])
+@pytest.mark.parametrize("arg", ["szie=7b", "size", "size=9b", "smoke=maybe",
+                                 "lora=4,lora_targets=text+audio"])
 def test_bad_arguments_raise(arg):
   with pytest.raises(ValueError):
     _load("sgrlvr.py").get_config(arg)
@@ -164,6 +172,13 @@ def _smoke(**overrides):
     ({"eval.every_steps": 1, "data.source": "spacer", "data.annotations": __file__,
       "data.media_root": "."}, "config.eval.data_dir = '': must be set"),
     ({"resume": "/nonexistent/run"}, "config.resume = '/nonexistent/run': does not exist"),
+    ({"lora.rank": -1}, "config.lora.rank = -1: must be an integer >= 0"),
+    ({"lora.rank": 4, "lora.dropout": 1.0}, "config.lora.dropout = 1.0: must be in [0, 1)"),
+    ({"lora.rank": 4, "lora.targets": ()}, "config.lora.targets = (): must name at least one"),
+    ({"lora.rank": 4, "lora.train_also": ("lm_head(",)}, "config.lora.train_also = ('lm_head(',): "
+                                                         "entry 0"),
+    ({"lora.rank": 4, "lora.adapter_dir": "/nonexistent/adapter"},
+     "config.lora.adapter_dir = '/nonexistent/adapter': does not exist"),
 ])
 def test_validate_names_the_field(overrides, problem):
   with pytest.raises(config_lib.ConfigError) as e:

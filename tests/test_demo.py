@@ -132,6 +132,24 @@ def test_window_means_plot_and_summary(tmp_path):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_verdict_and_summary_last_line():
+  sft = {"step": 150, "accuracy_base": 0.10, "accuracy": 0.1, "map": 0.2, "format": 0.30,
+         "per_task": {"object_counting": 0.2}, "num": 186}
+  final = dict(sft, step=200, accuracy_base=0.10 + demo.ACCURACY_MARGIN, format=0.30)
+  v = demo.verdict(sft, final)
+  assert v["learned"] and v["text"].startswith("learned: ")
+  assert not demo.verdict(sft, dict(final, format=0.29))["learned"]  # format fell
+  assert not demo.verdict(sft, dict(final, accuracy_base=0.11))["learned"]  # gain below the margin
+  assert demo.verdict(sft, dict(final, accuracy_base=0.05))["text"].startswith("did not learn: ")
+  m = {"seed": 1, "sft_steps": 150, "grpo_steps": 50, "last_step": 200, "window_frac": 0.2,
+       "heldout": {"sft": sft, "final": final}, "verdict": v,
+       **{k: {"first": 0.1, "last": 0.2, "gain": 0.1} for k in (
+           "reward/accuracy", "reward/accuracy_base", "reward/map", "reward/format")}}
+  text = demo.summary_text(m, "/tmp/run", {"train_s": 600.0, "eval_s": 60.0})
+  assert text.splitlines()[-1] == "verdict: " + v["text"]
+  assert "10.0 min training" in text
+
+
 @pytest.mark.slow
 def test_demo_learns_across_three_seeds(tmp_path):
   """The issue-6 learning check: 3 seeds of the full demo; run_seeds.py --check asserts the margin."""

@@ -646,3 +646,24 @@ def test_fuzz_rewards_finite_in_range(completions, ptype, gt_map, fixes):
   assert np.all((comps["accuracy"] >= 0) & (comps["accuracy"] <= 2))
   assert np.all((comps["total"] >= 0) & (comps["total"] <= 3.5))
   assert all(isinstance(c, int) and c >= 0 for c in counts.values())
+
+
+def test_cogmap_draw(tmp_path):
+  """The rollout inspector's map panels: cell centres, colours by ground-truth category order,
+  off-grid points counted, empty maps said."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from spacer_jax import cogmap  # pylint: disable=g-import-not-at-top
+  gt = {"chair": [[1, 2], [3, 4]], "table": [[5, 5]]}
+  pred = rewards.parse_map('{"table": [[6, 5]], "chair": [[40, 1]]}', list(gt))
+  fig, (a, b, c) = plt.subplots(1, 3)
+  cogmap.draw(a, gt, list(gt), title="gt")
+  cogmap.draw(b, pred, list(gt), title="pred")
+  cogmap.draw(c, {}, list(gt), title="none")
+  np.testing.assert_array_equal(a.collections[0].get_offsets(), [[1.5, 2.5], [3.5, 4.5]])
+  assert b.get_title() == "pred (1 off the grid)" and c.get_title() == "none (empty)"
+  # table is the second GT category in both panels: same colour.
+  np.testing.assert_array_equal(a.collections[1].get_facecolor(), b.collections[0].get_facecolor())
+  fig.savefig(tmp_path / "maps.png")
+  plt.close(fig)

@@ -334,6 +334,14 @@ def load_spacer(
   return records
 
 
+def without_map_prompt(records: list[Record]) -> list[Record]:
+  """The records with SpaceR's QUESTION_TEMPLATE prompt (no cognitive-map instructions): the prompt
+  of plain GRPO (`config.data.use_cogmap_prompt = False`). Maps stay on the records."""
+  return [dataclasses.replace(r, prompt=prompts.spacer_prompt(r.problem, r.problem_type, r.options,
+                                                              "", ()))
+          for r in records]
+
+
 def _vsi_rows(path: pathlib.Path, bad: BadRecords) -> Iterable[tuple[int, dict]]:
   if path.suffix == ".parquet":
     import pyarrow.parquet as pq  # Only the parquet release needs it.

@@ -29,8 +29,8 @@ KEY_ALIASES = (
     (r"^visual\.merger\.mlp\.0\.", "visual.merger.fc1."),  # nn.Sequential index 0
     (r"^visual\.merger\.mlp\.2\.", "visual.merger.fc2."),  # nn.Sequential index 2 (1 is GELU)
 )
-_SAVE_ALIASES = ((r"^visual\.merger\.fc1\.", "visual.merger.mlp.0."),
-                 (r"^visual\.merger\.fc2\.", "visual.merger.mlp.2."))
+_SAVE_ALIASES = ((r"^visual\.merger\.fc1(?=\.|$)", "visual.merger.mlp.0"),  # keys and module names
+                 (r"^visual\.merger\.fc2(?=\.|$)", "visual.merger.mlp.2"))
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -222,7 +222,7 @@ def _check_finite(x, filename, key):
                           f"in a {x.dtype}{list(x.shape)} slice")
 
 
-def load_params(path, abstract_params):
+def load_params(path, abstract_params, keys=None):
   """Reads a checkpoint directory into `abstract_params`' dtypes and shardings.
 
   Every header, the index and the key/shape coverage are checked before any tensor data is read.
@@ -232,15 +232,18 @@ def load_params(path, abstract_params):
   Args:
     path: checkpoint directory.
     abstract_params: flat `{model key: jax.ShapeDtypeStruct}`, each with its `.sharding`.
+    keys: the keys to read (default: all); coverage and shapes are checked for every key anyway.
 
   Returns:
-    `{model key: jax.Array}` on the given shardings.
+    `{model key: jax.Array}` for `keys`, on the given shardings.
 
   Raises:
     CheckpointError (a ValueError) for a corrupt or truncated file, an index naming a missing file
     or a non-finite tensor, naming the file and key; KeyError listing every missing, unexpected and
     mis-shaped key.
   """
+  keys = list(abstract_params) if keys is None else list(keys)
+  wanted = set(keys)
   abs_flat = abstract_params
   headers = check_checkpoint(path)
   found, unexpected, bad_shape, bad_keys = {}, [], [], set()
@@ -270,7 +273,7 @@ def load_params(path, abstract_params):
   for filename, header in headers:
     for ckpt_key, arr in read_safetensors(filename, header):
       key = apply_aliases(ckpt_key)
-      if found.get(key) != filename:
+      if found.get(key) != filename or key not in wanted:
         continue
       target = abs_flat[key]
       checked = set()
@@ -284,12 +287,24 @@ def load_params(path, abstract_params):
         return x
 
       loaded[key] = jax.make_array_from_callback(target.shape, target.sharding, shard)
-  return {k: loaded[k] for k in abs_flat}
+  return {k: loaded[k] for k in keys}
 
 
 def _save_key(key):
   for pattern, repl in _SAVE_ALIASES:
     key = re.sub(pattern, repl, key)
+  return key
+
+
+def transformers_name(key: str) -> str:
+  """A model key as transformers >= 4.52 names it in memory (`model.language_model.*`,
+  `model.visual.*`, `lm_head.*`): the names peft keys its adapter files and target_modules by.
+  `apply_aliases` is the inverse."""
+  key = _save_key(key)
+  if key.startswith("visual."):
+    return "model." + key
+  if key.startswith("model."):
+    return "model.language_model." + key[len("model."):]
   return key
 
 
@@ -311,6 +326,11 @@ def _write_file(filename, tensors, dtype=None):
     for _, arr in tensors:  # one tensor on the host at a time
       host = np.asarray(jax.device_get(arr))
       f.write(np.ascontiguousarray(host.astype(dtype or host.dtype, copy=False)).tobytes())
+
+
+def write_safetensors(filename, tensors):
+  """Writes [(key, array)] as one safetensors file, keys as given (e.g. a peft adapter file)."""
+  _write_file(filename, list(tensors))
 
 
 def _stale_files(path):

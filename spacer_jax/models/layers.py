@@ -5,12 +5,19 @@ Linear, RMSNorm and Embedding keep Hugging Face's parameter names and layouts (`
 logical sharding axis names in its `out_sharding` metadata (flax 0.12 NNX), which
 `nnx.get_partition_spec` / `nnx.get_named_sharding` resolve under `nnx.logical_axis_rules`.
 
+Linear also carries the optional LoRA adapters (`add_lora`, `lora_dropout`); which layers get them
+and everything around them (configuration, merging, peft files) is spacer_jax/lora.py.
+
 Also here: split-half rotary helpers and `attention`, the single wrapper around
 `jax.nn.dot_product_attention` used by both towers, and `constrain`, the activation sharding hook.
 
 Axis legend: B batch, T query length, S key/value length, N query heads, K kv heads, H head dim,
 W windows (vision), M window length (vision).
 """
+
+import contextlib
+import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,21 +71,80 @@ class Linear(nnx.Module):
   """`torch.nn.Linear` with HF layout: `weight[out, in]`, optional `bias[out]`.
 
   `axes` names the logical axes of `weight` as (out_axis, in_axis); the bias takes the out axis.
+
+  With LoRA (`add_lora`) the layer computes `x W^T + b + scale * dropout(x) A^T B^T` with
+  `lora_A.weight[r, in]` and `lora_B.weight[out, r]`, peft's names and layouts, so an adapter key is
+  its peft key (`model.layers.0.self_attn.q_proj.lora_A.weight`) and import/export are identities.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                axes: tuple[str | None, str | None], rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
     self.dtype = dtype
+    self.axes = tuple(axes)
     self.weight = param(_normal(rngs, (out_features, in_features), param_dtype), axes)
     self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
+    # Data attributes (not static), so add_lora can put modules there later.
+    self.lora_A, self.lora_B = nnx.data(None), nnx.data(None)
+    self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+
+  def add_lora(self, rank: int, *, scale: float, dropout: float, rngs, param_dtype=None):
+    """Adds the adapters: A ~ U(+-1/sqrt(in)) (peft's kaiming_uniform(a=sqrt(5))), B = 0.
+
+    A shares the layer's input axis and B its output axis, so the adapters are sharded with the
+    layer; the rank axis is replicated.
+    """
+    out_features, in_features = self.weight.shape
+    param_dtype = param_dtype or self.weight.dtype
+    bound = 1.0 / math.sqrt(in_features)
+    self.lora_A = Linear(in_features, rank, use_bias=False, axes=(None, self.axes[1]), rngs=rngs,
+                         dtype=self.dtype, param_dtype=param_dtype)
+    self.lora_A.weight.set_value(jax.random.uniform(
+        key_seq(rngs).params(), (rank, in_features), param_dtype, -bound, bound))
+    self.lora_B = Linear(rank, out_features, use_bias=False, axes=(self.axes[0], None), rngs=rngs,
+                         dtype=self.dtype, param_dtype=param_dtype)
+    self.lora_B.weight.set_value(jnp.zeros((out_features, rank), param_dtype))
+    self.lora_scale = float(scale)
+    self.lora_dropout = float(dropout)
 
   def __call__(self, x):
+    x = x.astype(self.dtype)
     w = self.weight[...].astype(self.dtype)
-    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w)  # [..., out]
+    y = jnp.einsum("...i,oi->...o", x, w)  # [..., out]
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_A is not None:
+      # peft's order: lora_B(lora_A(dropout(x))) * scale.
+      h = self.lora_A(_dropout(x, self.lora_dropout))  # [..., r]
+      y = y + self.lora_B(h) * jnp.asarray(self.lora_scale, self.dtype)
     return y
+
+
+# The LoRA dropout key of the enclosing train step (None outside it: no dropout in sampling,
+# evaluation or the log-prob passes). A context rather than module state, so the model keeps
+# nothing but Params and crosses jit as a flat dict.
+_DROPOUT_KEY = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key):
+  """Turns LoRA dropout on for the model code traced inside, keyed by `key` (each adapter folds in
+  its own call index, so the masks are independent and the same on every retrace)."""
+  token = _DROPOUT_KEY.set([key, 0])
+  try:
+    yield
+  finally:
+    _DROPOUT_KEY.reset(token)
+
+
+def _dropout(x, rate):
+  state = _DROPOUT_KEY.get()
+  if not rate or state is None:
+    return x
+  state[1] += 1
+  keep = jax.random.bernoulli(jax.random.fold_in(state[0], state[1]), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class RMSNorm(nnx.Module):
