@@ -381,7 +381,7 @@ def _is_number(x):
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def problems(config, *, num_devices=None, process_count=1):
+def problems(config, *, num_devices=None, process_count=1, check_paths=True):
   """Every reason why `config` (a train.py config) cannot train, each naming its field.
 
   Checks types and ranges of the values train.py reads (batch size, steps, generations, buckets,
@@ -394,6 +394,8 @@ def problems(config, *, num_devices=None, process_count=1):
     config: the ConfigDict of configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
     num_devices: number of devices the mesh must cover (None: not checked).
     process_count: number of processes (hosts); data.batch_size must divide among them.
+    check_paths: False skips the data and checkpoint paths (python -m spacer_jax.plan checks a
+      config on a host that has neither).
 
   Returns:
     A list of "config.<field> = <value>: <what is wrong>" strings; empty when the config is fine.
@@ -426,6 +428,8 @@ def problems(config, *, num_devices=None, process_count=1):
     return value if good else None
 
   def path(field, inner=None):
+    if not check_paths:
+      return
     value = _get(config, field)
     if not value or not os.path.exists(value):
       bad(field, f"does not exist; set --config.{field}=...")
@@ -599,9 +603,10 @@ def problems(config, *, num_devices=None, process_count=1):
   return out
 
 
-def validate(config, *, num_devices=None, process_count=1):
+def validate(config, *, num_devices=None, process_count=1, check_paths=True):
   """Raises ConfigError listing every problem of `config` (see `problems`); returns None if fine."""
-  found = problems(config, num_devices=num_devices, process_count=process_count)
+  found = problems(config, num_devices=num_devices, process_count=process_count,
+                   check_paths=check_paths)
   if found:
     raise ConfigError(found)
 

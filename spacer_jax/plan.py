@@ -35,7 +35,6 @@ estimated train time)) an upper bound. docs/performance.md records what was meas
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -101,7 +100,7 @@ CHIPS = {
 # 2-D for v5e/v6e). Slices of more than 4 chips span several hosts; XLA compiles for all of them.
 _TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
                 256: "4x8x8", 512: "8x8x8"}
-_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+_TOPOLOGY_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                 256: "16x16"}
 
 
@@ -300,8 +299,35 @@ def _bytes_per_device(tree):
   return total
 
 
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def out_of_memory_bytes(message, argument_bytes):
+  """Per-device bytes a program needs, from the TPU compiler's out-of-memory error, else None.
+
+  Two forms (XLA prints binary units): "Ran out of memory in memory space hbm. Used 99.5G of
+  95.74G hbm" (the whole program) and "the total memory required for HLO temporaries (40.00G)
+  exceeds available HBM". Whether the second counts the arguments is not stated, so the larger of
+  it and the arguments is taken: a lower bound of the peak either way.
+  """
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  size = r"([\d.]+)\s*([KMGT]?)i?B?"
+  m = re.search(r"Used " + size + r" of " + size + r" hbm", message)
+  if m:
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+  m = re.search(r"required for HLO temporaries \(" + size + r"\)", message)
+  if m:
+    return max(int(float(m.group(1)) * _UNITS[m.group(2)]), int(argument_bytes))
+  return None
+
+
 def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None):
   """Traces, lowers and compiles `jitted(*args)`; returns (compiled, figures dict).
+
+  When the TPU compiler rejects the program for its HBM, returns (None, figures) with the bytes
+  the compiler asked for as `peak_bytes` (a lower bound), its message as `out_of_memory` and no
+  memory breakdown or cost.
 
   loop_scaled: scale XLA's FLOPs / bytes / time by the jaxpr's (scan lengths multiplied) / (scan
   bodies once) matmul-FLOP ratio, so a micro-batch scan counts every micro-batch.
@@ -309,7 +335,23 @@ def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None):
   """
   t0 = time.perf_counter()
   traced = jitted.trace(*args)
-  compiled = traced.lower().compile()
+  lowered = traced.lower()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    need = out_of_memory_bytes(str(e), _bytes_per_device(args))
+    if need is None:
+      raise
+    # The TPU compiler refuses a program that cannot fit its HBM: the step does not fit, by at
+    # least what the compiler says it needs.
+    model_flops = matmul_flops(traced.jaxpr.jaxpr)
+    return None, dict(
+        argument_bytes=_bytes_per_device(args), output_bytes=None, temp_bytes=None,
+        alias_bytes=None, generated_code_bytes=None, peak_bytes=need, flops=float("nan"),
+        bytes_accessed=float("nan"), estimated_seconds=float("nan"),
+        model_flops=float(model_flops), loop_scale=float("nan"),
+        compile_seconds=time.perf_counter() - t0,
+        out_of_memory=str(e).strip().splitlines()[0][:500])
   seconds = time.perf_counter() - t0
   if hlo_path:
     with open(hlo_path, "w") as f:
@@ -364,6 +406,8 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
   t_start = time.perf_counter()
+  # The trainer's own checks, less the data and checkpoint paths this host need not have.
+  config_lib.validate(config, num_devices=len(target.devices), check_paths=False)
   phases = train.make_phases(config)
   phase = "grpo" if phases.rl_steps > 0 else "sft"
   use_ref = phase == "grpo" and config.grpo.beta > 0
@@ -410,7 +454,7 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       resident_bytes=dict(state=state_bytes, optimizer=opt_bytes, ref_params=ref_bytes),
       functions={})
   log(f"plan: {target.name} ({len(target.devices)} x {target.devices[0].device_kind}), mesh "
-      f"{dict(mesh.shape)}, {report['param_count'] / 1e9:.2f}B params; B={shapes.prompts} "
+      f"{dict(mesh.shape)}, {report['param_count']:,} params; B={shapes.prompts} "
       f"G={shapes.generations} Tp={shapes.prompt_bucket} ({shapes.video_tokens} video + "
       f"<= {shapes.text_tokens} text tokens) Tc={shapes.completion} micro-batches={num_micro}")
 
@@ -423,8 +467,12 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
     compiled, fig = compile_function(fn, args, loop_scaled=loop_scaled, hlo_path=hlo)
     report["functions"][name] = fig
     extra[name] = resident
-    log(f"{name}: compiled in {fig['compile_seconds']:.1f} s, peak "
-        f"{fig['peak_bytes'] / GIB:.2f} GiB per device")
+    if compiled is None:
+      log(f"{name}: does not fit, needs at least {fig['peak_bytes'] / GIB:.2f} GiB per device "
+          f"({fig['out_of_memory']})")
+    else:
+      log(f"{name}: compiled in {fig['compile_seconds']:.1f} s, peak "
+          f"{fig['peak_bytes'] / GIB:.2f} GiB per device")
     return compiled
 
   # Traced like the trainer's loop: under the mesh and the logical rules that layers.constrain
@@ -445,7 +493,9 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       prefill = sampler.prefill_fn(shapes.prompts, max_new_tokens=shapes.completion,
                                    num_samples=shapes.generations)
       compiled = measure("prefill", prefill, (params_state, batch, rng), opt_bytes + ref_bytes)
-      if wanted("decode"):
+      if wanted("decode") and compiled is None:
+        log("decode: not compiled (its state is the output of a prefill that does not fit)")
+      elif wanted("decode"):
         out = jax.eval_shape(prefill, params_state, batch, rng)
         sstate = jax.tree.map(_sds, out, compiled.output_shardings)
         until = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
@@ -466,7 +516,8 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
         shared = _bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
         compiled = measure("ref_logps", train.make_logps_fn(setup.reference, num_micro),
                            (ref_params, tbs), state_bytes - shared)
-        ref_struct = _sds(logps_struct, compiled.output_shardings)
+        if compiled is not None:
+          ref_struct = _sds(logps_struct, compiled.output_shardings)
         del compiled
     if phase == "grpo" and mu > 1:
       tbs["old_logps"] = ref_struct or logps_struct
@@ -507,7 +558,9 @@ def _summarise(report, extra, chip, shapes, use_ref):
   hbm = chip.hbm_bytes
   report["step_peak_bytes"] = peaks[worst] if worst else None
   report["step_peak_function"] = worst
-  report["fits"] = bool(worst is not None and peaks[worst] <= hbm)
+  oom = [n for n, f in fns.items() if f.get("out_of_memory")]
+  report["out_of_memory"] = oom  # rejected by the compiler: their peaks are lower bounds
+  report["fits"] = bool(worst is not None and peaks[worst] <= hbm and not oom)
   report["headroom_bytes"] = hbm - peaks[worst] if worst else None
   # Time: rollout = prefill + Tc decode steps; train = reference / old log-probs + train_step.
   est = {}
@@ -533,11 +586,10 @@ def _summarise(report, extra, chip, shapes, use_ref):
 # Report.
 # ------------------------------------------------------------------------------------------------
 def advice(report, config):
-  """What to change when the step does not fit (largest lever first)."""
+  """What to change when the step does not fit (largest lever first), as config overrides."""
   out = []
-  worst = report["step_peak_function"]
-  fn = report["functions"].get(worst, {})
-  if worst and worst.startswith("train_step") or worst in ("ref_logps", "old_logps"):
+  worst = report["step_peak_function"] or ""
+  if worst.startswith("train_step") or worst in ("ref_logps", "old_logps"):
     out.append(f"more micro-batches: --config.grad_accum_steps={2 * int(config.grad_accum_steps)} "
                "(activations and logits scale with rows per micro-batch)")
     if not config.model.use_remat:
@@ -551,10 +603,12 @@ def advice(report, config):
   opt = report["resident_bytes"]["optimizer"]
   if opt > 0.25 * report["hbm_bytes_per_device"]:
     out.append(f"the optimizer state alone is {opt / GIB:.1f} GiB per device: shard it over more "
-               "devices (a larger slice) or keep Adam moments in bf16 (optax mu_dtype)")
-  out.append("a larger slice (the same mesh preset scales fsdp with the device count)")
-  out.append("LoRA adapters once the trainer supports them (no full-model optimizer state)")
-  del fn
+               "devices (a larger slice), or keep Adam's moments in bf16 (optax's mu_dtype; "
+               "not a config key yet)")
+  out.append("a larger slice (the mesh presets put the extra devices on fsdp)")
+  if not int(config.lora.rank):
+    out.append("LoRA adapters instead of full fine-tuning: --config.lora.rank=16 (no optimizer "
+               "state for the base model; with beta > 0 no second copy of the weights)")
   return out
 
 
@@ -584,10 +638,14 @@ def format_report(report, config=None):
     lines.append("")
     lines.append(f"step peak {peak / GIB:.2f} GiB per device ({report['step_peak_function']}) vs "
                  f"HBM {hbm / GIB:.2f} GiB")
+    for name in report.get("out_of_memory", ()):
+      lines.append(f"{name}: rejected by the compiler: {report['functions'][name]['out_of_memory']}")
     if report["fits"]:
       lines.append(f"verdict: FITS with {report['headroom_bytes'] / GIB:.2f} GiB to spare")
     else:
-      lines.append(f"verdict: DOES NOT FIT by {-report['headroom_bytes'] / GIB:.2f} GiB; change:")
+      least = "at least " if report.get("out_of_memory") else ""
+      over = max(-report["headroom_bytes"], 0.0)
+      lines.append(f"verdict: DOES NOT FIT by {least}{over / GIB:.2f} GiB; change:")
       lines.extend(f"  - {a}" for a in (advice(report, config) if config is not None else []))
   est = report.get("estimated_seconds") or {}
   if est and np.isfinite(report["step_seconds_estimate"]):
