@@ -4,7 +4,7 @@
       [--torch_threads N] [--batches 1,8] [--minimal]
 
 Config: a ~55M-parameter Qwen2.5-VL (text hidden 512, 8 layers, 8/2 heads, FFN 1408, vocab 32000, as in
-PERF_NOTES.md, plus a 4-block vision tower of width 256), fp32, random weights shared via
+docs/performance.md, "Decoding", plus a 4-block vision tower of width 256), fp32, random weights shared via
 save_pretrained -> qwen2_5_vl.load_hf. Runs are interleaved (ours, theirs, ours, ...) and medians are
 reported, because the 2 CPU cores are shared with other jobs.
 
@@ -15,9 +15,9 @@ reported, because the 2 CPU cores are shared with other jobs.
    expands the inputs first.
 EOS is disabled on both sides so every run generates all 128 tokens.
 
---minimal adds PERF_NOTES.md's minimal fp32 JAX decoder (the `MinimalDecoder` class below: greedy argmax
-only, donated [L, B, C, K, H] cache) on the same text weights, timed in the same interleaving: the floor
-the issue's decode goals were calibrated on (2.7x / 2.0x there).
+--minimal adds the minimal fp32 JAX decoder of docs/performance.md, "Decoding" (the `MinimalDecoder`
+class below: greedy argmax only, donated [L, B, C, K, H] cache) on the same text weights, timed in the
+same interleaving: the floor the issue's decode goals were calibrated on (2.7x / 2.0x there).
 
 Measured 2026-11-26 on the shared 2-core machine, nothing else running (jax 0.10.2, torch 2.13,
 transformers 5.24; medians of 5 interleaved runs, rollout of 2; "load" = 1-min load average at the start,
@@ -39,7 +39,7 @@ Rollout: >= 3x in every run (3.0-3.3x against torch's 2 threads, 4.1-4.3x agains
 decode: 2.24-2.56x at b=1 (goal 2.5x reached in 3 of 9 runs, median 2.46x) and 1.75-2.16x at b=8 (goal
 2x reached in 3 of 9, median 1.93x). In the same runs the minimal decoder measures 1.84-2.09x and
 1.64-1.67x: ours takes 0.82-0.85 of its time at b=1 and 0.92-0.95 at b=8, so the decode goals sit at
-this machine's floor, which drifted below the 2.7x / 2.0x of PERF_NOTES.md.
+this machine's floor, which drifted below the 2.7x / 2.0x first measured (docs/performance.md, "Decoding").
 
 Before the shared-prefix cache (commit bf313ef: cache [R, C, K, H] repeated G times) the quietest run
 gave 2.22x / 1.70x / 2.05x (rollout 8.4 s against 17.2 s). Two things changed:
@@ -126,7 +126,7 @@ def hf_generate(hf, ids, mask, n, *, sample=False, g=1, **vision):
 
 
 class MinimalDecoder:
-  """The floor: PERF_NOTES.md's minimal fp32 JAX decoder on the text weights of the same model.
+  """The floor: a minimal fp32 JAX decoder (docs/performance.md) on the text weights of the same model.
 
   Plain Qwen2 layers (1-D RoPE equals M-RoPE on text), jit prefill + jit fori_loop decode over a
   donated [L, B, C, K, H] cache, greedy argmax only: no log-probs, stop ids, placeholder masking,
@@ -220,7 +220,7 @@ def main():
                       "OpenMP barriers degrade far more than XLA's pool, so report the setting")
   p.add_argument("--batches", default="1,8", help="plain-decode batch sizes")
   p.add_argument("--minimal", action="store_true",
-                 help="also time PERF_NOTES' minimal JAX decoder (the floor) in plain decode")
+                 help="also time a minimal JAX decoder (the floor) in plain decode")
   args = p.parse_args()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)

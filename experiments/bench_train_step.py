@@ -21,8 +21,8 @@ Measured 2026-11-26 on the 2-core machine (jax 0.10.2, torch 2.13 with its defau
   machine saturated by other jobs: ours 24.7 s, theirs 69.7 s -> 2.8x, an artifact: torch's 2-thread
   OpenMP collapses when another process holds a core, so interleaving does not make load hit both alike.
 On an idle CPU the step is close to parity: sharing the vision tower and prompt across the G rows saves
-work, and XLA:CPU's backward is slower than torch's (PERF_NOTES.md: fp32 forward+backward 4.2-4.6 s vs
-3.6-3.7 s for the text model alone).
+work, and XLA:CPU's backward is slower than torch's (docs/performance.md, "Training step": fp32
+forward+backward 4.2-4.6 s vs 3.6-3.7 s for the text model alone).
 """
 
 import argparse

@@ -12,7 +12,7 @@ cameras), then times, single-threaded, on the same files:
              PyAV (torchvision.io.read_video's decoder; torchvision itself is not installed), then
              qwen-vl-utils smart_nframes / linspace / smart_resize (SpaceR constants), then
              transformers' Qwen2VLImageProcessorPil resize + rescale + normalise per frame and the
-             video patch layout (qwen2_5_vl.md §2.3).
+             video patch layout (docs/qwen2_5_vl.md, "Preprocessing").
 
 Both paths must produce identical pixel_values (checked) before any timing is printed. Rates are
 clips per second of process CPU time (see `timed`).

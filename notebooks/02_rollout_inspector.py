@@ -85,12 +85,9 @@ WORKDIR = os.environ.get("WORKDIR", "/content/runs/sgrlvr")
 
 # %%
 if SMOKE:
-  from spacer_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from spacer_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
   from spacer_jax import train  # pylint: disable=g-import-not-at-top
-  config_file = pathlib.Path(train.__file__).resolve().parents[1] / "configs" / "sgrlvr.py"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file}: the smoke run needs the repository's configs/ "
-                            "(install from a clone with pip install -e)")
+  config_file = pathlib.Path(cli.CONFIG_DIR) / "sgrlvr.py"  # packaged: any install has it
   WORKDIR = tempfile.mkdtemp(prefix="nb02_")
   train.train_and_evaluate(config_lib.load_config_module(str(config_file)).get_config("smoke"),
                            WORKDIR)

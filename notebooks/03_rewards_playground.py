@@ -15,10 +15,11 @@
 # **Runtime:** ~10 s after the install cell on a 2-core CPU (measured; mostly the first jnp
 # compilations).
 #
-# Try the SpaceR reward parsers and scorers (`spacer_jax.rewards`, spec spacer.md section 4) on
-# hand-written completions: the format reward, multiple choice, the fuzzy number parser and MRA,
-# the cognitive-map parser and score with each fix switch off (the reference behaviour) and on, and
-# the temporal and length bonuses over one group of G completions, followed by the GRPO advantages.
+# Try the SpaceR reward parsers and scorers (`spacer_jax.rewards`; the rules are in
+# docs/spacer_recipe.md, "Rewards") on hand-written completions: the format reward, multiple
+# choice, the fuzzy number parser and MRA, the cognitive-map parser and score with each fix switch
+# off (the reference behaviour) and on, and the temporal and length bonuses over one group of G
+# completions, followed by the GRPO advantages.
 # `SMOKE=1` changes nothing here (the notebook is already tiny); it is honoured for uniformity.
 
 # %%

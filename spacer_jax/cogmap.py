@@ -1,10 +1,11 @@
 """Cognitive maps: parsing of the model's <map> text and the greedy-matching map score.
 
 Reproduces extract_map.py (`extract_map_data`, `calculate_prediction_score`) of OuyangKun10/SpaceR
-b623af5, spec spacer.md 4.4 and 4.5. Parsing is host Python (literal parser with size/depth/node
-limits, never eval; positional fallback); scoring packs the maps into padded int32 arrays and runs
-the greedy matching as one jitted jnp kernel over all maps of a batch. The public entry points are
-rewards.parse_map and rewards.map_score; the `config` arguments here are rewards.RewardConfig.
+b623af5 (docs/spacer_recipe.md, "Rewards"). Parsing is host Python (literal parser with
+size/depth/node limits, never eval; positional fallback); scoring packs the maps into padded int32
+arrays and runs the greedy matching as one jitted jnp kernel over all maps of a batch. The public
+entry points are rewards.parse_map and rewards.map_score; the `config` arguments here are
+rewards.RewardConfig.
 
 Exactness: squared distances are exact int32 (predictions clipped to +-8192, GT limited to +-4096),
 so the greedy order, including ties broken by (prediction index, GT index), is the reference's; a
@@ -122,7 +123,7 @@ def _safe_literal(text: str, config):
 
 
 def parse(text: str, categories, config):
-  """extract_map_data (spec 4.4): (dict lowercase category -> [[x, y], ...], overflow flag).
+  """extract_map_data: (dict lowercase category -> [[x, y], ...], overflow flag).
 
   Args:
     text: the extracted <map> body.

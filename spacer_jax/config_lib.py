@@ -184,7 +184,8 @@ def make_data_config(config, temporal, process_count=1):
 
 
 def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
-  """The SpaceR recipe shared by configs/{sgrlvr,grpo,sft}.py (spec spacer.md sections 3-6).
+  """The SpaceR recipe shared by spacer_jax/configs/{sgrlvr,grpo,sft}.py (docs/spacer_recipe.md,
+  "Hyper-parameters").
 
   Args:
     size: 3b|7b|32b|72b; picks the default checkpoint directory and, for 32b/72b, FSDP+TP.
@@ -232,6 +233,10 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
   c.post_train = ""  # "module:function" that train.py's main calls with (config, workdir) afterwards.
   c.use_tensorboard = True
   c.use_progress_bar = True
+  # Weights & Biases, beside metrics.jsonl and TensorBoard (metrics.WandbWriter): off while project is
+  # "" (wandb is then never imported; pip install 'spacer_jax[wandb]' to use it). mode: "online",
+  # "offline" (files under {workdir}/wandb, `wandb sync` them later) or "disabled".
+  c.wandb = dict(project="", entity="", name="", tags=(), group="", notes="", mode="online")
 
   c.model = ml_collections.ConfigDict(dict(
       hf_dir=f"/ckpt/Qwen2.5-VL-{size.upper()}-Instruct",
@@ -391,7 +396,7 @@ def problems(config, *, num_devices=None, process_count=1, check_paths=True):
   path exists. Nothing is compiled or loaded.
 
   Args:
-    config: the ConfigDict of configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
+    config: the ConfigDict of spacer_jax/configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
     num_devices: number of devices the mesh must cover (None: not checked).
     process_count: number of processes (hosts); data.batch_size must divide among them.
     check_paths: False skips the data and checkpoint paths (python -m spacer_jax.plan checks a
@@ -457,6 +462,12 @@ def problems(config, *, num_devices=None, process_count=1, check_paths=True):
   accum = check("grad_accum_steps", positive_int, "must be an integer >= 1")
   if config.get("resume"):
     path("resume")
+  if config.get("wandb") and config.wandb.get("project"):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    check("wandb.mode", lambda x: x in ("online", "offline", "disabled"),
+          "must be 'online', 'offline' or 'disabled'")
+    if importlib.util.find_spec("wandb") is None:
+      bad("wandb.project", "is set but wandb is not installed: pip install 'spacer_jax[wandb]'")
 
   # -- data --------------------------------------------------------------------------------------
   batch = check("data.batch_size", positive_int, "must be an integer >= 1")
@@ -612,7 +623,7 @@ def validate(config, *, num_devices=None, process_count=1, check_paths=True):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation (python -m spacer_jax.evaluate; configs/eval_*.py).
+# Evaluation (python -m spacer_jax.evaluate; spacer_jax/configs/eval_*.py).
 # ---------------------------------------------------------------------------------------------------
 
 # The benchmarks spacer_jax.evaluate runs (config value -> module, see evaluate.BENCHMARKS).
@@ -626,14 +637,15 @@ DEMO_SYNTHETIC_SUBDIR = "data/synthetic"  # train.py's default config.data.synth
 
 
 def eval_config(arg=None, benchmark="vsibench"):
-  """The evaluation config of configs/eval_*.py.
+  """The evaluation config of spacer_jax/configs/eval_*.py.
 
   Args:
     arg: `benchmark=NAME,protocol=P,aggregation=code|readme,demo,demo_workdir=DIR` (all optional).
       protocol "" = "spacer" (SpaceR-Eval's thinking mode); "spacer_default" = its non-thinking mode;
       "official" = VSI-Bench's own protocol (vsibench only). demo evaluates a `train.py` demo workdir
       on its synthetic VSI-Bench split.
-    benchmark: the default of the `benchmark=` argument (each configs/eval_X.py sets its own).
+    benchmark: the default of the `benchmark=` argument (each spacer_jax/configs/eval_X.py sets its
+      own).
   """
   arg = parse_arg(arg, benchmark=benchmark, protocol="", aggregation="code", demo=False,
                   demo_workdir="")

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 from absl import app
@@ -52,18 +51,22 @@ from absl import logging
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(fv=FLAGS):
   """The command-line flags; defined only when run as a program (train.py owns --workdir)."""
-  flags.DEFINE_string("workdir", None, "export: the train.py workdir to convert")
-  flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)")
-  flags.DEFINE_string("hf_dir", None, "import: the Hugging Face checkpoint to convert")
-  flags.DEFINE_string("out", None, "output directory (must not exist or be empty)")
+  flags.DEFINE_string("workdir", None, "export: the train.py workdir to convert", flag_values=fv)
+  flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)",
+                       flag_values=fv)
+  flags.DEFINE_string("hf_dir", None, "import: the Hugging Face checkpoint to convert",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (must not exist or be empty)", flag_values=fv)
   flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
-                    "weights dtype; export default bfloat16, import default: the checkpoint's")
+                    "weights dtype; export default bfloat16, import default: the checkpoint's",
+                    flag_values=fv)
   flags.DEFINE_string("base", None, "export: base HF checkpoint whose tokenizer, processor and "
-                      "generation files are carried over (default: the run's model.hf_dir)")
+                      "generation files are carried over (default: the run's model.hf_dir)",
+                      flag_values=fv)
   flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors file (e.g. 5GB, 500MB, "
-                      "2GiB); above it the weights are sharded")
+                      "2GiB); above it the weights are sharded", flag_values=fv)
 
 
 # Files copied next to the weights; the first group prefers the run's tokenizer directory, the second
@@ -340,14 +343,6 @@ def main(argv):
     import_hf(FLAGS.hf_dir, FLAGS.out, dtype=FLAGS.dtype)
 
 
-def parse_flags(argv):
-  """absl's parser, except that --help prints the usage and exits 0 (absl exits 1)."""
-  if {"--help", "-h", "-?", "--helpshort"} & set(argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True)
-    sys.exit(0)
-  return app.parse_flags_with_usage(argv)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__)

@@ -24,6 +24,7 @@ Host code (the sampler does the device work).
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -304,10 +305,13 @@ def finish(config, workdir, *, evaluate_heldout=True, printer=print):
     out.update(results)
     if "sft" in heldout:
       out["verdict"] = verdict(heldout["sft"], heldout["final"])
+  # The curve needs the optional [plots] part (matplotlib); without it the demo still finishes.
+  out["curve"] = importlib.util.find_spec("matplotlib") is not None
   with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
     json.dump(out, f, indent=1)
-  plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
-              title=f"spacer_jax demo (seed {config.seed})")
+  if out["curve"]:
+    plot_curves(rows, os.path.join(workdir, "demo_curve.png"), heldout,
+                title=f"spacer_jax demo (seed {config.seed})")
   times = {"train_s": float(sum(r.get("time/step_s", 0.0) for r in rows)),
            "eval_s": time.perf_counter() - t0}
   printer(summary_text(out, workdir, times))
@@ -350,7 +354,9 @@ def summary_text(m, workdir, times=None):
   if times:
     lines.append(f"  time: {times['train_s'] / 60:.1f} min training, {times['eval_s'] / 60:.1f} min "
                  f"held-out evaluation")
-  lines.append(f"  curve: {os.path.join(os.path.abspath(workdir), 'demo_curve.png')}; metrics: "
+  curve = (os.path.join(os.path.abspath(workdir), "demo_curve.png") if m.get("curve", True)
+           else "not drawn (matplotlib missing: pip install 'spacer_jax[plots]')")
+  lines.append(f"  curve: {curve}; metrics: "
                f"{os.path.join(os.path.abspath(workdir), 'demo_metrics.json')}")
   if "verdict" in m:
     lines.append(f"verdict: {m['verdict']['text']}")
@@ -368,11 +374,19 @@ def main(argv):
     finish(config, os.path.abspath(workdir))
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+def define_flags(fv=None):
+  """--config (default: the packaged configs/sgrlvr.py:demo) and --workdir."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/sgrlvr.py:demo",
-                                  "Demo config (default: configs/sgrlvr.py:demo).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.")
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  config_flags.DEFINE_config_file("config", cli.resolve_config("configs/sgrlvr.py:demo"),
+                                  "Demo config (default: configs/sgrlvr.py:demo).", lock_config=True,
+                                  flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+if __name__ == "__main__":
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__)

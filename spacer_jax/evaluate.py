@@ -40,11 +40,11 @@ import jax
 import numpy as np
 import PIL.Image
 import tqdm
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from spacer_jax import cli
 from spacer_jax import config_lib
 from spacer_jax import modeling
 from spacer_jax import sampling
@@ -622,11 +622,17 @@ def main(argv):
     print(f.read())
 
 
+def define_flags(fv=flags.FLAGS):
+  """--config and --workdir; defined only when run as a program (train.py imports this module for
+  `run` and defines its own)."""
+  config_flags.DEFINE_config_file("config", None, "Evaluation config: configs/eval_<benchmark>.py"
+                                  "[:args] (packaged configs are found from any directory) or a short "
+                                  "name (eval_vsibench:protocol=official).", lock_config=True,
+                                  flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
 if __name__ == "__main__":
-  # Flags are defined only when run as a program: train.py imports this module for `run` and defines
-  # its own --config/--workdir.
-  config_flags.DEFINE_config_file("config", None, "configs/eval_<benchmark>.py[:args]",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, define_flags, __doc__)

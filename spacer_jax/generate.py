@@ -15,7 +15,6 @@ question is wrapped in SpaceR's prompt template and the Qwen chat template (spac
 KV-cache sampler (spacer_jax.sampling) in chunks of `--chunk` tokens, each printed as soon as it exists.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -23,6 +22,8 @@ import time
 
 import jax
 import numpy as np
+from absl import app
+from absl import flags
 
 from spacer_jax import modeling
 from spacer_jax import sampling
@@ -96,60 +97,77 @@ class _Printer:
       self.text = text
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model_dir", required=True,
-                 help="Hugging Face checkpoint directory, or a train.py workdir (orbax checkpoint)")
-  p.add_argument("--step", type=int, default=None, help="train.py workdir: checkpoint step "
-                 "(default: latest)")
-  p.add_argument("--adapter", default=None,
-                 help="a peft LoRA adapter directory to apply to --model_dir (adapter_config.json + "
-                 "adapter_model.safetensors)")
-  p.add_argument("--tokenizer_dir", default=None,
-                 help="tokenizer files (default: the checkpoint's own, see above)")
-  p.add_argument("--video", default=None, help="video file (mp4, ...)")
-  p.add_argument("--image", default=None, help="image file (png, jpg, ...)")
-  p.add_argument("--question", required=True)
-  p.add_argument("--problem_type", default="free-form", choices=prompts.PROBLEM_TYPES)
-  p.add_argument("--raw_prompt", action="store_true", help="send the question without SpaceR's template")
-  p.add_argument("--max_new_tokens", type=int, default=1024)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--repetition_penalty", type=float, default=1.0,
-                 help="transformers' repetition penalty (SpaceR-Eval decodes with 1.05)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chunk", type=int, default=8, help="tokens decoded between prints")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  args = p.parse_args(argv)
+def define_flags(fv=flags.FLAGS):
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("model_dir", None, "Hugging Face checkpoint directory, or a train.py workdir "
+                      "(orbax checkpoint)", flag_values=fv)
+  flags.DEFINE_integer("step", None, "train.py workdir: checkpoint step (default: latest)",
+                       flag_values=fv)
+  flags.DEFINE_string("adapter", None, "a peft LoRA adapter directory to apply to --model_dir "
+                      "(adapter_config.json + adapter_model.safetensors)", flag_values=fv)
+  flags.DEFINE_string("tokenizer_dir", None, "tokenizer files (default: the checkpoint's own, see "
+                      "above)", flag_values=fv)
+  flags.DEFINE_string("video", None, "video file (mp4, ...)", flag_values=fv)
+  flags.DEFINE_string("image", None, "image file (png, jpg, ...)", flag_values=fv)
+  flags.DEFINE_string("question", None, "the question", flag_values=fv)
+  flags.DEFINE_enum("problem_type", "free-form", prompts.PROBLEM_TYPES, "SpaceR's answer format "
+                    "instruction for the question", flag_values=fv)
+  flags.DEFINE_bool("raw_prompt", False, "send the question without SpaceR's template",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 1024, "longest answer", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "top-k sampling (0 = off)", flag_values=fv)
+  flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (SpaceR-Eval "
+                     "decodes with 1.05)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+  flags.DEFINE_integer("chunk", 8, "tokens decoded between prints", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and weights dtype",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["model_dir", "question"], flag_values=fv)
 
-  model_dir = pathlib.Path(args.model_dir)
+
+# Bad input the command line reports as "error: ..." (exit status 2) instead of a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, video_lib.MediaError,
+               ValueError)
+
+
+def main(argv, fv=flags.FLAGS):
+  """Answers --question (see `answer`); returns the text."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  return answer(fv)
+
+
+def answer(fv):
+  """The command line's work on parsed flags (see the module docstring)."""
+  model_dir = pathlib.Path(fv.model_dir)
   modeling.source_kind(model_dir)  # a clear error when it is neither checkpoint kind
-  video = check_media(args.video, "--video") if args.video else None
-  image = check_media(args.image, "--image") if args.image else None
-  if args.max_new_tokens < 1:
-    raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  video = check_media(fv.video, "--video") if fv.video else None
+  image = check_media(fv.image, "--image") if fv.image else None
+  if fv.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens must be >= 1, got {fv.max_new_tokens}")
 
   vision = load_media(video, image)  # before the (slow) model load: a bad file fails fast
-  tok = tokenizer_lib.load_tokenizer(modeling.tokenizer_dir(model_dir, args.tokenizer_dir))
+  tok = tokenizer_lib.load_tokenizer(modeling.tokenizer_dir(model_dir, fv.tokenizer_dir))
   t0 = time.perf_counter()
-  model = modeling.load_model(model_dir, dtype=args.dtype, step=args.step, adapter=args.adapter)
+  model = modeling.load_model(model_dir, dtype=fv.dtype, step=fv.step, adapter=fv.adapter)
   cfg = model.config
-  ids = build_inputs(tok, cfg, args.question, vision, video=video is not None,
-                     image=image is not None, problem_type=args.problem_type,
-                     raw_prompt=args.raw_prompt)
+  ids = build_inputs(tok, cfg, fv.question, vision, video=video is not None,
+                     image=image is not None, problem_type=fv.problem_type,
+                     raw_prompt=fv.raw_prompt)
   print(f"[model {model_dir.name} loaded in {time.perf_counter() - t0:.1f} s; prompt {ids.shape[1]} "
         f"tokens]", file=sys.stderr)
   extra = [i for i in (tok.eos_token_id, tok.endoftext_id) if i is not None]
   vision_pad = tok.token_to_id("<|vision_pad|>")
-  sampler = sampling.Sampler(model, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, extra_stop_ids=extra,
-                             repetition_penalty=args.repetition_penalty,
+  sampler = sampling.Sampler(model, temperature=fv.temperature, top_k=fv.top_k,
+                             top_p=fv.top_p, extra_stop_ids=extra,
+                             repetition_penalty=fv.repetition_penalty,
                              extra_forbidden_ids=() if vision_pad is None else (vision_pad,))
   printer = _Printer(tok, sampler.scfg.stop_ids)
   t0 = time.perf_counter()
-  out = sampler(ids, np.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                rng=jax.random.key(args.seed), callback=printer, chunk=args.chunk, **vision)
+  out = sampler(ids, np.ones_like(ids), max_new_tokens=fv.max_new_tokens,
+                rng=jax.random.key(fv.seed), callback=printer, chunk=fv.chunk, **vision)
   n = int(out.lengths[0])
   print()
   print(f"[{n} tokens in {time.perf_counter() - t0:.1f} s, including compilation]", file=sys.stderr)
@@ -157,9 +175,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (FileNotFoundError, NotADirectoryError, IsADirectoryError, video_lib.MediaError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__, user_errors=USER_ERRORS)

@@ -1,9 +1,14 @@
-"""Metric logging: workdir/metrics.jsonl, TensorBoard, workdir/rollouts.jsonl, timers, progress bar.
+"""Metric logging: workdir/metrics.jsonl, TensorBoard, Weights & Biases, workdir/rollouts.jsonl, timers,
+progress bar.
 
 One line of metrics.jsonl per logged step (`{"step": s, "name": value, ...}`), the same scalars as
 TensorBoard scalars (tensorboardX, no TensorFlow needed), and one line per completion in
 rollouts.jsonl. On resume from step s, lines with step >= s are dropped first, so a run killed after
 its last checkpoint and resumed has the same files as one that never stopped.
+
+With `config.wandb.project` set, `WandbWriter` also sends the same scalars, the run's config and a
+table of sample rollouts to Weights & Biases (`--config.wandb.mode=offline` writes them under
+{workdir}/wandb for a later `wandb sync`); wandb is imported only then.
 """
 
 import contextlib
@@ -11,6 +16,8 @@ import json
 import math
 import os
 import resource
+import secrets
+import string
 import subprocess
 import sys
 import time
@@ -88,9 +95,12 @@ class MetricWriter:
     workdir: run directory.
     start_step: first step this process will log (older lines >= start_step are dropped).
     use_tensorboard: also write TensorBoard event files under workdir/tb.
+    wandb: config.wandb as a dict ({project, entity, name, tags, group, notes, mode}); a non-empty
+      project also logs to Weights & Biases (WandbWriter).
+    config: the run's config as a dict, recorded as the W&B run config.
   """
 
-  def __init__(self, workdir, start_step=1, use_tensorboard=True):
+  def __init__(self, workdir, start_step=1, use_tensorboard=True, wandb=None, config=None):
     os.makedirs(workdir, exist_ok=True)
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.rollouts_path = os.path.join(workdir, "rollouts.jsonl")
@@ -102,6 +112,9 @@ class MetricWriter:
     if use_tensorboard:
       import tensorboardX  # Optional at import time: only runs that log to TensorBoard need it.
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+    self._wandb = None
+    if wandb and wandb.get("project"):
+      self._wandb = WandbWriter(workdir, config=config, **wandb)
     self._timers = {}
     self._last_finite_step = start_step - 1
 
@@ -123,6 +136,8 @@ class MetricWriter:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.write(step, row)
     if bad:
       raise FloatingPointError(
           f"non-finite metrics {bad} first seen between step {self._last_finite_step + 1} and step "
@@ -131,7 +146,7 @@ class MetricWriter:
 
   def write_samples(self, step, samples, num_text=4):
     """Appends one JSON line per sample dict (prompt id, completion, parsed answer, rewards, advantage)
-    and shows the first `num_text` as TensorBoard text ("rollouts/samples")."""
+    and shows the first `num_text` as TensorBoard text and a W&B table ("rollouts/samples")."""
     for s in samples:
       self._rollouts.write(json.dumps({"step": int(step), **{k: _to_python(v) for k, v in s.items()}})
                            + "\n")
@@ -139,6 +154,8 @@ class MetricWriter:
     if self._tb is not None and samples and num_text:
       self._tb.add_text("rollouts/samples", samples_markdown(samples[:num_text]), int(step))
       self._tb.flush()
+    if self._wandb is not None and samples and num_text:
+      self._wandb.write_samples(step, samples[:num_text])
 
   @contextlib.contextmanager
   def timed(self, name):
@@ -160,6 +177,72 @@ class MetricWriter:
     self._rollouts.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+
+
+class WandbWriter:
+  """A Weights & Biases run for one workdir: scalars, the config, tables of rollout samples.
+
+  The run id is kept in {workdir}/wandb_run_id.txt, so rerunning the same workdir (a resume) continues
+  the same W&B run: online with resume="allow"; offline as another directory under {workdir}/wandb
+  with the same id, which `wandb sync` adds to that run. W&B keeps the first value it got for a step,
+  so steps that a killed process logged after its last checkpoint keep their old values there
+  (metrics.jsonl and TensorBoard get the resumed values).
+
+  Args:
+    workdir: run directory (W&B's files go to {workdir}/wandb).
+    project, entity, name, tags, group, notes: wandb.init's; "" / () = W&B's default (name: the
+      workdir's base name).
+    mode: "online", "offline" (no network) or "disabled".
+    config: dict recorded as the run's config.
+  """
+
+  ID_FILE = "wandb_run_id.txt"
+
+  def __init__(self, workdir, *, project, entity="", name="", tags=(), group="", notes="",
+               mode="online", config=None):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("config.wandb.project is set but wandb is not installed: "
+                        "pip install 'spacer_jax[wandb]'") from e
+    self._wandb = wandb
+    id_path = os.path.join(workdir, self.ID_FILE)
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      alphabet = string.ascii_lowercase + string.digits
+      run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+      with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    self.run = wandb.init(
+        project=project, entity=entity or None,
+        name=name or os.path.basename(os.path.normpath(workdir)), tags=list(tags) or None,
+        group=group or None, notes=notes or None, mode=mode, config=config, dir=workdir, id=run_id,
+        resume="allow" if mode == "online" else None)
+
+  def write(self, step, row):
+    """Logs the numeric values of a metrics row at `step`."""
+    self.run.log({k: v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=int(step))
+
+  def write_samples(self, step, samples):
+    """Logs the sample dicts as one table ("rollouts/samples"): a column per key (lists and dicts as
+    JSON text)."""
+    columns = list(dict.fromkeys(k for s in samples for k in s))
+
+    def cell(v):
+      v = _to_python(v)
+      return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+    data = [[cell(s.get(c)) for c in columns] for s in samples]
+    table = self._wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+    self.run.log({"rollouts/samples": table}, step=int(step))
+
+  def close(self):
+    self.run.finish()
 
 
 def samples_markdown(samples):

@@ -1,8 +1,8 @@
 """Optimizer: optax AdamW + global-norm clipping + cosine schedule, with a regex freeze mask.
 
-Defaults reproduce the SpaceR run (spec spacer.md 6.1, HF Trainer `adamw_torch`): lr 1e-6 with cosine
-decay to 0 and no warmup (lr(s) = lr * 0.5 * (1 + cos(pi * s / S))), betas (0.9, 0.999), eps 1e-8,
-decoupled weight decay 0.01 that skips biases and norm weights by name (the HF Trainer's
+Defaults reproduce the SpaceR run (docs/spacer_recipe.md, "Hyper-parameters"; HF Trainer
+`adamw_torch`): lr 1e-6 with cosine decay to 0 and no warmup (lr(s) = lr * 0.5 * (1 + cos(pi * s /
+S))), betas (0.9, 0.999), eps 1e-8, decoupled weight decay 0.01 that skips biases and norm weights by name (the HF Trainer's
 `get_decay_parameter_names` patterns), and global grad-norm clipping at 5.0.
 
 Frozen parameters (regexes such as r"^visual\\.") are removed from the optimizer entirely: the train

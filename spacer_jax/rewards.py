@@ -2,9 +2,9 @@
 
 Reproduces SG-RLVR.py `accuracy_reward` / `format_reward`, extract_map.py `extract_map_data` /
 `calculate_prediction_score` and the reward arithmetic of SG_RLVR_trainer.py (temporal and length
-bonus) at OuyangKun10/SpaceR b623af5 (spec spacer.md section 4), quirks included. Each fix the spec
-flags in section 4.9 sits behind a `RewardConfig.use_*` switch that defaults to the original
-behaviour.
+bonus) at OuyangKun10/SpaceR b623af5 (docs/spacer_recipe.md, "Rewards"), quirks included. Each
+fix of a reference bug (docs/spacer_recipe.md, "Reward quirks") sits behind a `RewardConfig.use_*`
+switch that defaults to the original behaviour.
 
 Split: everything that reads text runs on the host (tag extraction, number parsing, the map
 literal parser, word/ROUGE tokenisation into integer ids) and hands over arrays; the scoring (map
@@ -61,25 +61,30 @@ _TYPE_ID = {name: i for i, name in enumerate(PROBLEM_TYPES)}
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Reward switches. Defaults reproduce SpaceR; each `use_*` fix corresponds to spec 4.9."""
-  # 4.9.4: the articles "a"/"an" are number words worth 1 ("a 4.5 m gap" -> 1). Fix: drop them.
+  """Reward switches. Defaults reproduce SpaceR.
+
+  Each `use_*` fix is a numbered row of docs/spacer_recipe.md, "Reward quirks" (numbers below).
+  """
+  # Quirk 4a: the articles "a"/"an" are number words worth 1 ("a 4.5 m gap" -> 1). Fix: drop them.
   use_article_fix: bool = False
-  # 4.9.4: number words are tried in dictionary order before digits, signs and thousands separators
-  # are lost. Fix: the first number mentioned in the text, with its sign and thousands separators.
+  # Quirk 4b: number words are tried in dictionary order before digits, signs and thousands
+  # separators are lost. Fix: the first number mentioned in the text, with its sign and
+  # thousands separators.
   use_first_number_fix: bool = False
-  # 4.9.5: a correct answer whose <map> scores 0 gets accuracy 0. Fix: accuracy is kept, no bonus.
+  # Quirk 5: a correct answer whose <map> scores 0 gets accuracy 0. Fix: accuracy is kept, no bonus.
   use_zero_map_fix: bool = False
-  # 4.9.6: <map> tags on a sample without a cognitive map raise KeyError -> 0. Fix: no map bonus.
+  # Quirk 6: <map> tags on a sample without a cognitive map raise KeyError -> 0. Fix: no map bonus.
   use_non_sr_map_fix: bool = False
-  # 4.9.7: empty GT map: an empty parse scores 1.0, a non-empty one raises TypeError -> 0.
+  # Quirk 7: empty GT map: an empty parse scores 1.0, a non-empty one raises TypeError -> 0.
   # Fix: 0.0 if the prediction has any point, else 1.0 (the scorer's evident intent).
   use_empty_gt_map_fix: bool = False
-  # Regression: the reference clamps with Python min/max, which turn a NaN relative error ("nan" as
-  # the answer) into a full score of 1.0. Fix: NaN scores 0.
+  # Quirk 10, regression: the reference clamps with Python min/max, which turn a NaN relative
+  # error ("nan" as the answer) into a full score of 1.0. Fix: NaN scores 0.
   use_nan_fix: bool = False
-  # Map coordinates that overflow a float (e.g. 1e400 or a 400-digit number) raise OverflowError in
-  # the reference: in a dict literal it silently falls back to the positional parser, in the
-  # positional parser or in the scorer it zeroes the whole accuracy. Fix: such a pair is invalid.
+  # Quirk 11: map coordinates that overflow a float (e.g. 1e400 or a 400-digit number) raise
+  # OverflowError in the reference: in a dict literal it silently falls back to the positional
+  # parser, in the positional parser or in the scorer it zeroes the whole accuracy. Fix: such a
+  # pair is invalid.
   use_overflow_fix: bool = False
   # Completion mask: the reference ends a completion's mask at its first <|im_end|> only, so a
   # completion that stopped on <|endoftext|> (Qwen2.5-VL's other EOS, also its pad token) keeps the
@@ -169,7 +174,9 @@ def _as_text_list(completions):
 
 
 def format_reward(completions):
-  """1.0 iff the whole completion is `<think>...</think>\\s*<answer>...</answer>` (spec 4.1).
+  """1.0 iff the whole completion is `<think>...</think>\\s*<answer>...</answer>` (re.fullmatch).
+
+  Nothing may precede `<think>` or follow `</answer>`, not even whitespace.
 
   Args:
     completions: a string or a sequence of strings.
@@ -212,7 +219,10 @@ def _number_text(s: str) -> str:
 
 
 def fuzzy_number(text: str, config: RewardConfig = DEFAULT) -> str:
-  """SG-RLVR.py `fuzzy_matching`: the number string the reference reads from an answer (spec 4.2).
+  """SG-RLVR.py `fuzzy_matching`: the number string the reference reads from an answer.
+
+  Number words (in a fixed order, "a"/"an" included) win over digits; then the first unsigned
+  `\\d+(\\.\\d+)?` (docs/spacer_recipe.md, "Rewards", fuzzy_number).
 
   Returns "None" where it finds nothing, as the reference does.
   """
@@ -259,7 +269,9 @@ def _mra_f64(pred, gt):
 
 
 def mra(pred, gt):
-  """Mean relative accuracy, VSI-Bench's definition as coded (float64, `<=`; spec 4.2).
+  """Mean relative accuracy, VSI-Bench's definition as coded (float64 thresholds, `<=`).
+
+  docs/spacer_recipe.md, "Rewards" (MRA) shows why float32 or a strict `<` would change scores.
 
   `gt == 0` raises ZeroDivisionError in the reference; here it gives 0.0 (the reward it ends in).
   Args:
@@ -284,7 +296,9 @@ def _regression_f64(pred, gt, use_nan_fix):
 # Cognitive map (parsing and scoring live in cogmap.py).
 # ------------------------------------------------------------------------------------------------
 def parse_map(text, categories, config: RewardConfig = DEFAULT):
-  """Parse a `<map>` body into {lowercase category: [[x, y], ...]} (extract_map.py, spec 4.4).
+  """Parse a `<map>` body into {lowercase category: [[x, y], ...]} (extract_map.py).
+
+  The rules are in docs/spacer_recipe.md, "Rewards" (parsing a map).
 
   Args:
     text: the extracted map string (may be empty).
@@ -300,7 +314,7 @@ def parse_map(text, categories, config: RewardConfig = DEFAULT):
 
 
 def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFAULT):
-  """calculate_prediction_score(pred, gt, N) (spec 4.5): greedy matching on the N x N grid.
+  """calculate_prediction_score(pred, gt, N): greedy (not Hungarian) matching on the N x N grid.
 
   Args:
     pred_map, gt_map: dicts category -> list of [x, y] (or equal-length sequences of such dicts).
@@ -322,7 +336,7 @@ def map_score(pred_map, gt_map, grid_size: int = 10, config: RewardConfig = DEFA
   if scalar:
     if error[0]:
       raise (TypeError if not any(gts[0].values()) else OverflowError)(
-          "the reference scorer raises on this map (spec 4.5)")
+          "the reference scorer raises on this map")
     return float(score[0])
   return np.where(error, np.nan, score).astype(np.float32)
 
@@ -423,7 +437,7 @@ def _accuracy(completions, solutions, problem_types, cognitive_maps, config, whe
 
 def accuracy_reward(completions, solutions, problem_types, cognitive_maps=None,
                     config: RewardConfig = DEFAULT):
-  """SpaceR's accuracy reward incl. the map bonus (spec 4.2, 4.3), one value per completion.
+  """SpaceR's accuracy reward incl. the map bonus, one value per completion.
 
   Args:
     completions: completion text (str) or a sequence of them.
@@ -452,7 +466,9 @@ def accuracy_reward(completions, solutions, problem_types, cognitive_maps=None,
 # ------------------------------------------------------------------------------------------------
 def combine(accuracy, format_scores, completion_lengths, group_size, shuffled_accuracy=None,
             is_video=None, config: RewardConfig = DEFAULT):
-  """Temporal bonus, length bonus and total from per-completion accuracy and format (spec 4.6-4.8).
+  """Temporal bonus, length bonus and total from per-completion accuracy and format.
+
+  docs/spacer_recipe.md, "Rewards" (temporal bonus, length bonus, total).
 
   Args:
     accuracy: float[B*G] accuracy rewards incl. map bonus.
@@ -486,7 +502,7 @@ def _bonuses(acc, fmt, lengths, shuffled, temporal_on, group_size, config):
   a = acc.reshape(-1, group_size)
   correct = a > config.bonus_threshold
   # Temporal (T-GRPO): + alpha to every "correct" completion if the ordered-frame accuracy mean is
-  # at least mu times the shuffled-frame mean. Both means include map bonuses (spec 4.6, 4.9.8).
+  # at least mu times the shuffled-frame mean. Both means include map bonuses (quirk 8).
   passed = a.mean(1) >= config.temporal_mu * shuffled.mean(1)
   flag = temporal_on & passed
   temporal = jnp.where(flag[:, None] & correct, config.temporal_alpha, 0.0)
@@ -514,7 +530,9 @@ def _per_completion(values, n_prompts, group_size, name):
 
 def compute_rewards(completions, examples, completion_lengths, group_size,
                     shuffled_accuracy=None, config: RewardConfig = DEFAULT):
-  """All reward components of one rollout batch of B prompts x G completions (spec 4.8).
+  """All reward components of one rollout batch of B prompts x G completions.
+
+  total = accuracy (with map and temporal bonus) + format + length bonus, in [0, 3.5].
 
   Args:
     completions: B*G decoded completions (special tokens skipped), grouped by prompt.

@@ -39,8 +39,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, config_lib, grpo, lora, metrics as metrics_lib, modeling, optim
-from spacer_jax import rollout, sampling, sharding, tree_utils
+from spacer_jax import checkpoint, cli, config_lib, grpo, lora, metrics as metrics_lib, modeling
+from spacer_jax import optim, rollout, sampling, sharding, tree_utils
 from spacer_jax.models import layers, qwen2_5_vl
 
 _DROPOUT_STREAM = 0x4C6F5241  # "LoRA": folded into the step key for LoRA dropout masks
@@ -559,10 +559,7 @@ def train_and_evaluate(config, workdir):
                                                 adapter=adapter), setup, config.seed),
         train_iter, resume_dir=config.resume, strict=config.resume_strict)
     start = int(state["step"]) + 1
-    if start > phases.total_steps:
-      logging.info("state from %s: the run already finished at step %d", origin, start - 1)
-    else:
-      logging.info("state from %s; training steps %d..%d", origin, start, phases.total_steps)
+    logging.info(_start_message(origin, start - 1, phases.total_steps, config, source))
     # The reference policy is the initial model: its frozen parameters are the policy's own (with
     # LoRA, the whole base), the trained ones are reloaded from the source (never checkpointed).
     ref_loaded = (modeling.load_params(source, setup.reference, seed=config.seed,
@@ -600,8 +597,9 @@ def train_and_evaluate(config, workdir):
       return counts
 
     # == Loop =====================================================================================
-    writer = metrics_lib.MetricWriter(workdir, start_step=start,
-                                      use_tensorboard=config.use_tensorboard)
+    writer = metrics_lib.MetricWriter(
+        workdir, start_step=start, use_tensorboard=config.use_tensorboard,
+        wandb=config.wandb.to_dict() if config.get("wandb") else None, config=config.to_dict())
     bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
     skipped_in_row = 0
     with checkpoint.PreemptionGuard() as guard, nnx.logical_axis_rules(rules):
@@ -633,9 +631,11 @@ def train_and_evaluate(config, workdir):
           if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
             scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
           if step == start:
+            bar.clear()  # the log line on a line of its own, not inside the progress bar's
             logging.info("memory after step %d: %s", step, ", ".join(
                 f"{k.split('/')[1]} {v:.2f} GiB" for k, v in scalars.items()
                 if k.startswith("memory/")))
+            bar.refresh()
           # A skipped (non-finite) update is logged as such; anything else non-finite stops the run.
           writer.write(step, scalars, nonfinite_ok=tuple(k for k in scalars if k.startswith(
               "train/")) if step_metrics["skipped"] else ())
@@ -675,6 +675,18 @@ def train_and_evaluate(config, workdir):
   return state, guard.requested
 
 
+def _start_message(origin, step, total_steps, config, source):
+  """One line: where the state came from and which steps this process trains."""
+  where = {"workdir": f"resumed from this workdir's checkpoint at step {step}",
+           "resume": f"state of step {step} from config.resume={config.resume}",
+           "init": "initial weights from " + ("random init" if source == modeling.RANDOM
+                                              else str(source))}[origin]
+  if step >= total_steps:
+    return (f"{where}: nothing to train (total_steps={total_steps}; raise "
+            f"--config.total_steps to continue)")
+  return f"{where}; training steps {step + 1}..{total_steps}"
+
+
 def run_post_train(config, workdir):
   """Calls `config.post_train` ("module:function", e.g. the demo's "spacer_jax.demo:finish") with
   (config, workdir); the trainer itself knows nothing about what it does."""
@@ -697,9 +709,15 @@ def main(argv):
     run_post_train(config, workdir)
 
 
+def define_flags(fv=flags.FLAGS):
+  """--config and --workdir; defined only when run as a program, so other modules (the demo, the
+  planner, tests) import this one without defining them twice."""
+  config_flags.DEFINE_config_file("config", None, "Training config: a file (configs/sgrlvr.py[:args], "
+                                  "packaged configs are found from any directory) or a short name "
+                                  "(sgrlvr:smoke).", lock_config=True, flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); rerun to resume.",
+                      flag_values=fv)
+
+
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so other modules (the demo, the planner, tests)
-  # import this one without defining --config/--workdir twice.
-  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-  app.run(main)
+  cli.run(main, define_flags, __doc__)

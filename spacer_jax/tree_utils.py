@@ -1,8 +1,8 @@
 """Pytree helpers: HF-style key names for NNX paths, flat param dicts, counts.
 
 The trainer keeps parameters as a flat `{"visual.blocks.3.attn.qkv.weight": array}` dict: the keys are
-the HF checkpoint keys (STYLE 3.4), which makes freeze regexes, logging and checkpoints readable, and
-orbax stores a flat dict of strings without any int-key ambiguity.
+the HF checkpoint keys (docs/qwen2_5_vl.md, "Weight names"), which makes freeze regexes, logging
+and checkpoints readable, and orbax stores a flat dict of strings without any int-key ambiguity.
 """
 
 

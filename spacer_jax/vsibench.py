@@ -1,7 +1,7 @@
 """VSI-Bench scoring on the host: records, answer parsing, metrics, tables, resumable predictions.
 
 Everything here is pure Python/NumPy (no model, no JAX), so the evaluator's arithmetic is testable on
-its own; `spacer_jax.evaluate` runs the model and calls into this file. Spec: spacer.md section 7.
+its own; `spacer_jax.evaluate` runs the model and calls into this file.
 
 Three protocols (docs/spacer_recipe.md, "VSI-Bench"):
 * "official": the VSI-Bench release (thinking-in-space/lmms_eval). Direct-answer prompt, greedy,
@@ -50,7 +50,8 @@ QUESTION_TYPES = MCA_TYPES + NA_TYPES
 REL_DIRECTION_LEVELS = MCA_TYPES[:3]
 REL_DIRECTION = "object_rel_direction"
 
-# The 8 tasks in the column order of the paper's table (spec 7.4), with their column titles.
+# The 8 tasks in the column order of the paper's table (docs/spacer_recipe.md,
+# "VSI-Bench", reported numbers), with their column titles.
 TASKS = (
     ("object_counting", "Obj.Count"),
     ("object_abs_distance", "Abs.Dist"),
@@ -179,7 +180,11 @@ def first_word(text):
 
 
 def mca_choice_spacer(answer):
-  """SpaceR-Eval's multiple-choice normalisation of an extracted answer (spec 7.2)."""
+  """SpaceR-Eval's multiple-choice normalisation of an extracted answer.
+
+  "Answer:" is removed; a first word of the form A-D with an optional dot is the letter, otherwise
+  the whole stripped text is (docs/spacer_recipe.md, "VSI-Bench").
+  """
   p = answer.replace("Answer:", "")
   tok = p.split(" ")[0].strip()
   if _MCA_LETTER.match(tok):

@@ -3,7 +3,6 @@
 The 3-seed learning check (experiments/2026-11-26_demo/run_seeds.py, ~45 CPU minutes) is marked slow.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,10 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location("sgrlvr_cfg", os.path.join(ROOT, "configs", "sgrlvr.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from spacer_jax.configs import sgrlvr  # pylint: disable=g-import-not-at-top
+  return sgrlvr.get_config(arg)
 
 
 def _tiny_demo_config():

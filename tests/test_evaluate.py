@@ -1,6 +1,6 @@
-"""Tests for the VSI-Bench evaluator: hand-computed scoring vectors (spec spacer.md 7.2 and 8 #30-#32),
-aggregation, the table, the resumable predictions file and record validation (spacer_jax.vsibench),
-then an end-to-end run of spacer_jax.evaluate on a tiny random model (slow)."""
+"""Tests for the VSI-Bench evaluator: hand-computed scoring vectors (docs/spacer_recipe.md,
+"VSI-Bench"), aggregation, the table, the resumable predictions file and record validation
+(spacer_jax.vsibench), then an end-to-end run of spacer_jax.evaluate on a tiny random model (slow)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from spacer_jax import vsibench
 @pytest.mark.parametrize(
     "output, gt, spacer, official",
     [
-        # spec 8 #30 (SpaceR-Eval); official = first word, trailing dots stripped, case-insensitive.
+        # SpaceR-Eval's reference values; official = first word, trailing dots stripped, case-insensitive.
         ("B. Sofa", "B", 1.0, 1.0),
         ("(B)", "B", 0.0, 0.0),
         ("b", "B", 1.0, 1.0),
@@ -43,12 +43,12 @@ def test_mca_scores(output, gt, spacer, official):
 @pytest.mark.parametrize(
     "output, gt, spacer, official",
     [
-        # spec 8 #31: SpaceR-Eval [official].
+        # The reference values: SpaceR-Eval [official].
         ("2.5", "3.0", 0.7, 0.7),
         ("about 2.5 m", "3.0", 0.7, 0.0),
         ("a 2.5", "3.0", 0.0, 0.0),  # fuzzy_number: the article "a" reads as 1.
         ("None", "3.0", 0.0, 0.0),
-        # MRA's float64 thresholds: relative error 0.1 passes theta = 0.9 (spec 8 #2).
+        # MRA's float64 thresholds: relative error 0.1 passes theta = 0.9.
         ("<think>hm</think><answer>about 4.5 meters</answer>", "5.0", 0.9, 0.0),
         ("4.5", "5", 0.9, 0.9),
         ("2.5.", "3.0", 0.7, 0.7),  # official strips trailing dots; fuzzy's regex stops at the dot.
@@ -68,7 +68,7 @@ def test_na_scores(output, gt, spacer, official):
 @pytest.mark.parametrize(
     "output, expected",
     [
-        # spec 8 #32.
+        # SpaceR-Eval's reference extraction.
         ("<think>t</think><answer>B</answer>", "B"),
         ("<think>t</think><answer>B", "None"),
         ("B", "B"),
@@ -307,7 +307,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _eval_config(model_dir, data_dir, protocol="spacer"):
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   c = eval_vsibench.get_config(f"protocol={protocol}")
   c.model_dir, c.data_dir, c.dtype = model_dir, data_dir, "float32"
   c.max_new_tokens, c.batch_size, c.prompt_buckets = 6, 8, (1024,)
@@ -519,7 +519,7 @@ def test_trainer_checkpoint(tmp_path, tiny_setup):
 def test_demo_config_on_trainer_workdir(tmp_path, tiny_setup):
   """configs/eval_vsibench.py:demo reads a demo workdir: its checkpoint, tokenizer and VSI split."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   from spacer_jax import evaluate  # pylint: disable=g-import-not-at-top
   root, model_dir, _ = tiny_setup
   run = str(tmp_path / "demo")

@@ -100,7 +100,7 @@ def _with_random_b(params, std=0.05, seed=0):
 
 
 def _config(**lora_overrides):
-  from configs import sgrlvr  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import sgrlvr  # pylint: disable=g-import-not-at-top
   c = sgrlvr.get_config("smoke,lora=4")
   c.grpo.beta = 0.04
   for k, v in lora_overrides.items():

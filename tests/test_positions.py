@@ -1,6 +1,6 @@
 """Host index code: vision window/rotary/cu_seqlens equal transformers', get_rope_index equals
-transformers 5.24 under text_after_vision="hf5" and the spec §6.2 hand-computed values under the
-default "qwen" rule."""
+transformers 5.24 under text_after_vision="hf5" and hand-computed worked examples under the
+default "qwen" rule (docs/qwen2_5_vl.md, "Position ids")."""
 
 import numpy as np
 import pytest
@@ -53,8 +53,8 @@ def test_segment_gather_round_trip():
     np.testing.assert_array_equal(gather[w, :n], np.arange(cu[w], cu[w] + n))
 
 
-def test_qwen_rule_spec_examples():
-  """Spec §6.2 worked examples (positions hand-computed there)."""
+def test_qwen_rule_worked_examples():
+  """The hand-computed worked examples of docs/qwen2_5_vl.md, "Position ids"."""
   # Image: vision_start at 44, 35 image tokens (1x10x14) at 45..79, vision_end at 80, L = 114.
   ids = _tokens(44, ("img", (1, 10, 14)), 114 - 81)
   assert len(ids) == 114

@@ -1,4 +1,4 @@
-"""Prompt strings (spec spacer.md §2, §7.2; qwen2_5_vl.md §2.4), placeholder expansion and bucketing."""
+"""Prompt strings (SpaceR's and the chat template, byte for byte), placeholder expansion, bucketing."""
 
 import jinja2
 import numpy as np
@@ -7,13 +7,14 @@ import pytest
 from spacer_jax.data import prompts
 from spacer_jax.data import tokenizer as tokenizer_lib
 
-# The spec's quoted strings, written out independently of prompts.py's line splitting.
+# SpaceR's strings as its reference code has them, written out independently of prompts.py's line
+# splitting.
 QUESTION_TEMPLATE_SPEC = "Question: {Question}\nPlease think about this question as if you were a human pondering deeply. Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other natural language thought expressions It's encouraged to include self-reflection or verification in the reasoning process. Provide your detailed reasoning between the <think> </think> tags, and then give your final answer between the <answer> </answer> tags."  # noqa: E501
 COGMAP_TEMPLATE_SPEC = "Question: {Question}\nPlease think about this question as if you were a human pondering deeply. Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other natural language thought expressions It's encouraged to include self-reflection or verification in the reasoning process.\nIf generating a cognitive map for the video can help you answer the question, you could follow the below steps to generate a cognitive map in <map> </map> tags\n[Steps] Identify specific objects within the **video scene**, understand the spatial arrangement of the scene, and estimate the center point of each object, assuming the entire scene is represented by a 10x10 grid. These information should be summarized in <map> </map> tags.\n[Rule]1. We provide the categories to care about in this scene: {object_list}. Focus ONLY on these categories for the entire video scene.\n2. Estimate the center location of each instance within the provided categories, assuming the entire scene is represented by a 10x10 grid, considering the information from all frames.\n3. If a category contains multiple instances across all frames, include all of them.\nPresent the map using dict format. Here is an example: <map>{map_example}</map>.\nIf you generate a cognitive map, please put it in <map> </map> tags. Provide your detailed reasoning process between the <think> </think> tags, and then give your final answer between the <answer> </answer> tags."  # noqa: E501
 MC_SUFFIX = " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
 NUM_SUFFIX = " Please provide the numerical value (e.g., 42 or 3.1) within the <answer> </answer> tags."
 
-# Qwen2.5-VL chat_template.json, as quoted in the spec (qwen2_5_vl.md §2.4).
+# Qwen2.5-VL chat_template.json of the Instruct checkpoints, verbatim.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -109,7 +110,7 @@ def test_vsibench_spacer_prompts():
 
 
 def test_num_vision_tokens_and_expansion():
-  assert prompts.num_vision_tokens([8, 20, 26]) == 1040  # 16 frames at 280x364 (spec §3.5)
+  assert prompts.num_vision_tokens([8, 20, 26]) == 1040  # 16 frames at 280x364: 8*20*26/4
   ids = [5, 90, 7, 91, 6, 90, 8]  # two "image" placeholders (90) and one "video" (91)
   out = prompts.expand_vision_tokens(ids, image_token_id=90, video_token_id=91,
                                      image_grid_thw=[[1, 2, 2], [1, 4, 6]], video_grid_thw=[[2, 2, 4]])

@@ -326,8 +326,9 @@ def test_default_rule_differs_from_hf5_after_video(tiny_hf):
 # ------------------------------------------------------------------------------------------------
 # Real sizes, abstractly.
 
+# transformers' counts (docs/qwen2_5_vl.md, "Configurations").
 PARAM_COUNTS = {"3b": 3_754_622_976, "7b": 8_292_166_656, "32b": 33_452_718_336,
-                "72b": 73_410_777_344}  # transformers' counts (issue 2, spec §1.2)
+                "72b": 73_410_777_344}
 
 
 @pytest.mark.parametrize("size", list(PARAM_COUNTS))

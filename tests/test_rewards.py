@@ -1,6 +1,6 @@
-"""Tests for spacer_jax.rewards: spec spacer.md section 8 vectors, every fix switch both ways,
-equivalence of the linear-time parsers with the reference regexes, the jnp kernels against plain
-Python ports of the reference scorers, and a hypothesis fuzz test with adversarial completions."""
+"""Tests for spacer_jax.rewards: the SpaceR reference code's values (docs/spacer_recipe.md,
+"Rewards", test vectors), every fix switch both ways, equivalence of the linear-time parsers with
+the reference regexes, the jnp kernels against plain Python ports of the reference scorers, and a hypothesis fuzz test with adversarial completions."""
 
 import dataclasses
 import math
@@ -16,7 +16,7 @@ from spacer_jax import rewards
 from spacer_jax import text_metrics
 
 MC, NUM = "multiple choice", "numerical"
-GT_MAP = {"chair": [[1, 1], [6, 5]], "table": [[0, 0]]}        # M* of spec section 8
+GT_MAP = {"chair": [[1, 1], [6, 5]], "table": [[0, 0]]}        # the test vectors' GT map
 PERFECT_MAP = "<map>{'chair': [[1,1],[6,5]], 'table': [[0,0]]}</map>"
 F32 = lambda x: float(np.float32(x))
 
@@ -88,7 +88,7 @@ def test_format_arrays():
     ("{chair: [[1,2]]}", ["chair"], {"chair": [[1, 2]]}),
     ('{"sofa": [[2.7, 3.2]], "tv": [[-0.5, 9.9]]}', ["sofa", "tv"],                       # 9
      {"sofa": [[2, 3]], "tv": [[0, 9]]}),
-    # Further rules of spec 4.4.
+    # Further parsing rules (docs/spacer_recipe.md, "Rewards").
     ("", ["chair"], {}), ("{'chair': [[1, 2]]}", [], {}),
     ('str{{"chair": [[1, 2]]}}', ["chair"], {"chair": [[1, 2]]}),
     ('{"chair": [[[1, 2]]], "table": [["<3", "4>"]]}', ["chair", "table"],
@@ -145,7 +145,7 @@ def _acc(completion, solution, ptype, maps=GT_MAP, **kw):
     ("…<answer>12</answer>", "<answer>10</answer>", "regression", None, 0.79999999992),   # 20
     ("…<answer>a x c</answer>", "<answer>a b c</answer>", "OCR", None, 0.6666666666666667),
     ("<map>{'chair': [[1,1]]}</map><answer>B</answer>", "<answer>B</answer>", MC, None, 0.0),  # 21
-    # More rules of spec 4.2/4.3.
+    # More accuracy and map-bonus rules (docs/spacer_recipe.md, "Rewards").
     ("<answer>B</answer>" + PERFECT_MAP, "<answer>B</answer>", MC, GT_MAP, 2.0),
     ("<answer>C</answer>" + PERFECT_MAP, "<answer>B</answer>", MC, GT_MAP, 0.0),
     ("<answer>B</answer><map>{'chair': [1, 1]}</map>", "<answer>B</answer>", MC, GT_MAP, 0.0),
@@ -290,7 +290,7 @@ def test_linear_parsers_match_regexes(text):
 
 
 def _reference_map_score(pred, gt, n=10):
-  """Plain port of calculate_prediction_score (spec 4.5), float64; None where it raises."""
+  """Plain port of calculate_prediction_score, float64; None where it raises."""
   cats = set(pred) | set(gt)
   if not cats:
     return 1.0

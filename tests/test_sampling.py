@@ -590,33 +590,35 @@ def cli_model_dir(tmp_path_factory):
 
 
 def test_generate_cli_errors(tmp_path):
+  from spacer_jax import cli
   from spacer_jax import generate as generate_cli
   from spacer_jax.data import video as video_lib
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()
   video = tmp_path / "clip.mp4"
   with pytest.raises(FileNotFoundError, match="config.json"):
-    generate_cli.main(["--model_dir", str(ckpt), "--video", "x.mp4", "--question", "q"])
+    cli.call(generate_cli, ["--model_dir", str(ckpt), "--video", "x.mp4", "--question", "q"])
   with pytest.raises(FileNotFoundError, match="no such directory"):
-    generate_cli.main(["--model_dir", str(tmp_path / "nope"), "--question", "q"])
+    cli.call(generate_cli, ["--model_dir", str(tmp_path / "nope"), "--question", "q"])
   (ckpt / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="clip.mp4: no such file"):
-    generate_cli.main(["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
+    cli.call(generate_cli, ["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
   video.write_text("this is not a video")
   with pytest.raises(video_lib.MediaError, match="clip.mp4"):
-    generate_cli.main(["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
+    cli.call(generate_cli, ["--model_dir", str(ckpt), "--video", str(video), "--question", "q"])
 
 
 @pytest.mark.slow
 def test_generate_cli_streams_an_answer(tmp_path, cli_model_dir, capsys):
+  from spacer_jax import cli
   from spacer_jax import generate as generate_cli
   video = tmp_path / "clip.mp4"
   pytest.importorskip("av")
   from tests.media import make_mp4  # pylint: disable=g-import-not-at-top
   make_mp4(video, frames=8, height=48, width=64, fps=4, codec="mpeg4")
-  text = generate_cli.main(["--model_dir", str(cli_model_dir), "--video", str(video),
-                            "--question", "How many chairs are there?", "--max_new_tokens", "12",
-                            "--chunk", "4"])
+  text = cli.call(generate_cli, ["--model_dir", str(cli_model_dir), "--video", str(video),
+                                 "--question", "How many chairs are there?",
+                                 "--max_new_tokens", "12", "--chunk", "4"])
   captured = capsys.readouterr()
   assert captured.out.strip() == text.strip()
   assert "tokens in" in captured.err
@@ -629,7 +631,7 @@ def test_generate_cli_reads_a_trainer_workdir(tmp_path, cli_model_dir, capsys):
   import json
   import shutil
 
-  from spacer_jax import checkpoint
+  from spacer_jax import checkpoint, cli
   from spacer_jax import generate as generate_cli
   from spacer_jax import tree_utils
   from flax import nnx as nnx_lib
@@ -650,15 +652,16 @@ def test_generate_cli_reads_a_trainer_workdir(tmp_path, cli_model_dir, capsys):
   ck.save(3, {"step": jnp.asarray(3, jnp.int32), "params": params})
   ck.close()
   argv = ["--question", "How many chairs are there?", "--max_new_tokens", "8", "--chunk", "4"]
-  want = generate_cli.main(["--model_dir", str(hf_dir)] + argv)
-  assert want != generate_cli.main(["--model_dir", str(cli_model_dir)] + argv)
+  want = cli.call(generate_cli, ["--model_dir", str(hf_dir)] + argv)
+  assert want != cli.call(generate_cli, ["--model_dir", str(cli_model_dir)] + argv)
   for where in (run, run / "ckpt"):
-    assert generate_cli.main(["--model_dir", str(where)] + argv) == want
-  assert generate_cli.main(["--model_dir", str(run), "--step", "3"] + argv) == want
+    assert cli.call(generate_cli, ["--model_dir", str(where)] + argv) == want
+  assert cli.call(generate_cli, ["--model_dir", str(run), "--step", "3"] + argv) == want
   capsys.readouterr()
   with pytest.raises(ValueError, match="only a train.py workdir has steps"):
-    generate_cli.main(["--model_dir", str(hf_dir), "--step", "3"] + argv)
+    cli.call(generate_cli, ["--model_dir", str(hf_dir), "--step", "3"] + argv)
   shutil.rmtree(run / "tokenizer")
   with pytest.raises(FileNotFoundError, match="--tokenizer_dir"):
-    generate_cli.main(["--model_dir", str(run)] + argv)
-  assert generate_cli.main(["--model_dir", str(run), "--tokenizer_dir", str(hf_dir)] + argv) == want
+    cli.call(generate_cli, ["--model_dir", str(run)] + argv)
+  assert cli.call(generate_cli, ["--model_dir", str(run), "--tokenizer_dir", str(hf_dir)]
+                  + argv) == want

@@ -14,7 +14,7 @@ from spacer_jax import config_lib, demo, grpo, sweep, train
 from spacer_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = os.path.join(ROOT, "spacer_jax", "configs")
 SMOKE = os.path.join(CONFIGS, "sgrlvr.py") + ":smoke"
 ABLATION = os.path.join(CONFIGS, "ablation.py")
 
@@ -85,7 +85,7 @@ EXPECTED_ABLATION = {
              "rewards.use_length": False},
     "no_temporal": {"rewards.use_temporal": False},
     "no_length": {"rewards.use_length": False},
-    "beta0": {"grpo.beta": 0.0},
+    "kl": {"grpo.beta": 0.04},
     "sft_only": {"mode": "sft"},
     "drgrpo": {"grpo.reward_scaling": "none", "grpo.loss_agg": "seq_mean_token_sum_norm"},
 }
@@ -151,7 +151,8 @@ def test_ablation_arms_reach_the_trainer(ablation_plan):
     sft_steps = f["total_steps"] if f["mode"] == "sft" else f["sft_warmup_steps"]
     rl_steps = f["total_steps"] - sft_steps
     assert (rl_steps == 0) == (name == "sft_only"), name
-    assert (rl_steps > 0 and f["grpo.beta"] > 0) == (name not in ("sft_only", "beta0")), name
+    # The demo recipe trains without a KL term; the kl arm adds SpaceR's beta = 0.04.
+    assert (rl_steps > 0 and f["grpo.beta"] > 0) == (name == "kl"), name
     assert (rl_steps > 0 and f["rewards.use_temporal"]) == (
         name not in ("sft_only", "no_temporal", "grpo")), name
     # demo.finish scores the checkpoint at sft_warmup_steps (same step in every arm) and the last.

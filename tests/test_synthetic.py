@@ -13,6 +13,7 @@ import sys
 import av
 import numpy as np
 import pytest
+from absl import app
 
 from spacer_jax.data import synthetic
 from spacer_jax.data.synthetic import generate as generate_lib
@@ -411,17 +412,22 @@ def test_config_validation_and_hash():
 
 
 def test_command_line(tmp_path, capsys):
-  from spacer_jax.data.synthetic import __main__ as cli
+  from spacer_jax import cli
+  from spacer_jax.data.synthetic import __main__ as synthetic_cli
 
   out = str(tmp_path / "cli")
-  cli.main(["--out", out, "--preset", "demo", "--num_scenes", "2", "--num_eval_scenes", "1", "--seed", "5"])
+  cli.call(synthetic_cli, ["--out", out, "--preset", "demo", "--num_scenes", "2", "--num_eval_scenes",
+                           "1", "--seed", "5"])
   assert "num_train_records" in capsys.readouterr().out
   expected = synthetic.SyntheticConfig.demo(num_scenes=2, num_eval_scenes=1, seed=5)
   assert synthetic.is_generated(out, expected)
   out2 = str(tmp_path / "cli2")
-  cli.main(["--out", out2, "--num_scenes", "1", "--num_eval_scenes", "1", "--height", "28", "--width", "28",
-            "--num_frames", "4", "--categories", "chair,table,bed,sofa", "--categories_per_scene", "2,4",
-            "--task_weights", "object_counting=1,room_size_estimation=0.5"])
+  cli.call(synthetic_cli, ["--out", out2, "--num_scenes", "1", "--num_eval_scenes", "1", "--height",
+                           "28", "--width", "28", "--num_frames", "4", "--categories",
+                           "chair,table,bed,sofa", "--categories_per_scene", "2,4",
+                           "--task_weights", "object_counting=1,room_size_estimation=0.5"])
+  with pytest.raises(app.UsageError, match="--room_size: expected LO,HI"):
+    cli.call(synthetic_cli, ["--out", out2, "--room_size", "4"])
   with open(os.path.join(out2, "manifest.json")) as f:
     manifest = json.load(f)
   assert manifest["config"]["task_weights"] == [["object_counting", 1.0], ["room_size_estimation", 0.5]]

@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +104,31 @@ def test_offline_tokenizer_hf_roundtrip(offline_dir):
   assert loaded.encode(text) == tok.encode(text) == hf.encode(text, add_special_tokens=False)
   assert loaded.special_ids() == tok.special_ids()
   assert hf.eos_token_id == tok.eos_token_id and hf.pad_token_id == tok.pad_token_id
+
+
+def test_offline_tokenizer_reads_without_transformers_and_gives_its_ids(offline_dir, tmp_path,
+                                                                        monkeypatch):
+  """The offline BPE is read with `tokenizers` alone (its tokenizer_config.json carries the mark);
+  the ids are transformers' on the whole corpus. Any other tokenizer directory needs transformers
+  and says which extra brings it."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  out, _ = offline_dir
+  assert tokenizer_lib.is_offline_tokenizer(out)
+  hf = tokenizer_lib.Tokenizer(
+      transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True).backend_tokenizer)
+  texts = list(itertools.islice(tokenizer_lib.offline_corpus(0), 500))
+  texts.append(prompts.chat_text(SR_PROMPT) + "<think>a</think><answer>B</answer><|im_end|>")
+  monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+  loaded = tokenizer_lib.load_tokenizer(out)
+  assert [loaded.encode(t) for t in texts] == [hf.encode(t) for t in texts]
+  assert loaded.special_ids() == hf.special_ids()
+  plain = tmp_path / "plain"
+  shutil.copytree(out, plain)
+  config = json.loads((plain / "tokenizer_config.json").read_text())
+  del config[tokenizer_lib.OFFLINE_MARK[0]]
+  (plain / "tokenizer_config.json").write_text(json.dumps(config))
+  with pytest.raises(ImportError, match=r"pip install 'spacer_jax\[hf\]'"):
+    tokenizer_lib.load_tokenizer(plain)
 
 
 def test_tokenizer_pickles(offline_dir):

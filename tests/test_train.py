@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke_config(shared, **overrides):
-  from configs import sgrlvr  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import sgrlvr  # pylint: disable=g-import-not-at-top
   c = sgrlvr.get_config("smoke")
   c.use_progress_bar = False
   c.use_tensorboard = False
@@ -89,8 +89,8 @@ def test_resume_from_hf_checkpoint_run(hf_run, shared):
 
 
 def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys):
-  from spacer_jax import evaluate, generate  # pylint: disable=g-import-not-at-top
-  from configs import eval_vsibench  # pylint: disable=g-import-not-at-top
+  from spacer_jax import cli, evaluate, generate  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import eval_vsibench  # pylint: disable=g-import-not-at-top
   c = eval_vsibench.get_config("protocol=official")
   c.model_dir, c.dtype, c.progress, c.max_items, c.batch_size = str(hf_run["workdir"]), "float32", \
       False, 4, 4
@@ -99,8 +99,9 @@ def test_evaluate_and_generate_from_the_workdir(hf_run, shared, tmp_path, capsys
   result = evaluate.evaluate(c, str(tmp_path / "eval"))
   assert result["num_scored"] == 4 and (tmp_path / "eval" / "table.md").is_file()
   video = next(pathlib.Path(c.data_dir).rglob("*.mp4"))
-  text = generate.main(["--model_dir", str(hf_run["workdir"]), "--video", str(video), "--question",
-                        "How many chairs are in this room?", "--max_new_tokens", "3"])
+  text = cli.call(generate, ["--model_dir", str(hf_run["workdir"]), "--video", str(video),
+                             "--question", "How many chairs are in this room?",
+                             "--max_new_tokens", "3"])
   assert isinstance(text, str) and "tokens in" in capsys.readouterr().err
 
 
@@ -206,6 +207,19 @@ def test_trainer_logps_equal_sampler_logps(tiny_step):
   lp = np.asarray(tiny_step["logps_fn"](tiny_step["flat"], tb))
   m = tb["completion_mask"] > 0
   np.testing.assert_allclose(lp[m], tiny_step["sampler_logps"][m], atol=1e-5)
+
+
+def test_token_logps_with_remat_equal_without(tiny_step):
+  """The recipe remats every layer (model.use_remat): the reference log-probs must still trace (the
+  model is merged inside the micro-batch scan) and equal the plain forward."""
+  import functools
+  cfg = qwen2_5_vl.tiny(use_remat=True)
+  graphdef, _, paths = tree_utils.split_model(qwen2_5_vl.Qwen2_5_VL(cfg, rngs=__import__(
+      "flax").nnx.Rngs(0)))
+  fn = jax.jit(functools.partial(train.token_logps, graphdef=graphdef, paths=paths, num_micro=2))
+  tb = tiny_step["tb"]
+  np.testing.assert_allclose(np.asarray(fn(tiny_step["flat"], tb)),
+                             np.asarray(tiny_step["logps_fn"](tiny_step["flat"], tb)), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,loss_agg", [

@@ -183,14 +183,10 @@ WANT_AT_LOAD = {"data/bad_records_at_load": 3, "data/bad_records_at_load/absolut
 def test_hostile_dataset_records(tmp_path, shared, caplog):
   """The data side of the acceptance run below (default run): the trainer's record loader keeps
   the good record and counts the three bad ones, each by cause."""
-  import importlib.util
-
   from spacer_jax import config_lib, train
+  from spacer_jax.configs import sgrlvr
   overrides = _hostile_dataset(tmp_path, shared / "synthetic")
-  spec = importlib.util.spec_from_file_location("sgrlvr", os.path.join(ROOT, "configs", "sgrlvr.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("smoke")
+  config = sgrlvr.get_config("smoke")
   for o in overrides:
     key, value = o[len("--config."):].split("=", 1)
     section, field = key.split(".")

@@ -1,4 +1,4 @@
-"""Tests for spacer_jax.data.video: spec vectors, qwen-vl-utils / transformers parity, decoding, bad media."""
+"""Tests for spacer_jax.data.video: reference values, qwen-vl-utils / transformers parity, decoding, bad media."""
 
 import ast
 import importlib.util
@@ -100,11 +100,12 @@ def vids(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Spec vectors (spacer.md §8 #27-#29).
+# The reference qwen-vl-utils values with SpaceR's constants (docs/spacer_recipe.md, "Video
+# preprocessing", test vectors).
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_spec_vector_27_video_smart_resize():
+def test_reference_video_smart_resize():
   cap = video.video_max_pixels(16)
   assert cap == 105369
   assert all(video.video_max_pixels(n) == 105369 for n in range(2, 17, 2))
@@ -113,12 +114,12 @@ def test_spec_vector_27_video_smart_resize():
   assert got == [(280, 364), (224, 420), (364, 280), (224, 420), (0, 4172)]
 
 
-def test_spec_vector_28_image_smart_resize():
+def test_reference_image_smart_resize():
   got = [video.smart_resize(h, w, 28, 3136, 200704) for h, w in [(480, 640), (2000, 3000), (50, 50), (448, 336)]]
   assert got == [(364, 504), (364, 532), (56, 56), (448, 336)]
 
 
-def test_spec_vector_29_frames():
+def test_reference_frames():
   assert video.smart_nframes(300, 30) == 16
   np.testing.assert_array_equal(video.sample_frame_indices(300, 30),
                                 [0, 20, 40, 60, 80, 100, 120, 140, 159, 179, 199, 219, 239, 259, 279, 299])
@@ -236,8 +237,8 @@ def test_image_default_rules_bit_exact_where_sizes_agree(tmp_path):
   np.testing.assert_array_equal(video.preprocess_image(path.read_bytes()).pixel_values, ours.pixel_values)
 
 
-def test_patch_layout_matches_spec_formula():
-  """patchify == the spec's reshape/transpose (qwen2_5_vl.md §2.3) on a normalised float video."""
+def test_patch_layout_matches_reshape_formula():
+  """patchify == the processor's reshape/transpose (docs/qwen2_5_vl.md, "Preprocessing") on a normalised float video."""
   rng = np.random.default_rng(3)
   frames = rng.integers(0, 256, size=(4, 56, 84, 3), dtype=np.uint8)
   pv, grid = video.patchify(frames)
@@ -437,7 +438,8 @@ def test_extreme_aspect_ratio_is_media_error(tmp_path):
   PIL.Image.fromarray(np.zeros((2, 500, 3), np.uint8)).save(tmp_path / "thin.png")
   err = _raises_media_error(lambda: video.preprocess_image(str(tmp_path / "thin.png")), "thin.png")
   assert "aspect ratio" in str(err)
-  # Ratio 166 passes the check but the video budget gives a 0 side (spec vector #27): also rejected.
+  # Ratio 166 passes the check but the video budget gives a 0 side ((30, 5000) above): also
+  # rejected.
   err = _raises_media_error(lambda: video.preprocess_video(np.zeros((2, 30, 5000, 3), np.uint8),
                                                            name="wide.mp4"), "wide.mp4")
   assert "0x4172" in str(err)

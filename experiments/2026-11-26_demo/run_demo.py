@@ -17,10 +17,10 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spacer_jax import demo, train  # noqa: E402
+from spacer_jax import cli, demo, train  # noqa: E402
 
 
 def _cpu():
@@ -44,7 +44,10 @@ def main(argv):
   print(json.dumps(times))
 
 
-if __name__ == "__main__":
+def define_flags():
   config_flags.DEFINE_config_file("config", None, "Demo config.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory.")
-  app.run(main)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags, __doc__)  # --config=configs/sgrlvr.py:demo finds the packaged config

@@ -128,7 +128,7 @@ def main():
     # One dataset and tokenizer for all runs, made before they start (no race on the directory).
     subprocess.run([sys.executable, "-c", (
         "import sys; from spacer_jax import demo, train; from spacer_jax.data import tokenizer;"
-        "import importlib.util as u; s = u.spec_from_file_location('c', 'configs/sgrlvr.py');"
+        "import importlib.util as u; s = u.spec_from_file_location('c', 'spacer_jax/configs/sgrlvr.py');"
         "m = u.module_from_spec(s); s.loader.exec_module(m); c = m.get_config('demo');"
         f"c.data.synthetic_root = {os.path.join(args.out, 'data')!r};"
         "demo.synthetic_paths(c, '');"

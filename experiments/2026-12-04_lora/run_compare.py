@@ -86,7 +86,7 @@ def run_flags(arm, seed, out, hf, grpo_steps=GRPO_STEPS):
 
 def heldout(out, workdirs, max_items=0):
   """Held-out greedy scores of the base and of each run's final weights (merged for LoRA runs)."""
-  from configs import sgrlvr  # pylint: disable=g-import-not-at-top
+  from spacer_jax.configs import sgrlvr  # pylint: disable=g-import-not-at-top
   from spacer_jax import config_lib, demo, modeling  # pylint: disable=g-import-not-at-top
   from spacer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from spacer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,6 @@ Every benchmark gets `per_task` questions for each of its tasks (task names of t
 videos of 4 frames at 2 fps (or PNG images for SPAR-Bench), in `{out}/{benchmark}/`.
 """
 
-import argparse
 import io
 import json
 import os
@@ -195,19 +194,30 @@ def write_tiny_model(model_dir, seed=0):
   return model_dir
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="one subdirectory per benchmark is written here")
-  parser.add_argument("--benchmark", default="all", help=f"all or one of {tuple(WRITERS)}")
-  parser.add_argument("--per_task", type=int, default=1)
-  parser.add_argument("--tiny_model", default="", help="also write a tiny random model here")
-  args = parser.parse_args(argv)
-  names = tuple(WRITERS) if args.benchmark == "all" else (args.benchmark,)
+def define_flags(fv=None):
+  """The command-line flags (defined only when run as a program)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  flags.DEFINE_string("out", None, "one subdirectory per benchmark is written here", flag_values=fv)
+  flags.DEFINE_enum("benchmark", "all", ["all", *WRITERS], "which benchmark's files",
+                    flag_values=fv)
+  flags.DEFINE_integer("per_task", 1, "questions per task", flag_values=fv)
+  flags.DEFINE_string("tiny_model", "", "also write a tiny random model here", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def main(argv, fv=None):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  names = tuple(WRITERS) if fv.benchmark == "all" else (fv.benchmark,)
   for name in names:
-    print(write(name, os.path.join(args.out, name), per_task=args.per_task))
-  if args.tiny_model:
-    print(write_tiny_model(args.tiny_model))
+    print(write(name, os.path.join(fv.out, name), per_task=fv.per_task))
+  if fv.tiny_model:
+    print(write_tiny_model(fv.tiny_model))
 
 
 if __name__ == "__main__":
-  main()
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__)

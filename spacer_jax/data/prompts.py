@@ -1,15 +1,17 @@
 """Prompt strings and prompt tokenisation (host only).
 
-Owns the exact text SpaceR feeds to Qwen2.5-VL (spec spacer.md §2, qwen2_5_vl.md §2.4):
+Owns the exact text SpaceR feeds to Qwen2.5-VL (docs/spacer_recipe.md, "Prompts";
+docs/qwen2_5_vl.md, "Preprocessing"):
   * the Qwen2.5-VL chat template with its default system prompt,
   * SpaceR's QUESTION_TEMPLATE / COGMAP_TEMPLATE and the per-problem-type TYPE_TEMPLATE suffixes,
-  * the two VSI-Bench evaluation prompts (SpaceR-Eval's and the official lmms-eval one, spec §7.2),
+  * the two VSI-Bench evaluation prompts (SpaceR-Eval's and the official lmms-eval one,
+    docs/spacer_recipe.md, "VSI-Bench"),
 and the token-level steps after it: expanding each vision placeholder into t*h*w/4 pad tokens and
 left-padding a batch to a small set of length buckets so that jitted shapes stay static.
 
 Prompts are never truncated: one that does not fit the largest bucket raises PromptTooLongError naming
 the record, because cutting it could split a vision span (the placeholder count must equal the number
-of vision features, spec qwen2_5_vl.md §5).
+of vision features; docs/qwen2_5_vl.md, "Text decoder and M-RoPE").
 """
 
 from collections.abc import Sequence
@@ -17,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 # --------------------------------------------------------------------------------------------------
-# Exact strings (spec spacer.md §2.3). Line breaks inside the literals are "\n"; the long sentences
-# are split only for line length, the concatenation is the quoted text byte for byte.
+# Exact strings (docs/spacer_recipe.md, "Prompts"). Line breaks inside the literals are "\n"; the
+# long sentences are split only for line length, the concatenation is the quoted text byte for byte.
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -70,10 +72,12 @@ TYPE_TEMPLATE = {
 }
 PROBLEM_TYPES = tuple(TYPE_TEMPLATE)
 
-# data_source value that marks SR-91k items, which get the cognitive-map template (spec §1.2).
+# data_source value that marks SR-91k items, which get the cognitive-map template
+# (docs/spacer_recipe.md, "Data").
 SR_DATA_SOURCE = "SR_dataset"
 
-# VSI-Bench (spec §7.2): SpaceR-Eval's fixed category list and the two answer families.
+# VSI-Bench (docs/spacer_recipe.md, "VSI-Bench"): SpaceR-Eval's fixed category list and the two
+# answer families.
 VSI_CATEGORIES = (
     "ceiling light", "trash can", "bed", "heater", "closet", "pillow", "backpack", "chair",
     "refrigerator", "tv", "nightstand", "keyboard", "computer tower", "coat hanger", "table",
@@ -95,7 +99,8 @@ EVAL_DEFAULT_PRE_PROMPT = "Question: {Question}\n"
 EVAL_DEFAULT_MCA_POST_PROMPT = "Answer with the option's letter from the given choices directly."
 EVAL_DEFAULT_NA_POST_PROMPT = "Please answer the question using a numerical value (e.g., 42 or 3.1)."
 
-# Chat-template special strings (Qwen2.5 tokenizer added tokens, spec qwen2_5_vl.md §1.3).
+# Chat-template special strings (Qwen2.5 tokenizer added tokens; docs/qwen2_5_vl.md,
+# "Configurations").
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -140,7 +145,7 @@ class PromptTooLongError(ValueError):
 
 
 def question_text(problem: str, problem_type: str, options: Sequence[str] | None) -> str:
-  """SG-RLVR's question string (spec §2.2): MC options appended with no separator before them."""
+  """SG-RLVR's question string: MC options appended with no separator before them."""
   if problem_type == "multiple choice":
     return problem + "Options:\n" + "".join(opt + "\n" for opt in (options or ()))
   return problem
@@ -153,7 +158,7 @@ def spacer_prompt(
     data_source: str | None = None,
     categories: Sequence[str] | None = None,
 ) -> str:
-  """The user text of one SpaceR-151k training record (spec §2.3).
+  """The user text of one SpaceR-151k training record (docs/spacer_recipe.md, "Prompts").
 
   Args:
     problem: the record's question (options not included).
@@ -187,7 +192,7 @@ def vsibench_prompt(
     style: str = "spacer",
     categories: Sequence[str] = VSI_CATEGORIES,
 ) -> str:
-  """VSI-Bench user text (spec §7.2).
+  """VSI-Bench user text (docs/spacer_recipe.md, "VSI-Bench").
 
   Args:
     question, question_type, options: fields of the official release.
@@ -221,7 +226,7 @@ def chat_text(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     add_generation_prompt: bool = True,
 ) -> str:
-  """Renders the Qwen2.5-VL chat template for one user turn (spec qwen2_5_vl.md §2.4).
+  """Renders the Qwen2.5-VL chat template for one user turn (docs/qwen2_5_vl.md, "Preprocessing").
 
   The media placeholder comes first, then the text with no separator, as SpaceR builds its message.
 
@@ -255,7 +260,7 @@ def chat_text(
 
 
 def num_vision_tokens(grid_thw, merge_size: int = 2) -> int:
-  """Placeholder tokens for one image/video: t*h*w / merge_size**2 (spec qwen2_5_vl.md §2.4)."""
+  """Placeholder tokens for one image/video: t*h*w / merge_size**2 (one per merged patch block)."""
   t, h, w = (int(x) for x in np.asarray(grid_thw).reshape(3))
   if h % merge_size or w % merge_size:
     raise ValueError(f"grid_thw {(t, h, w)} is not divisible by spatial merge size {merge_size}")

@@ -1,6 +1,6 @@
 """Dataset records: SpaceR-151k JSONL + cognitive maps, and the VSI-Bench release (host only).
 
-Formats (spec spacer.md §1.2, §1.3, §7.2):
+Formats (docs/spacer_recipe.md, "Data" and "VSI-Bench"):
   * SpaceR-151k: one JSON object per line with problem_id, problem, data_type ("video" | "image"),
     problem_type, options (MC only), solution ("<answer>B</answer>"), path (media, relative to a root
     directory) and data_source ("SR_dataset" marks SR-91k items, which get the cognitive-map prompt).
@@ -142,7 +142,7 @@ class Record:
 
 
 def video_id(path: str) -> str:
-  """The cognitive-map key of a media path: basename without extension (spec §1.2)."""
+  """The cognitive-map key of a media path: basename without extension."""
   return os.path.splitext(os.path.basename(path))[0]
 
 

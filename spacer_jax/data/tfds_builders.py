@@ -32,7 +32,12 @@ import pathlib
 
 from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
+
+try:
+  import tensorflow_datasets as tfds
+except ImportError as e:  # an optional part: pip install 'spacer_jax[tfds]'
+  raise ImportError("spacer_jax.data.tfds_builders (TFDS datasets) needs tensorflow-datasets and "
+                    "array_record: pip install 'spacer_jax[tfds]'") from e
 
 from spacer_jax.data import sources
 
@@ -204,22 +209,30 @@ def data_source(dataset: str, data_dir, split: str | None = None):
   return tfds.data_source(dataset, data_dir=str(data_dir), split=split)
 
 
-def main(argv):
+def define_flags(fv=None):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  flags.DEFINE_enum("dataset", None, list(BUILDERS), "Which dataset to prepare.", flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "Directory with the annotation files and media.",
+                      flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to.", flag_values=fv)
+  flags.DEFINE_bool("strict", False, "Fail on the first bad record instead of skipping it.",
+                    flag_values=fv)
+  flags.DEFINE_bool("allow_media_outside_root", False,
+                    "Also store media whose path is absolute or resolves outside --manual_dir.",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"], flag_values=fv)
+
+
+def main(argv, fv=None):
   del argv
-  bad = prepare(_FLAGS.dataset, _FLAGS.manual_dir, _FLAGS.data_dir, strict=_FLAGS.strict,
-                allow_media_outside_root=_FLAGS.allow_media_outside_root)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if fv is None else fv
+  bad = prepare(fv.dataset, fv.manual_dir, fv.data_dir, strict=fv.strict,
+                allow_media_outside_root=fv.allow_media_outside_root)
   print(json.dumps(bad.metrics()))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
-  flags.DEFINE_enum("dataset", None, list(BUILDERS), "Which dataset to prepare.")
-  flags.DEFINE_string("manual_dir", None, "Directory with the annotation files and media.")
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to.")
-  flags.DEFINE_bool("strict", False, "Fail on the first bad record instead of skipping it.")
-  flags.DEFINE_bool("allow_media_outside_root", False,
-                    "Also store media whose path is absolute or resolves outside --manual_dir.")
-  flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
-  _FLAGS = flags.FLAGS
-  app.run(main)
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, define_flags, __doc__)

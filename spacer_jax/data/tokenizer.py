@@ -1,7 +1,8 @@
 """Tokenizers: a checkpoint's HF tokenizer, or a small offline BPE the project trains itself (host only).
 
 `load_tokenizer(dir)` reads a checkpoint directory's tokenizer files through transformers (AutoTokenizer:
-tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json) and keeps its `tokenizers` backend.
+tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json) and keeps its `tokenizers` backend;
+the offline BPE below is read with `tokenizers` alone.
 `build_offline_tokenizer(...)` trains a deterministic byte-level BPE (~1k tokens) on a corpus generated
 from the SpaceR prompt templates and synthetic spatial Q/A text, with Qwen2.5's added tokens appended
 after the learned vocabulary in Qwen's order; it is saved in HF format so `load_tokenizer` reads it too.
@@ -22,7 +23,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from spacer_jax.data import prompts
 
-# Qwen2.5 added tokens in id order (spec qwen2_5_vl.md §1.3): (content, special).
+# Qwen2.5 added tokens in id order (docs/qwen2_5_vl.md, "Configurations"): (content, special).
 QWEN2_5_ADDED_TOKENS = (
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
     ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
@@ -139,7 +140,13 @@ def bpe_from_files(vocab_file, merges_file, added_tokens=QWEN2_5_ADDED_TOKENS) -
 
 
 def load_tokenizer(path) -> Tokenizer:
-  """Tokenizer of a checkpoint directory (HF files), via transformers AutoTokenizer.
+  """Tokenizer of a checkpoint directory (HF files).
+
+  A checkpoint's tokenizer goes through transformers' AutoTokenizer (the optional [hf] part), which
+  is what the parity tests compare against. The project's offline BPE (`build_offline_tokenizer`;
+  its tokenizer_config.json says `"spacer_jax_tokenizer": "offline_bpe"`) is read straight from its
+  complete tokenizer.json with `tokenizers`, so the tiny model and the demo need no transformers; both
+  readers give it the same ids (tested).
 
   Args:
     path: directory with tokenizer.json, or vocab.json + merges.txt, and tokenizer_config.json.
@@ -147,16 +154,33 @@ def load_tokenizer(path) -> Tokenizer:
   Returns:
     Tokenizer wrapping the fast tokenizer's `tokenizers` backend.
   """
-  import transformers  # Heavy import; only this loader needs it.
-
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+  if is_offline_tokenizer(path):
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+  try:
+    import transformers  # Heavy import; only this loader needs it.
+  except ImportError as e:
+    raise ImportError(f"{path}: reading a checkpoint's tokenizer needs transformers, an optional "
+                      "part: pip install 'spacer_jax[hf]'") from e
   hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
   if backend is None:
     raise ValueError(f"{path}: transformers returned a slow tokenizer ({type(hf).__name__}); need a fast one")
   return Tokenizer(backend)
+
+
+OFFLINE_MARK = ("spacer_jax_tokenizer", "offline_bpe")  # key, value in tokenizer_config.json
+
+
+def is_offline_tokenizer(path) -> bool:
+  """True for a directory written by build_offline_tokenizer (the mark in tokenizer_config.json)."""
+  config = pathlib.Path(path) / "tokenizer_config.json"
+  if not config.is_file() or not (pathlib.Path(path) / "tokenizer.json").is_file():
+    return False
+  with open(config) as f:
+    return json.load(f).get(OFFLINE_MARK[0]) == OFFLINE_MARK[1]
 
 
 # Files of a Hugging Face tokenizer (and its chat template) that travel with a checkpoint.
@@ -260,7 +284,7 @@ def build_offline_tokenizer(out_dir=None, vocab_size: int = 1024, seed: int = 0)
   """
   tok = tokenizers.Tokenizer.from_str(_train_offline(vocab_size, seed))
   if out_dir is not None:
-    save_hf(tok, out_dir)
+    save_hf(tok, out_dir, extra_config=dict([OFFLINE_MARK]))
   return Tokenizer(tok)
 
 
@@ -279,8 +303,9 @@ def _train_offline(vocab_size: int, seed: int) -> str:
   return _add_qwen_tokens(tok).to_str()
 
 
-def save_hf(tok: tokenizers.Tokenizer, out_dir) -> None:
-  """Writes a `tokenizers` Qwen-style tokenizer as HF files (tokenizer.json + configs + vocab/merges)."""
+def save_hf(tok: tokenizers.Tokenizer, out_dir, extra_config=None) -> None:
+  """Writes a `tokenizers` Qwen-style tokenizer as HF files (tokenizer.json + configs + vocab/merges);
+  `extra_config` entries are added to tokenizer_config.json."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   tok.save(str(out / "tokenizer.json"))
@@ -305,6 +330,7 @@ def save_hf(tok: tokenizers.Tokenizer, out_dir) -> None:
       "model_max_length": 32768,
       "split_special_tokens": False,
       "tokenizer_class": "Qwen2Tokenizer",
+      **(extra_config or {}),
   }
   with open(out / "tokenizer_config.json", "w") as f:
     json.dump(config, f, indent=2)

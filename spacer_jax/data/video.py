@@ -1,7 +1,7 @@
 """Video and image preprocessing for Qwen2.5-VL, as SpaceR configures it (host-side NumPy + PyAV + PIL).
 
-Spec: shared/spec/spacer.md §3 (qwen-vl-utils rules with SpaceR's constants) and qwen2_5_vl.md §2
-(the processor's pixel layout). The path, for one clip:
+Rules: docs/spacer_recipe.md, "Video preprocessing" (qwen-vl-utils with SpaceR's constants) and
+docs/qwen2_5_vl.md, "Preprocessing" (the processor's pixel layout). The path, for one clip:
 
   read_video(src)          PyAV: demux once, count frames T, pick n = smart_nframes(T, fps) frames at
                            round(linspace(0, T-1, n)), decode only what those frames need (jumping to
@@ -17,14 +17,15 @@ Pixels: resizing is PIL `Image.resize(BICUBIC)` on uint8, then `(f32(u8 * (1/255
 float32, exactly what transformers' `Qwen2VLImageProcessorPil` does, so the image path is bit-exact
 with it (tests/test_video.py). Upstream qwen-vl-utils resizes video frames with torchvision's
 bicubic+antialias kernel instead, which is not installed here and differs from PIL by up to ~0.2 in
-normalised units (qwen2_5_vl.md §2.2); this module uses PIL for videos too, so one resize kernel serves
-both paths.
+normalised units (docs/qwen2_5_vl.md, "Preprocessing"); this module uses PIL for videos too, so one
+resize kernel serves both paths.
 
 second_per_grid_t: SpaceR's processor never sees the real sampling fps and uses its default 2.0, so
-every video gets `temporal_patch_size / 2.0 = 1.0` s per temporal patch (spacer.md §3.5), which is what
-the released checkpoints were trained with. The default here is therefore the fixed 1.0
-(`second_per_grid_t=SPACER_SECOND_PER_GRID_T`); pass `second_per_grid_t=None` to use the real value
-`temporal_patch_size / sample_fps` (1.25 s for a 10 s clip at 30 fps sampled to 16 frames).
+every video gets `temporal_patch_size / 2.0 = 1.0` s per temporal patch (docs/spacer_recipe.md,
+"Video preprocessing"), which is what the released checkpoints were trained with. The default here
+is therefore the fixed 1.0 (`second_per_grid_t=SPACER_SECOND_PER_GRID_T`); pass
+`second_per_grid_t=None` to use the real value `temporal_patch_size / sample_fps` (1.25 s for a
+10 s clip at 30 fps sampled to 16 frames).
 
 Bad media raises `MediaError` (a ValueError) whose message and `.path` name the file.
 """
@@ -42,7 +43,7 @@ import numpy as np
 import PIL.Image
 
 # ---------------------------------------------------------------------------------------------------------
-# Constants (spacer.md §3.1).
+# Constants (docs/spacer_recipe.md, "Video preprocessing").
 # ---------------------------------------------------------------------------------------------------------
 
 PATCH_SIZE = 14
@@ -117,13 +118,14 @@ def _floor_by(x: float, factor: int) -> int:
 
 def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, rules: str = "qwen_vl_utils") -> tuple[int, int]:
-  """(height, width) rounded to multiples of `factor` within [min_pixels, max_pixels] (spacer.md §3.4).
+  """(height, width) rounded to multiples of `factor` within [min_pixels, max_pixels].
 
-  rules="qwen_vl_utils" (SpaceR's frames and images): the rounded sides are clamped to >= factor, the
-  shrink branch is not, so an extreme (but <= 200) aspect ratio can give a 0 side, e.g. video budget
-  (30, 5000) -> (0, 4172) (spec vector #27); preprocess_* turn a 0 side into MediaError.
-  rules="transformers" (`Qwen2VLImageProcessor(Pil)`, qwen2_5_vl.md §2.1): the rounded sides are not
-  clamped, the shrink branch is. Both raise ValueError when max/min side > 200.
+  rules="qwen_vl_utils" (SpaceR's frames and images; docs/spacer_recipe.md, "Video preprocessing"):
+  the rounded sides are clamped to >= factor, the shrink branch is not, so an extreme (but <= 200)
+  aspect ratio can give a 0 side, e.g. video budget (30, 5000) -> (0, 4172); preprocess_* turn a 0
+  side into MediaError.
+  rules="transformers" (`Qwen2VLImageProcessor(Pil)`, docs/qwen2_5_vl.md, "Preprocessing"): the
+  rounded sides are not clamped, the shrink branch is. Both raise ValueError when max/min side > 200.
   """
   if rules not in ("qwen_vl_utils", "transformers"):
     raise ValueError(f"smart_resize: unknown rules {rules!r}")
@@ -161,7 +163,7 @@ def video_max_pixels(nframes: int, min_pixels: int = VIDEO_MIN_PIXELS, max_pixel
 def smart_nframes(total_frames: int, video_fps: float, *, fps: float = FPS, min_frames: int = FPS_MIN_FRAMES,
                   max_frames: int = FPS_MAX_FRAMES, frame_factor: int = FRAME_FACTOR,
                   nframes: int | None = None) -> int:
-  """Number of frames to sample (spacer.md §3.2): `fps` frames per second, clipped, a multiple of 2.
+  """Number of frames to sample: `fps` frames per second, clipped, a multiple of 2.
 
   `nframes` given: round it to the frame factor instead (qwen-vl-utils' `nframes` key). Raises
   ValueError when the result is not in [frame_factor, total_frames] (e.g. a 1-frame video).
@@ -200,7 +202,7 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 
 
 def sample_frame_indices(total_frames: int, video_fps: float, **nframes_kwargs) -> np.ndarray:
-  """int64[n] = round(linspace(0, T-1, n)) with n = smart_nframes(T, fps, ...) (spacer.md §3.3)."""
+  """int64[n] = round(linspace(0, T-1, n)) with n = smart_nframes(T, fps, ...)."""
   n = smart_nframes(total_frames, video_fps, **nframes_kwargs)
   return np.round(_linspace_f32(0, total_frames - 1, n)).astype(np.int64)
 
@@ -494,7 +496,7 @@ def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int =
   """Resized uint8[F, H, W, 3] -> (pixel_values float32[P, C*tp*ps*ps], grid_thw int64[3]), normalised.
 
   An odd F repeats the last frame. Rows: temporal patch t, then 2x2 merge blocks in raster order,
-  then the patches inside a block; columns (c, tp, py, px) (qwen2_5_vl.md §2.3).
+  then the patches inside a block; columns (c, tp, py, px) (docs/qwen2_5_vl.md, "Preprocessing").
   """
   f, h, w, c = frames.shape
   if f % temporal_patch_size:
@@ -570,7 +572,7 @@ def load_video(src, *, name: str | None = None, read_kwargs: dict | None = None,
 
 
 def shuffle_frames(frames: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """(frames[perm], perm): a uniformly random time order for T-GRPO's temporal contrast (spacer.md §3.5).
+  """(frames[perm], perm): a uniformly random time order for T-GRPO's temporal contrast.
 
   Shuffle the sampled frames before preprocess_video, like SpaceR's randperm over the frame axis.
   """

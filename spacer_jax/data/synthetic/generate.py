@@ -3,14 +3,14 @@
 Layout under `root` (all paths in records are relative to `root`):
 
   manifest.json                          config, config hash, counts; written last (= "complete")
-  SpaceR-synthetic.jsonl                 training records, SpaceR-151k schema (spec spacer.md §1.2);
+  SpaceR-synthetic.jsonl                 training records, SpaceR-151k schema;
                                          `process` holds the templated <think> trace (traces.py)
   videos/synth_train_00000.mp4           training videos
-  annotation/cognitive_map.jsonl         GT 10x10 maps of the training videos (spec §1.3)
+  annotation/cognitive_map.jsonl         GT 10x10 maps of the training videos
   annotation/scenes.jsonl                full scene descriptions (room, boxes, cameras, first frames)
   annotation/question_types.jsonl        problem_id -> VSI question_type and video_id (for metrics)
   annotation/cognitive_map_heldout.jsonl, annotation/scenes_heldout.jsonl   the same for held-out scenes
-  vsibench_heldout/test.jsonl            held-out questions, VSI-Bench schema (spec §7.2)
+  vsibench_heldout/test.jsonl            held-out questions, VSI-Bench schema
   vsibench_heldout/synthetic/synth_eval_00000.mp4   held-out videos ({vsi_root}/{dataset}/{scene_name}.mp4)
 
 vsibench_heldout/ holds nothing else, so it can be passed as a VSI-Bench data_dir as it is.

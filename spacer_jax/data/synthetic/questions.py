@@ -2,11 +2,11 @@
 
 Each generator takes (scene, first_frames, config, rng) and returns a Question or None when the
 scene cannot support that task (too few single-instance categories, an ambiguous geometry...).
-Wording follows VSI-Bench / SR-91k (spec spacer.md §1.1). Questions about one object ("the chair")
-only use categories with a single instance in the room, as VSI-Bench does, and only objects that are
-visible in some frame; counting only asks about categories whose every instance is visible. Multiple-choice options
-are shuffled and written "A. ..."; numerical answers are rounded (distances and areas to 0.1,
-sizes to whole centimetres).
+Wording follows VSI-Bench / SR-91k (docs/spacer_recipe.md, "Data"). Questions about one object
+("the chair") only use categories with a single instance in the room, as VSI-Bench does, and only
+objects that are visible in some frame; counting only asks about categories whose every instance is
+visible. Multiple-choice options are shuffled and written "A. ..."; numerical answers are rounded
+(distances and areas to 0.1, sizes to whole centimetres).
 
 Host-only NumPy code.
 """
@@ -249,7 +249,7 @@ def scene_questions(scene: scene_lib.Scene, first_frames: list[int | None], conf
 
 
 def spacer_record(q: Question, problem_id: int, path: str) -> dict:
-  """SpaceR-151k training record (spec spacer.md §1.2); path is relative to the data root."""
+  """SpaceR-151k training record (docs/spacer_recipe.md, "Data"); path relative to the data root."""
   return {
       "problem_id": problem_id,
       "problem": q.problem,
@@ -264,7 +264,7 @@ def spacer_record(q: Question, problem_id: int, path: str) -> dict:
 
 
 def vsibench_record(q: Question, record_id: int, dataset: str, scene_name: str) -> dict:
-  """VSI-Bench evaluation record (spec spacer.md §7.2); options None for numerical questions."""
+  """VSI-Bench record (docs/spacer_recipe.md, "VSI-Bench"); options None for numerical questions."""
   return {
       "id": record_id,
       "dataset": dataset,

@@ -44,7 +44,8 @@ CATEGORIES = (
 )
 CATEGORY_BY_NAME = {c.name: c for c in CATEGORIES}
 
-# VSI-Bench question_type names (spec spacer.md §7.2). route_planning is not generated.
+# VSI-Bench question_type names (docs/spacer_recipe.md, "VSI-Bench"); route_planning is not
+# generated.
 TASKS = (
     "object_counting",
     "object_abs_distance",

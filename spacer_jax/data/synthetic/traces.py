@@ -1,9 +1,10 @@
 """Templated reasoning traces for the synthetic questions (SFT warm start of the demo).
 
 `sft_completion` turns a question, its answer and the scene's ground-truth cognitive map into a
-completion in the shape SG-RLVR rewards: `<think>… <map>{…}</map> …</think><answer>X</answer>`
-(map inside <think> so the format reward passes, spec spacer.md §2.3 / §4.1; the map is the Python
-`str()` of the dict, like the prompt's example, so the map parser reads it). The sentence for each
+completion in the shape SG-RLVR rewards: `<think>… <map>{…}</map> …</think><answer>X</answer>`.
+The map sits inside <think> because the format reward accepts nothing outside the think and answer
+blocks (docs/spacer_recipe.md, "Prompts"); it is the Python `str()` of the dict, like the prompt's
+example, so the map parser reads it. The sentence for each
 task restates the facts the answer rests on, read from the question text and the chosen option.
 
 Host-only code.

@@ -10,7 +10,7 @@ Run sheet
     lora_targets=text|vision|merger|all|text+vision (LoRA instead of full fine-tuning; README "LoRA"),
     smoke (tiny model on CPU).
   Same optimiser, sampling and KL as configs/sgrlvr.py; rewards = accuracy (MC exact match, numerical
-  MRA) + format. This is the ablation that isolates SG-RLVR's map reward (spec spacer.md 5.3).
+  MRA) + format. This is the ablation that isolates SG-RLVR's map reward (docs/spacer_recipe.md, "GRPO objective").
   Expected: accuracy below SG-RLVR on the spatial tasks at equal steps.
 """
 

@@ -21,9 +21,10 @@ Run sheet
                          SFT warm-up on templated think/map/answer traces, then SG-RLVR; writes
                          demo_curve.png, demo_metrics.json and a summary ending with a verdict
                          (spacer_jax/demo.py; settings from experiments/2026-12-04_demo_robust).
-  Recipe (spec spacer.md sections 5-6): 8 prompts x G=8 completions per step, T=1.0, top-p 0.95,
-    top-k 50, 1024 new tokens, beta 0.04 k3 KL, AdamW lr 1e-6 cosine to 0 without warmup, weight decay
-    0.01, clip 5.0, bf16 compute with fp32 master weights and optimizer state, one epoch = 18,914 steps.
+  Recipe (docs/spacer_recipe.md, "GRPO objective" and "Hyper-parameters"): 8 prompts x G=8
+    completions per step, T=1.0, top-p 0.95, top-k 50, 1024 new tokens, beta 0.04 k3 KL, AdamW lr
+    1e-6 cosine to 0 without warmup, weight decay 0.01, clip 5.0, bf16 compute with fp32 master
+    weights and optimizer state, one epoch = 18,914 steps.
   Expected: format reward rises to ~1 within the first few hundred steps; accuracy reward (incl. map
     bonus) climbs slowly; VSI-Bench average 45.6 for the released 7B checkpoint (paper abstract).
   Hardware/runtime: the PyTorch reference used 8 GPUs with ZeRO-3; one step is dominated by the

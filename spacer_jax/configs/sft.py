@@ -11,11 +11,11 @@ Run sheet
     smoke (tiny model on CPU),
     target=solution|process (train on `solution` as the reference does, or on the `process` CoT
     trace followed by the solution).
-  Recipe (spec spacer.md 6.2): global batch 16 (8 GPUs x 1 x grad-accum 2), lr 1e-6, linear decay, no
-  warmup, weight decay 0, clip 5, bf16, one epoch = ceil(151,310 / 16) = 9,457 steps. The loss covers the
+  Recipe (docs/spacer_recipe.md, "Hyper-parameters"): global batch 16 (8 GPUs x 1 x grad-accum 2),
+  lr 1e-6, linear decay, no warmup, weight decay 0, clip 5, bf16, one epoch = ceil(151,310 / 16) = 9,457 steps. The loss covers the
   assistant completion only (the reference also trains on the system/user text; we do not reproduce that
   collator quirk), and the prompt is the RL prompt of the data pipeline without the map instructions
-  (the reference SFT script words the question slightly differently, spec 6.2).
+  (the reference SFT script words the question slightly differently).
   target=process trains on SpaceR-151k's `process` field (Video-R1 `<think>` traces, carried by
   the pipeline and the TFDS builder >= 1.1.0); rows without a trace train on the solution alone,
   logged as sft/empty_process_frac.
