@@ -55,7 +55,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import config_lib, sharding, train, tree_utils
+from spacer_jax import cli, config_lib, sharding, train, tree_utils
 
 GIB = 2.0 ** 30
 
@@ -678,27 +678,35 @@ def main(argv):
   topology = flags.FLAGS.topology
   target = local_target() if topology == "local" else tpu_target(topology)
   hw = tuple(int(x) for x in flags.FLAGS.video_hw.split(","))
-  report = plan(config, target, text_tokens=flags.FLAGS.text_tokens, video_hw=hw,
-                functions=flags.FLAGS.functions, hlo_dir=flags.FLAGS.hlo_dir, log=logging.info)
+  try:
+    report = plan(config, target, text_tokens=flags.FLAGS.text_tokens, video_hw=hw,
+                  functions=flags.FLAGS.functions, hlo_dir=flags.FLAGS.hlo_dir, log=logging.info)
+  except config_lib.ConfigError as e:  # every problem in one message, without a traceback
+    raise SystemExit(f"error: {e}") from None
   print(format_report(report, config))
   if flags.FLAGS.json:
     with open(flags.FLAGS.json, "w") as f:
       json.dump(to_json(report), f, indent=2)
 
 
-if __name__ == "__main__":
-  # Flags are defined only when run as a program (as in train.py): --config is the trainer's (the
-  # same file, arguments and --config.x=... overrides).
-  config_flags.DEFINE_config_file("config", None, "Training config file (as for train.py).",
-                                  lock_config=True)
+def define_flags(fv=flags.FLAGS):
+  """The planner's flags, defined only when run as a program (as train.py's): --config is the
+  trainer's (the same files, packaged configs, arguments and --config.x=... overrides)."""
+  config_flags.DEFINE_config_file("config", None, "Training config, as for train.py "
+                                  "(configs/sgrlvr.py[:args] or sgrlvr:size=7b).",
+                                  lock_config=True, flag_values=fv)
   flags.DEFINE_string("topology", "local", "Cloud TPU slice name (v4-8, v5e-8, v5p-8, v6e-8, "
-                      "v5p-32, ...) or local (the devices present).")
-  flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+                      "v5p-32, ...) or local (the devices present).", flag_values=fv)
+  flags.DEFINE_string("json", None, "Write the report as JSON to this file.", flag_values=fv)
   flags.DEFINE_integer("text_tokens", 512, "Text tokens per prompt besides the video span (an "
                        "SG-RLVR cognitive-map multiple-choice prompt with 16 categories is 501 "
-                       "Qwen2.5 tokens with the chat template).")
+                       "Qwen2.5 tokens with the chat template).", flag_values=fv)
   flags.DEFINE_string("video_hw", "480,640", "Source video frame height,width (ScanNet's 480x640) "
-                      "resized with the config's pixel budget.")
-  flags.DEFINE_list("functions", None, "Only these functions (default: all).")
-  flags.DEFINE_string("hlo_dir", None, "Write each function's optimized HLO text here.")
-  app.run(main)
+                      "resized with the config's pixel budget.", flag_values=fv)
+  flags.DEFINE_list("functions", None, "Only these functions (default: all).", flag_values=fv)
+  flags.DEFINE_string("hlo_dir", None, "Write each function's optimized HLO text here.",
+                      flag_values=fv)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags, __doc__)

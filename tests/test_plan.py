@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import sgrlvr
 from spacer_jax import config_lib, modeling, plan, sampling, sharding, train
+from spacer_jax.configs import sgrlvr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
