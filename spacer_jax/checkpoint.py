@@ -3,13 +3,14 @@
 A checkpoint at step s holds two items:
   state: {"step", "params" (flat {key: array}), "opt_state", "rng"}, saved with StandardSave and restored
          against the abstract state *with its shardings* (so a restore lands directly on the mesh).
-  data:  the data iterator's `get_state()` as JSON (grain DatasetIterator dicts, DataLoader bytes, or any
-         iterator exposing get_state/set_state).
+  data:  every process's data-iterator `get_state()` as one JSON list in process order (grain
+         DatasetIterator dicts, DataLoader bytes, or any iterator exposing get_state/set_state).
 The reference model is never saved: it is reloaded from `config.model.hf_dir` (or re-initialised from
 the seed for the tiny model), which is what the PyTorch trainer does too.
 
-train.py saves every `config.ckpt_every_steps`, at the end and, via `PreemptionGuard`, when SIGTERM/SIGINT arrives: the
-handler only sets a flag; the loop finishes the current step, saves and exits cleanly.
+train.py saves every `config.ckpt_every_steps`, at the end and when `Preemption.reached(step)` says
+so: a SIGTERM (or SIGINT) on any process makes every process stop after the same step, save that
+step and exit cleanly.
 
 A checkpoint that cannot be read back (a truncated or deleted array file, corrupt metadata, a missing
 item, garbage in the iterator state; a disk that filled up or a copy that stopped half way) is not
@@ -19,6 +20,12 @@ the evidence is kept) and resumes from the newest readable checkpoint. With stri
 (config.resume_strict) the first unreadable checkpoint is an error instead. When no checkpoint of a
 non-empty directory is readable the run stops with every step's reason: starting from scratch
 silently would look like a resume.
+
+Multi-process jobs (spacer_jax/distributed.py): every process calls save and restore; orbax writes
+each array's shards from the processes that hold them and process 0 writes the metadata and the JSON
+item, so the workdir must be on a file system all hosts share (GCS, NFS, Lustre). The iterator
+states are gathered to process 0 before the JSON is written, and on restore each process takes its
+own (or, after a change of process count, `ProcessIterator.set_process_states` re-splits them).
 """
 
 import json
@@ -30,6 +37,8 @@ import signal
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from spacer_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +70,16 @@ class Checkpointer:
     """
     if step in self.manager.all_steps():
       return False
-    items = {"state": ocp.args.StandardSave(state)}
-    items["data"] = ocp.args.JsonSave(_iter_state(data_iter))
+    # Every process's iterator state (a collective; orbax writes the JSON item from process 0 only).
+    states = distributed.allgather_objects(_iter_state(data_iter))
+    items = {"state": ocp.args.StandardSave(state),
+             "data": ocp.args.JsonSave({"kind": "processes", "states": states})}
     return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def reached_preemption(self, step):
+    """True at the step at which every process of a multi-process job stops for a preemption
+    notice (orbax / jax's preemption sync manager; call it at every step on every process)."""
+    return self.manager.reached_preemption(int(step))
 
   def restore(self, step, abstract_state, data_iter=None):
     """Restores `state` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
@@ -123,13 +139,25 @@ def _iter_state(data_iter):
   return {"kind": "dict", "state": st}
 
 
+def _decode_iter_state(saved):
+  return saved["state"].encode() if saved.get("kind") == "bytes" else saved["state"]
+
+
 def _set_iter_state(data_iter, saved):
-  kind = saved.get("kind")
-  if kind == "none":
+  """Restores `data_iter` from the JSON item: {"kind": "processes", "states": [one per process]},
+  or a single {"kind": ...} state of checkpoints written before multi-process support."""
+  states = saved["states"] if saved.get("kind") == "processes" else [saved]
+  if all(s.get("kind") == "none" for s in states):
+    return
+  if hasattr(data_iter, "set_process_states"):
+    data_iter.set_process_states([_decode_iter_state(s) for s in states])
     return
   if not hasattr(data_iter, "set_state"):
     raise TypeError(f"{type(data_iter).__name__} has no set_state; cannot resume the data iterator")
-  data_iter.set_state(saved["state"].encode() if kind == "bytes" else saved["state"])
+  if len(states) != jax.process_count():
+    raise ValueError(f"the checkpoint holds the data-iterator states of {len(states)} processes; "
+                     f"{type(data_iter).__name__} cannot be re-split over {jax.process_count()}")
+  data_iter.set_state(_decode_iter_state(states[jax.process_index()]))
 
 
 _JSON_FILES = ("state/_METADATA", "state/array_metadatas/*", "data/metadata")
@@ -245,37 +273,65 @@ def abstract_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class PreemptionGuard:
-  """Turns SIGTERM/SIGINT into a flag the loop polls; restores the previous handlers on exit.
+class Preemption:
+  """When to stop for a preemption notice: SIGTERM (what schedulers send) or SIGINT, on any process.
 
-  A second SIGINT while the flag is already set falls through to the previous handler (so Ctrl-C twice
-  still kills a stuck run).
+  Use as a context manager around the loop and call `reached(step)` once per step on every process;
+  when it returns True, save `step` and stop.
+
+  One process: a handler turns SIGTERM/SIGINT into a flag, so the step in flight finishes, is saved
+  and the run exits cleanly; a second SIGINT interrupts at once (Ctrl-C twice kills a stuck run).
+  Under JAX's distributed runtime (several processes, or one CPU process that joined a one-process
+  runtime, see distributed.initialize): JAX's preemption sync manager catches SIGTERM on any process
+  (also one that arrives before the loop starts) and agrees with the others on the first step every
+  process can still reach; `reached` turns True at that same step on all of them (orbax's
+  `CheckpointManager.reached_preemption`), so they save one consistent checkpoint. SIGINT is sent on
+  to the process as a SIGTERM, so Ctrl-C takes the same path; no Python SIGTERM handler is
+  installed, which would replace JAX's.
+
+  Attributes:
+    requested: a notice arrived (this process's signal, or the agreed stop of a multi-process job).
+    signum: the signal this process received, if any.
   """
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+  def __init__(self, checkpointer=None):
+    self._ckpt = checkpointer
     self.requested = False
     self.signum = None
-    self._signals = signals
     self._previous = {}
+    self._multi = False
 
   def _handle(self, signum, frame):
-    if self.requested and signum == signal.SIGINT:
+    if self.signum is not None and signum == signal.SIGINT:
       prev = self._previous.get(signum)
       if callable(prev):
         prev(signum, frame)
       raise KeyboardInterrupt
-    self.requested = True
+    first = self.signum is None
     self.signum = signum
+    if not self._multi:
+      self.requested = True
+    elif first:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler starts the agreement
 
   def __enter__(self):
-    for s in self._signals:
+    self._multi = jax.distributed.is_initialized()
+    signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+    for s in signals:
       self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def __exit__(self, *exc):
     for s, prev in self._previous.items():
       signal.signal(s, prev)
+    self._previous = {}
     return False
+
+  def reached(self, step):
+    """True when the loop must save `step` and stop (the same step on every process)."""
+    if self._multi and self._ckpt is not None and self._ckpt.reached_preemption(step):
+      self.requested = True
+    return self.requested
 
 
 def latest_step(ckpt_dir):

@@ -175,6 +175,9 @@ def make_data_config(config, temporal, process_count=1):
   """pipeline.DataConfig from `config.data`; `data.batch_size` is global, split over processes."""
   from spacer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
+  if d.batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={d.batch_size} (prompts per step, all processes) "
+                     f"does not split over {process_count} processes")
   return pipeline.DataConfig(
       batch_size=d.batch_size // process_count, buckets=tuple(d.prompt_buckets),
       fps=d.video_fps, max_frames=d.max_frames, video_min_pixels=d.video_min_pixels,

@@ -4,6 +4,10 @@ Command line (each config's docstring has more):
   python -m spacer_jax.evaluate --config=configs/eval_vsibench.py \
       --config.model_dir=DIR --config.data_dir=DIR --workdir=OUT
   (configs/eval_{stibench,sparbench,videomme,tempcompass,longvideobench}.py, or `:benchmark=NAME`)
+Multi-process (one process per host): the same command on every host, plus
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or a detected SLURM / TPU
+environment, see spacer_jax/distributed.py); the questions are split over the processes and process
+0 writes the outputs.
 
 One runner for every benchmark in BENCHMARKS. Each benchmark module (spacer_jax.vsibench,
 spacer_jax.benchmarks.*) reads its records, builds prompts, parses and scores outputs and aggregates
@@ -46,6 +50,7 @@ from ml_collections import config_flags
 
 from spacer_jax import cli
 from spacer_jax import config_lib
+from spacer_jax import distributed
 from spacer_jax import modeling
 from spacer_jax import sampling
 from spacer_jax import sharding
@@ -120,7 +125,8 @@ def check_video_complete(path):
 
 def load_video_spacer_eval(path, *, fps=1.0, max_frames=32, max_side=448, swap_hw=True,
                            min_pixels=video_lib.MIN_PIXELS, max_pixels=video_lib.MAX_PIXELS):
-  """SpaceR-Eval's frames (spec 7.1, `util.load_video_frames` + qwen-vl-utils) -> VisionInput.
+  """SpaceR-Eval's frames (`util.load_video_frames` + qwen-vl-utils; docs/spacer_recipe.md,
+  "Evaluation") -> VisionInput.
 
   k = max(1, min(max_frames, int(int(T / avg_fps) * fps))) frames at int(linspace(0, T-1, k))
   (truncation); a frame whose long side exceeds `max_side` is LANCZOS-resized to long side
@@ -357,8 +363,11 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
                           params=tree_utils.to_state(state["params"], paths),
                           workdir=f"{workdir}/eval/step_{step}", progress=False)
     writer.write_scalars(step, evaluate.scalars(scores, prefix="eval/"))
-  (`workdir=None` keeps nothing on disk.) One process: rows are sharded over the local devices of
-  `mesh`; multi-host evaluation is not implemented.
+  (`workdir=None` keeps nothing on disk.) Rows are sharded over the data/fsdp axes of `mesh`. In a
+  multi-process job every process calls `run` with the same arguments: each batch of `batch_size`
+  questions is split over the processes (each decodes only its own videos), the sampler runs the
+  global batch, every process scores its rows, and the scored items are gathered to all processes;
+  process 0 alone writes the files, and every process returns the same result.
 
   Every question is either scored or accounted for: bad records (bad fields, lines that are not UTF-8
   or JSON, media paths outside data_dir) are dropped while reading; questions whose media are missing,
@@ -429,14 +438,30 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
   num_skipped = len(records) - len(present)  # questions not scored at run time
 
   modeling.check_tokenizer(tokenizer, model.config, where="config.tokenizer_dir")
-  if workdir:
-    check_run_info(workdir, dict(
-        run_info or {}, benchmark=benchmark, protocol=protocol, max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),
-        data_dir=os.path.abspath(data_dir), video_kwargs=video_kwargs or {},
-        **({"image_kwargs": image_kwargs or {}} if bench.MEDIA == "images" else {})))
+  # Multi-process (spacer_jax/distributed.py): process 0 owns the files; each batch of batch_size
+  # questions is split over the processes, process i decoding and scoring rows
+  # [i*batch_size/N, (i+1)*batch_size/N) of it, and the scored and skipped questions are gathered to
+  # all, so every process ends with the same result.
+  primary, nproc = distributed.is_primary(), jax.process_count()
+  if batch_size % nproc:
+    raise ValueError(f"batch_size={batch_size} does not split over {nproc} processes")
+  per_process = batch_size // nproc
+  error = None
+  if workdir and primary:
+    try:
+      check_run_info(workdir, dict(
+          run_info or {}, benchmark=benchmark, protocol=protocol, max_new_tokens=max_new_tokens,
+          repetition_penalty=float(repetition_penalty), data_dir=os.path.abspath(data_dir),
+          video_kwargs=video_kwargs or {},
+          **({"image_kwargs": image_kwargs or {}} if bench.MEDIA == "images" else {})))
+    except ValueError as e:
+      error = str(e)
+  error = distributed.broadcast_object(error)
+  if error:
+    raise ValueError(error)
   preds = (common.PredictionsFile(os.path.join(workdir, "predictions.jsonl"), protocol)
-           if workdir else None)
-  done = dict(preds.done) if preds else {}
+           if workdir and primary else None)
+  done = distributed.broadcast_object(dict(preds.done) if preds else {})
   todo = [rec for rec in present if rec["id"] not in done]
   sampler = sampling.Sampler(model, temperature=0.0, mesh=mesh, cache_dtype=cache_dtype,
                              vision_budget=vision_budget, repetition_penalty=repetition_penalty)
@@ -446,8 +471,11 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
   key = lambda rec: _media_key(bench, data_dir, rec)  # noqa: E731
   todo.sort(key=key)
   bar = tqdm.tqdm(total=len(present), initial=len(present) - len(todo),
-                  desc=f"{bench.NAME} {name}", unit="q", disable=not progress, dynamic_ncols=True)
+                  desc=f"{bench.NAME} {name}", unit="q", disable=not (progress and primary),
+                  dynamic_ncols=True)
   chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  # This process's rows of each chunk (none for some processes in a short final chunk).
+  mine = [chunk[distributed.process_rows(batch_size)] for chunk in chunks]
 
   def submit(pool, chunk, previous):
     """{media key: future} for a chunk, reusing the previous chunk's futures."""
@@ -468,41 +496,52 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
 
   try:
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-      pending = submit(pool, chunks[0], {}) if chunks else {}
+      pending = submit(pool, mine[0], {}) if chunks else {}
       for i in range(len(chunks)):
         current = pending
         # Decode the next batch's media while this one runs on the device.
-        pending = submit(pool, chunks[i + 1], current) if i + 1 < len(chunks) else {}
-        items = []
-        for rec in chunks[i]:
+        pending = submit(pool, mine[i + 1], current) if i + 1 < len(chunks) else {}
+        items, failed = [], []
+        for rec in mine[i]:
           vis, failure = current[key(rec)].result()
           if vis is None:
-            skip(*failure)
+            failed.append(failure)
             continue
           try:
             ids = encode_item(bench, rec, vis, tokenizer, protocol)
             prompts.choose_bucket(len(ids), prompt_buckets, rec["id"])
           except prompts.PromptTooLongError as e:
-            skip(f"question {rec['id']}", f"prompt_too_long ({e.length} tokens > largest bucket"
-                 f" {e.max_length})")
+            failed.append((f"question {rec['id']}", f"prompt_too_long ({e.length} tokens > "
+                                                    f"largest bucket {e.max_length})"))
             continue
           items.append((rec, vis, ids))
-        if not items:
-          continue
-        batch = make_batch(items, tokenizer.pad_token_id, batch_size, prompt_buckets)
-        out = sampler(batch.pop("input_ids"), batch.pop("attention_mask"),
-                      max_new_tokens=max_new_tokens, params=params, **batch)
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for b, (rec, _, _) in enumerate(items):
-          output = tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
-          item = {"id": rec["id"], **bench.item_fields(rec), "output": output,
-                  **bench.score(rec, output, protocol), "num_tokens": int(lengths[b])}
-          if preds:
-            preds.add(item)
-          else:
-            item["protocol"] = protocol
-          done[rec["id"]] = item
-        bar.update(len(items))
+        if nproc > 1 and any(distributed.allgather_objects(bool(items))) and not items:
+          # Other processes have rows to run: take part with a one-token placeholder.
+          items = [_placeholder_item(bench, model.config, tokenizer)]
+        scored = []
+        if items:
+          batch = make_batch(items, tokenizer.pad_token_id, per_process, prompt_buckets)
+          out = sampler(batch.pop("input_ids"), batch.pop("attention_mask"),
+                        max_new_tokens=max_new_tokens, params=params, **batch)
+          rows = distributed.process_rows(batch_size)
+          tokens = distributed.to_host(out.tokens)[rows]
+          lengths = distributed.to_host(out.lengths)[rows]
+          for b, (rec, _, _) in enumerate(items):
+            if rec.get("_filler"):
+              continue
+            output = tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
+            scored.append({"id": rec["id"], **bench.item_fields(rec), "output": output,
+                           **bench.score(rec, output, protocol), "num_tokens": int(lengths[b])})
+        for part_scored, part_failed in distributed.allgather_objects((scored, failed)):
+          for what, reason in part_failed:
+            skip(what, reason)
+          for item in part_scored:
+            if preds:
+              preds.add(item)
+            else:
+              item["protocol"] = protocol
+            done[item["id"]] = item
+          bar.update(len(part_scored))
   finally:
     bar.close()
     if preds:
@@ -538,7 +577,7 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
   }
   if "per_type" in agg:
     result["per_type"] = _percent(agg["per_type"])
-  if workdir:
+  if workdir and primary:
     table = common.benchmark_table(
         bench, agg, name=name, num_records=len(records), protocol=protocol,
         skipped=[f"{p} ({r})" for p, r in sorted(skipped.items())], num_skipped=num_skipped,
@@ -548,6 +587,23 @@ def run(model, tokenizer, *, data_dir, benchmark="vsibench", records=None, proto
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(dict(result, data_dir=data_dir, name=name), f, indent=2)
   return result
+
+
+def _placeholder_item(bench, cfg, tokenizer):
+  """(record, vision input, token ids) of a black one-token video or image under an empty prompt:
+  the row a process runs when none of its questions of a batch could run while other processes'
+  could (its output is dropped)."""
+  m = cfg.spatial_merge_size
+  dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+  grid = np.asarray([1, m, m], np.int64)
+  pixels = np.zeros((m * m, dim), np.float32)
+  if bench.MEDIA == "images":
+    vis = [video_lib.VisionInput(pixels, grid, None)]
+    ids = prompts.encode_prompt(tokenizer, "", ["image"], image_grid_thw=[grid])
+  else:
+    vis = video_lib.VisionInput(pixels, grid, video_lib.SPACER_SECOND_PER_GRID_T)
+    ids = prompts.encode_prompt(tokenizer, "", "video", video_grid_thw=[grid])
+  return {"id": "placeholder", "_filler": True}, vis, ids
 
 
 def scalars(result, prefix="vsibench/"):
@@ -616,10 +672,12 @@ def evaluate(config, workdir):
 def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
+  distributed.initialize_from_flags()
   os.makedirs(workdir, exist_ok=True)
   evaluate(flags.FLAGS.config, workdir)
-  with open(os.path.join(workdir, "table.md")) as f:
-    print(f.read())
+  if distributed.is_primary():
+    with open(os.path.join(workdir, "table.md")) as f:
+      print(f.read())
 
 
 def define_flags(fv=flags.FLAGS):
@@ -632,6 +690,7 @@ def define_flags(fv=flags.FLAGS):
   flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, table).",
                       flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+  distributed.define_flags(fv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ progress bar.
 One line of metrics.jsonl per logged step (`{"step": s, "name": value, ...}`), the same scalars as
 TensorBoard scalars (tensorboardX, no TensorFlow needed), and one line per completion in
 rollouts.jsonl. On resume from step s, lines with step >= s are dropped first, so a run killed after
-its last checkpoint and resumed has the same files as one that never stopped.
+its last checkpoint and resumed has the same files as one that never stopped. In a multi-process job
+only process 0's writer is active (the others check values and keep timers, and write nothing).
 
 With `config.wandb.project` set, `WandbWriter` also sends the same scalars, the run's config and a
 table of sample rollouts to Weights & Biases (`--config.wandb.mode=offline` writes them under
@@ -95,28 +96,32 @@ class MetricWriter:
     workdir: run directory.
     start_step: first step this process will log (older lines >= start_step are dropped).
     use_tensorboard: also write TensorBoard event files under workdir/tb.
+    active: False opens and writes no file (the non-zero processes of a multi-process job); `write`
+      still raises on non-finite values, so every process stops at the same step.
     wandb: config.wandb as a dict ({project, entity, name, tags, group, notes, mode}); a non-empty
-      project also logs to Weights & Biases (WandbWriter).
+      project also logs to Weights & Biases (WandbWriter), from the active writer only.
     config: the run's config as a dict, recorded as the W&B run config.
   """
 
-  def __init__(self, workdir, start_step=1, use_tensorboard=True, wandb=None, config=None):
-    os.makedirs(workdir, exist_ok=True)
+  def __init__(self, workdir, start_step=1, use_tensorboard=True, active=True, wandb=None,
+               config=None):
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.rollouts_path = os.path.join(workdir, "rollouts.jsonl")
+    self._metrics = self._rollouts = self._tb = self._wandb = None
+    self._timers = {}
+    self._last_finite_step = start_step - 1
+    if not active:
+      return
+    os.makedirs(workdir, exist_ok=True)
     for p in (self.metrics_path, self.rollouts_path):
       _truncate_jsonl(p, start_step)
     self._metrics = open(self.metrics_path, "a")
     self._rollouts = open(self.rollouts_path, "a")
-    self._tb = None
     if use_tensorboard:
       import tensorboardX  # Optional at import time: only runs that log to TensorBoard need it.
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
-    self._wandb = None
     if wandb and wandb.get("project"):
       self._wandb = WandbWriter(workdir, config=config, **wandb)
-    self._timers = {}
-    self._last_finite_step = start_step - 1
 
   def write(self, step, scalars, nonfinite_ok=()):
     """Logs a dict of scalars for `step`; raises FloatingPointError on NaN/inf.
@@ -129,8 +134,9 @@ class MetricWriter:
     row = {k: _to_python(v) for k, v in scalars.items()}
     bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)
                  and k not in nonfinite_ok)
-    self._metrics.write(json.dumps({"step": int(step), **row}) + "\n")
-    self._metrics.flush()
+    if self._metrics is not None:
+      self._metrics.write(json.dumps({"step": int(step), **row}) + "\n")
+      self._metrics.flush()
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -146,7 +152,10 @@ class MetricWriter:
 
   def write_samples(self, step, samples, num_text=4):
     """Appends one JSON line per sample dict (prompt id, completion, parsed answer, rewards, advantage)
-    and shows the first `num_text` as TensorBoard text and a W&B table ("rollouts/samples")."""
+    and shows the first `num_text` as TensorBoard text and a W&B table ("rollouts/samples"). Process 0
+    only."""
+    if self._rollouts is None:
+      return
     for s in samples:
       self._rollouts.write(json.dumps({"step": int(step), **{k: _to_python(v) for k, v in s.items()}})
                            + "\n")
@@ -173,8 +182,9 @@ class MetricWriter:
     return out
 
   def close(self):
-    self._metrics.close()
-    self._rollouts.close()
+    for f in (self._metrics, self._rollouts):
+      if f is not None:
+        f.close()
     if self._tb is not None:
       self._tb.close()
     if self._wandb is not None:
@@ -242,7 +252,11 @@ class WandbWriter:
     self.run.log({"rollouts/samples": table}, step=int(step))
 
   def close(self):
+    """Finishes the run and waits until W&B's service has written everything: `finish` alone
+    returns while the service may still be writing the run's file (a reader right after close, or a
+    resumed writer in the same process, could see it incomplete)."""
     self.run.finish()
+    self._wandb.teardown()
 
 
 def samples_markdown(samples):

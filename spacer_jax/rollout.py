@@ -6,11 +6,16 @@ Input: a host batch of B prompts (numpy + lists), as the data pipeline yields it
   optional pixel_values_videos float[P, 1176] + video_grid_thw int[n, 3] + second_per_grid_ts [n],
   optional pixel_values float[P', 1176] + image_grid_thw int[n', 3],
   optional pixel_values_videos_shuffled (same shapes as pixel_values_videos: the same frames in a
-  random time order, re-processed; the temporal bonus of spec 4.6),
+  random time order, re-processed; the temporal bonus, docs/spacer_recipe.md, "Rewards"),
   and per-prompt lists: solution, problem_type, cognitive_map (dict or None), data_type, id
   (plus process for SFT on reasoning traces).
 
-Output TrainBatch (numpy; the trainer puts it on the mesh). R = B*G rows, Tp prompt bucket, Tc
+In a multi-process job the batch is the process's own prompts (its block of the global batch); the
+sampler runs the global batch, each process scores its own prompts' samples and the scores are
+gathered, so every process returns the same global TrainBatch, metrics and samples.
+
+Output TrainBatch (numpy; the trainer puts it on the mesh; multi-process pixels are already global
+jax.Arrays). R = B*G rows, Tp prompt bucket, Tc
 completion length (= max_new_tokens):
   prompt_ids int32[B, Tp], prompt_mask bool[B, Tp], the vision arrays and their index dicts
   (image_vis / video_vis from qwen2_5_vl.prepare_vision_inputs), completion_ids int32[R, Tc],
@@ -22,6 +27,7 @@ completion length (= max_new_tokens):
 
 import numpy as np
 
+from spacer_jax import distributed
 from spacer_jax import grpo
 from spacer_jax import rewards as rewards_lib
 
@@ -44,11 +50,13 @@ def _vision_kwargs(batch, shuffled=False):
 
 
 def _sample(sampler, prepared, params, *, num_samples, max_new_tokens, rng):
-  """Prefill once per prompt, decode G samples; returns host numpy (tokens, logprobs, lengths)."""
+  """Prefill once per prompt, decode G samples; returns host numpy (tokens, logprobs, lengths) of
+  all rows of the global batch (gathered on every process of a multi-process job)."""
   state = sampler.prefill(prepared, max_new_tokens=max_new_tokens, num_samples=num_samples, rng=rng,
                           params=params)
   state = sampler.decode(state, params=params)
-  return np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.lengths)
+  return (distributed.to_host(state.tokens), distributed.to_host(state.logprobs),
+          distributed.to_host(state.lengths))
 
 
 def mask_lengths(tokens, lengths, group_size, eos_id):
@@ -141,42 +149,58 @@ def run(sampler, params, batch, *, tokenizer, num_generations, max_new_tokens, r
   import jax  # Only for splitting the rng; everything else here is host numpy.
   g = int(num_generations)
   b = len(batch["input_ids"])
+  # Multi-process: the sampler runs the global batch (every process's prompts); each process then
+  # scores its own rows (its prompts' G samples) and the scores are gathered (spacer_jax/distributed.py).
   prepared = sampler.prepare(batch["input_ids"], batch["attention_mask"], **_vision_kwargs(batch))
   rng_main, rng_shuf = jax.random.split(rng)
   tokens, logps, lengths = _sample(sampler, prepared, params, num_samples=g,
                                    max_new_tokens=max_new_tokens, rng=rng_main)
-  texts = _texts(tokenizer, tokens, lengths)
+  mine = distributed.process_rows(len(tokens))
 
   data_type = list(batch.get("data_type") or ["video"] * b)
   maps = list(batch.get("cognitive_map") or [None] * b)
   if not use_map:
     maps = [None] * b
-  examples = {"solution": list(batch["solution"]), "problem_type": list(batch["problem_type"]),
-              "cognitive_map": maps, "data_type": data_type, "id": list(batch.get("id") or [None] * b)}
+  local = {"solution": list(batch["solution"]), "problem_type": list(batch["problem_type"]),
+           "cognitive_map": maps, "data_type": data_type, "id": list(batch.get("id") or [None] * b)}
+  has_shuffled = batch.get("pixel_values_videos_shuffled") is not None
+  everyone = distributed.allgather_objects((local, has_shuffled))
+  examples = {k: [x for ex, _ in everyone for x in ex[k]] for k in local}
+  has_shuffled = all(h for _, h in everyone)
+  any_video = any(t == "video" for t in examples["data_type"])
 
   shuffled_acc = None
   metrics = {}
-  has_shuffled = batch.get("pixel_values_videos_shuffled") is not None
-  if use_temporal and has_shuffled and any(t == "video" for t in data_type):
+  if use_temporal and has_shuffled and any_video:
     s = max(g // 2, 1)
     prepared_s = sampler.prepare(batch["input_ids"], batch["attention_mask"],
                                  **_vision_kwargs(batch, shuffled=True))
     tok_s, _, len_s = _sample(sampler, prepared_s, params, num_samples=s,
                               max_new_tokens=max_new_tokens, rng=rng_shuf)
-    texts_s = _texts(tokenizer, tok_s, len_s)
+    mine_s = distributed.process_rows(len(tok_s))
+    texts_s = _texts(tokenizer, tok_s[mine_s], len_s[mine_s])
     rep = lambda xs: [x for x in xs for _ in range(s)]  # noqa: E731
     shuffled_acc = rewards_lib.accuracy_reward(
-        texts_s, rep(examples["solution"]), rep(examples["problem_type"]),
-        rep(examples["cognitive_map"]), config=reward_config).reshape(b, s)
-    metrics["reward/shuffled_accuracy"] = float(shuffled_acc.mean())
-  elif use_temporal and not has_shuffled and any(t == "video" for t in data_type):
+        texts_s, rep(local["solution"]), rep(local["problem_type"]),
+        rep(local["cognitive_map"]), config=reward_config).reshape(b, s)
+  elif use_temporal and not has_shuffled and any_video:
     raise ValueError("temporal bonus on (config.rewards.use_temporal) but the batch has no "
                      "pixel_values_videos_shuffled; enable shuffled frames in the data pipeline")
 
   extended = mask_lengths(tokens, lengths, g, tokenizer.eos_token_id)  # the reference's
   masked = lengths if reward_config.use_stop_token_mask_fix else extended
-  comps, counts = rewards_lib.compute_rewards(texts, examples, masked, g, shuffled_acc,
+  texts = _texts(tokenizer, tokens[mine], lengths[mine])
+  comps, counts = rewards_lib.compute_rewards(texts, local, masked[mine], g, shuffled_acc,
                                               config=reward_config)
+  if len(everyone) > 1:  # every process's scores, in process (= row) order
+    parts = distributed.allgather_objects((texts, comps, counts, shuffled_acc))
+    texts = [t for p in parts for t in p[0]]
+    comps = {k: np.concatenate([p[1][k] for p in parts]) for k in comps}
+    counts = {k: sum(p[2][k] for p in parts) for k in counts}
+    if shuffled_acc is not None:
+      shuffled_acc = np.concatenate([p[3] for p in parts])
+  if shuffled_acc is not None:
+    metrics["reward/shuffled_accuracy"] = float(np.mean(shuffled_acc))
   adv = np.asarray(grpo.compute_advantages(comps["total"], g, scaling=reward_scaling, eps=adv_eps))
 
   tb = assemble(prepared, tokens, masked, g)
@@ -248,15 +272,23 @@ def sft_batch(sampler, batch, *, tokenizer, max_new_tokens, target="solution"):
     row = row[:max_new_tokens]
     ids[i, :len(row)] = row
     lengths[i] = len(row)
+  valid = list(batch.get("valid", [True] * b))
+  record_ids = list(batch.get("id") or [None] * b)
+  parts = distributed.allgather_objects((ids, lengths, truncated, texts, processes, valid,
+                                         record_ids))
+  if len(parts) > 1:  # the global batch, in process (= row) order
+    ids, lengths = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
+    truncated = sum(p[2] for p in parts)
+    texts, processes, valid, record_ids = ([x for p in parts for x in p[k]] for k in (3, 4, 5, 6))
+  n = len(lengths)
   tb = assemble(prepared, ids, lengths, 1)
-  tb["advantages"] = np.zeros(b, np.float32)
+  tb["advantages"] = np.zeros(n, np.float32)
   tb["sampler_logps"] = np.zeros(ids.shape, np.float32)
   metrics = {"sft/target_tokens": int(lengths.sum()),
-             "sft/truncated_frac": truncated / max(b, 1)}
+             "sft/truncated_frac": truncated / max(n, 1)}
   if target == "process":  # real rows trained on the bare solution because the record has no trace
-    valid = batch.get("valid", [True] * b)
     metrics["sft/empty_process_frac"] = (sum(bool(v) and not p for p, v in zip(processes, valid))
                                          / max(int(np.sum(valid)), 1))
-  samples = [{"prompt_id": (batch.get("id") or [None] * b)[i], "target": t, "length": int(lengths[i])}
+  samples = [{"prompt_id": record_ids[i], "target": t, "length": int(lengths[i])}
              for i, t in enumerate(texts)]
   return tb, metrics, samples

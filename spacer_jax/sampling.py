@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spacer_jax import distributed
 from spacer_jax.models import positions as positions_lib
 from spacer_jax.models import qwen2_5_vl
 from spacer_jax.models import text as text_lib
@@ -406,7 +407,13 @@ class Sampler:
 
   def prepare(self, input_ids, attention_mask, *, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None):
-    """Host-side numpy: bucketing, M-RoPE ids, decode base positions, vision index arrays."""
+    """Host-side numpy: bucketing, M-RoPE ids, decode base positions, vision index arrays.
+
+    In a multi-process job every process passes its own prompts (the same number on each) and gets
+    the global batch back: the processes' prompts in process order, left-padded to the longest
+    process's length, exactly the batch one process holding all of them would prepare. Pixels stay
+    process-local where they can (`_global_batch`).
+    """
     cfg = self.cfg
     input_ids = np.asarray(input_ids).astype(np.int32)
     if input_ids.ndim != 2:
@@ -418,6 +425,13 @@ class Sampler:
     _check_left_padded(mask)
     t = -(-input_ids.shape[1] // self.prompt_bucket) * self.prompt_bucket
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else self.scfg.pad_id
+    vision = {"image": (pixel_values, image_grid_thw, None),
+              "video": (pixel_values_videos, video_grid_thw, second_per_grid_ts)}
+    offsets = {}
+    if jax.process_count() > 1:
+      input_ids, mask, t, vision, offsets = self._global_batch(input_ids, mask, t, vision)
+      pixel_values, image_grid_thw, _ = vision["image"]
+      pixel_values_videos, video_grid_thw, second_per_grid_ts = vision["video"]
     input_ids = _left_pad(input_ids, t, pad)
     mask = _left_pad(mask, t, False)
     qwen2_5_vl.check_placeholder_counts(
@@ -425,7 +439,7 @@ class Sampler:
         video_grid_thw=video_grid_thw if pixel_values_videos is not None else None,
         num_image_rows=None if pixel_values is None else np.shape(pixel_values)[0],
         num_video_rows=None if pixel_values_videos is None else np.shape(pixel_values_videos)[0],
-        padded=self.vision_budget == "auto")
+        padded=self.vision_budget == "auto" or bool(offsets))
     pos, deltas = positions_lib.get_rope_index(
         input_ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
         spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
@@ -446,7 +460,8 @@ class Sampler:
         continue
       if grid is None:
         raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
-      pixels = np.asarray(pixels, np.float32)
+      if not isinstance(pixels, jax.Array):
+        pixels = np.asarray(pixels, np.float32)
       budget = (auto_vision_budget(cfg, grid, pixels.shape[0]) if self.vision_budget == "auto"
                 else self.vision_budget.get(kind, {}))
       if budget.get("num_patches") is not None and pixels.shape[0] < budget["num_patches"]:
@@ -457,7 +472,8 @@ class Sampler:
                               np.float32)])
       key = "pixel_values" if kind == "image" else "pixel_values_videos"
       batch[key] = pixels
-      batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(cfg, np.asarray(grid), **budget)
+      batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(cfg, np.asarray(grid),
+                                                              offsets=offsets.get(kind), **budget)
     return batch
 
   def batch_shardings(self, batch):
@@ -474,9 +490,95 @@ class Sampler:
     kinds = {"input_ids": rows, "attention_mask": rows, "position_ids": cols, "base_pos": cols}
     return {k: jax.tree.map(lambda _, s=kinds.get(k, repl): s, v) for k, v in batch.items()}
 
+  def _global_batch(self, input_ids, mask, t, vision):
+    """Multi-process `prepare`: every process's prompts and grids gathered in process order.
+
+    Pixels: when every process holding pixels of a kind holds the same number of rows (the data
+    pipeline's static per-row budgets) and no pad-to budget has to be added, each process's block
+    goes straight to its own devices (`distributed.put_rows`; a process without that kind sends
+    zeros) and the grids get `offsets` into the block layout. Otherwise (the evaluator's ragged
+    batches) the real pixel rows are gathered and packed as one process would hold them. Either
+    way the vision tower sees the single-process activations.
+    """
+    if self.mesh is None:
+      raise ValueError("a multi-process Sampler needs a mesh (Sampler(..., mesh=mesh))")
+    dim = self.cfg.in_channels * self.cfg.temporal_patch_size * self.cfg.patch_size ** 2
+    local = {"input_ids": input_ids, "mask": mask, "t": t, "vision": {}}
+    for kind, (pixels, grid, seconds) in vision.items():
+      if pixels is not None:
+        local["vision"][kind] = dict(
+            rows=int(np.shape(pixels)[0]), grid=np.asarray(grid, np.int64).reshape(-1, 3),
+            seconds=None if seconds is None else np.asarray(seconds, np.float32).reshape(-1))
+    everyone = distributed.allgather_objects(local)
+    if len({p["input_ids"].shape[0] for p in everyone}) != 1:
+      raise ValueError("every process must prepare the same number of prompts, got "
+                       f"{[p['input_ids'].shape[0] for p in everyone]}")
+    t = max(p["t"] for p in everyone)
+    pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else self.scfg.pad_id
+    input_ids = np.concatenate([_left_pad(p["input_ids"], t, pad) for p in everyone])
+    mask = np.concatenate([_left_pad(p["mask"], t, False) for p in everyone])
+    me = jax.process_index()
+    out, offsets = {}, {}
+    for kind, (pixels, _, _) in vision.items():
+      parts = [p["vision"].get(kind) for p in everyone]
+      if all(part is None for part in parts):
+        out[kind] = (None, None, None)
+        continue
+      grids = [np.zeros((0, 3), np.int64) if part is None else part["grid"] for part in parts]
+      grid = np.concatenate(grids)
+      seconds = None
+      if any(part is not None and part["seconds"] is not None for part in parts):
+        seconds = np.concatenate([part["seconds"] if part is not None and part["seconds"] is not None
+                                  else np.ones(len(g), np.float32) for g, part in zip(grids, parts)])
+      sizes = {part["rows"] for part in parts if part is not None}
+      budget = self.vision_budget.get(kind, {}) if isinstance(self.vision_budget, dict) else {}
+      if len(sizes) == 1 and budget.get("num_patches") is None:
+        (rows,) = sizes
+        local_pixels = np.zeros((rows, dim), np.float32) if pixels is None else np.asarray(
+            pixels, np.float32)
+        starts = [i * rows + np.concatenate([[0], np.cumsum(np.prod(g, axis=-1))[:-1]])
+                  for i, g in enumerate(grids) if len(g)]
+        offsets[kind] = np.concatenate(starts).astype(np.int64)
+        pixels = distributed.put_rows(local_pixels, self._pixel_sharding(rows * len(parts)))
+      else:
+        real = int(np.prod(grids[me], axis=-1).sum())
+        mine = np.zeros((0, dim), np.float32) if pixels is None else np.asarray(pixels, np.float32)
+        blocks = distributed.allgather_objects(mine[:real])
+        padding = sum(part["rows"] for part in parts if part is not None) - sum(len(b) for b in blocks)
+        pixels = np.concatenate(blocks + [np.zeros((padding, dim), np.float32)])
+      out[kind] = (pixels, grid, seconds)
+    return input_ids, mask, t, out, offsets
+
+  def _pixel_sharding(self, rows):
+    """Pixel rows split over the batch axes where they divide (in a multi-process job each
+    process's block then sits on its own devices), else replicated over the mesh."""
+    sharding = self._row_sharding(rows)
+    if sharding is None:
+      return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    mesh, axes = sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
   def _put(self, batch):
-    shardings = self.batch_shardings(batch)
-    return jax.device_put(batch) if shardings is None else jax.device_put(batch, shardings)
+    sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
+    if sharding is None and jax.process_count() == 1:
+      return jax.device_put(batch)  # uncommitted: the jitted functions place them
+    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rows = cols = repl
+    if sharding is not None:
+      mesh, axes = sharding
+      rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+      cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
+    out = {}
+    for k, v in batch.items():
+      if k in ("input_ids", "attention_mask"):
+        out[k] = jax.device_put(v, rows)
+      elif k in ("position_ids", "base_pos"):
+        out[k] = jax.device_put(v, cols)
+      elif k in ("pixel_values", "pixel_values_videos"):
+        out[k] = jax.device_put(v, self._pixel_sharding(np.shape(v)[0]))
+      else:
+        out[k] = jax.device_put(v, repl)
+    return out
 
   # -- device calls ----------------------------------------------------------------------------
 

@@ -18,6 +18,13 @@ jitted:
 
 Rollouts use sampling.py's jitted prefill/decode on the same weights (rollout.py is the host glue).
 
+Multi-process jobs (one process per host or per GPU; spacer_jax/distributed.py): `main` joins the
+job from --coordinator_address/--num_processes/--process_id or the cluster's environment. Every
+process runs this same loop: it reads its block of each global batch, the jitted functions span the
+global mesh, and every logged value is global; process 0 writes the workdir's files, orbax writes
+the checkpoint from all processes, and a SIGTERM on any of them stops all after one common step
+(checkpoint.Preemption).
+
 State: {"step": int32, "params": {hf_key: array}, "opt_state": optax state of the trainable subset,
 "rng": uint32[2]}. Parameters are stored in `config.model.param_dtype` (float32 master weights) and
 the model computes in `config.model.dtype` (bfloat16 on accelerators); Adam moments are float32.
@@ -39,8 +46,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from spacer_jax import checkpoint, cli, config_lib, grpo, lora, metrics as metrics_lib, modeling
-from spacer_jax import optim, rollout, sampling, sharding, tree_utils
+from spacer_jax import checkpoint, cli, config_lib, distributed, grpo, lora
+from spacer_jax import metrics as metrics_lib, modeling, optim, rollout, sampling, sharding, tree_utils
 from spacer_jax.models import layers, qwen2_5_vl
 
 _DROPOUT_STREAM = 0x4C6F5241  # "LoRA": folded into the step key for LoRA dropout masks
@@ -234,19 +241,25 @@ def model_source(config):
 
 def make_tokenizer(config, workdir):
   """The run's tokenizer, also saved as {workdir}/tokenizer so the workdir is self-contained
-  (evaluate, generate and convert read it from there)."""
+  (evaluate, generate and convert read it from there). In a multi-process job process 0 writes the
+  files, then the others read them."""
   from spacer_jax.data import tokenizer as tokenizer_lib  # Host-only dependency (tokenizers).
   out = os.path.join(workdir, modeling.RUN_TOKENIZER_DIR)
-  if config.model.variant:
-    # Tiny/smoke/demo runs use the project's offline BPE (deterministic), built once per workdir.
-    src = config.data.tokenizer_dir or out
-    if os.path.exists(os.path.join(src, "tokenizer.json")):
-      return tokenizer_lib.load_tokenizer(src)
-    return tokenizer_lib.build_offline_tokenizer(out_dir=src)
-  src = modeling.tokenizer_dir(config.model.hf_dir, config.data.tokenizer_dir)
-  tokenizer = tokenizer_lib.load_tokenizer(src)
-  tokenizer_lib.copy_tokenizer_files(src, out)
-  return tokenizer
+
+  def make():
+    if config.model.variant:
+      # Tiny/smoke/demo runs use the project's offline BPE (deterministic), built once per workdir.
+      src = config.data.tokenizer_dir or out
+      if os.path.exists(os.path.join(src, "tokenizer.json")):
+        return tokenizer_lib.load_tokenizer(src)
+      return tokenizer_lib.build_offline_tokenizer(out_dir=src)
+    src = modeling.tokenizer_dir(config.model.hf_dir, config.data.tokenizer_dir)
+    tokenizer = tokenizer_lib.load_tokenizer(src)
+    if distributed.is_primary():
+      tokenizer_lib.copy_tokenizer_files(src, out)
+    return tokenizer
+
+  return distributed.primary_first(make)
 
 
 def make_model_config(config, tokenizer):
@@ -369,10 +382,11 @@ def init_state(params, setup, seed):
 
 
 def batch_shardings(tb, mesh, rules):
-  """Shardings of a TrainBatch: per-row and per-prompt arrays over the batch axes (where they
-  divide), pixels and vision index arrays replicated (the vision tower constrains its own
-  activations). Works on arrays and on ShapeDtypeStructs."""
-  batched = ROW_KEYS + ("prompt_ids", "prompt_mask")
+  """Shardings of a TrainBatch: per-row and per-prompt arrays and the pixel rows over the batch
+  axes (where they divide; the sampler lays the pixels out the same way, so in a multi-process job
+  each process's pixels stay on its devices), vision index arrays replicated (the vision tower
+  constrains its own activations). Works on arrays and on ShapeDtypeStructs."""
+  batched = ROW_KEYS + ("prompt_ids", "prompt_mask", "pixel_values", "pixel_values_videos")
   repl = sharding.replicated(mesh)
   return {k: (sharding.batch_shardings(v, mesh, rules) if k in batched
               else jax.tree.map(lambda _: repl, v)) for k, v in tb.items()}
@@ -464,23 +478,27 @@ def _update(phase, state, tb, *, get_step, logps_fn, ref_logps_fn, phases):
   return state, jax.device_get(metrics)
 
 
-def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, tb, setup, phases,
+def _step_scalars(step, phase, *, step_metrics, roll_metrics, timers, train_tokens, setup, phases,
                   compiled, bad, batch, wall):
   """Everything one logged step writes to metrics.jsonl / TensorBoard."""
   mu = phases.num_iterations if phase == "grpo" else 1
   updates_before = min(step - 1, phases.sft_steps) + max(step - 1 - phases.sft_steps, 0) * \
       phases.num_iterations
+  # Process-local values (each process's skipped records, its devices' memory) over all processes.
+  local = distributed.allgather_objects((batch.get("bad_records", {}), metrics_lib.memory_scalars()))
+  bad_in_batches = {k: sum(p[0].get(k, 0) for p in local) for k in sorted({k for p in local
+                                                                           for k in p[0]})}
+  memory = {k: max(p[1][k] for p in local if k in p[1]) for k in local[0][1]}
   scalars = {**{f"train/{k}": v for k, v in step_metrics.items()}, **roll_metrics, **timers,
              "train/lr": float(setup.schedule(updates_before)), "train/updates_per_step": mu,
              "phase_sft": float(phase == "sft"), **bad.metrics("data/bad_records_at_load"),
-             **batch.get("bad_records", {}), "time/step_s": wall}
+             **bad_in_batches, "time/step_s": wall}
   if "rollout/tokens" in roll_metrics:
     scalars["rollout/tokens_per_s"] = roll_metrics["rollout/tokens"] / max(
         timers.get("time/rollout_s", wall), 1e-9)
-  scalars["train/tokens_per_s"] = float(np.asarray(tb["completion_mask"]).sum()) / max(
-      timers.get("time/train_s", wall), 1e-9)
+  scalars["train/tokens_per_s"] = train_tokens / max(timers.get("time/train_s", wall), 1e-9)
   scalars.update({f"compiles/{k}": v for k, v in compiled.items()})
-  scalars.update(metrics_lib.memory_scalars())
+  scalars.update(memory)
   return scalars
 
 
@@ -505,11 +523,15 @@ def train_and_evaluate(config, workdir):
   if config.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.jax_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # Multi-process jobs (spacer_jax/distributed.py): process 0 writes every file of the workdir
+  # (orbax writes each process's shards of the checkpoint); all values logged are global.
+  primary = distributed.is_primary()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-  with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
-    f.write(metrics_lib.git_commit() + "\n")
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+    with open(os.path.join(workdir, "git_commit.txt"), "w") as f:
+      f.write(metrics_lib.git_commit() + "\n")
   phases = make_phases(config)
   grpo_config = config_lib.make_grpo_config(config)
   reward_config = config_lib.make_reward_config(config)
@@ -517,17 +539,19 @@ def train_and_evaluate(config, workdir):
   # == Mesh, tokenizer, model ===================================================================
   mesh = sharding.make_mesh(config.mesh)
   rules = config_lib.sharding_rules(config)
-  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
+  logging.info("mesh %s on %s (%d processes)", dict(mesh.shape), jax.devices()[0].platform,
+               jax.process_count())
   tokenizer = make_tokenizer(config, workdir)
   setup = make_train_setup(config, make_abstract_model(config, tokenizer, mesh), phases)
   abstract = setup.abstract  # the policy, with its LoRA adapters if any
-  with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
-    json.dump(abstract.config.to_hf_dict(), f, indent=2)
-  if abstract.lora is not None:
-    with open(os.path.join(workdir, modeling.RUN_LORA_CONFIG), "w") as f:
-      json.dump(abstract.lora.to_dict(), f, indent=2)
-  with open(os.path.join(workdir, "params.txt"), "w") as f:
-    f.write(abstract.describe() + "\n")
+  if primary:
+    with open(os.path.join(workdir, modeling.RUN_MODEL_CONFIG), "w") as f:
+      json.dump(abstract.config.to_hf_dict(), f, indent=2)
+    if abstract.lora is not None:
+      with open(os.path.join(workdir, modeling.RUN_LORA_CONFIG), "w") as f:
+        json.dump(abstract.lora.to_dict(), f, indent=2)
+    with open(os.path.join(workdir, "params.txt"), "w") as f:
+      f.write(abstract.describe() + "\n")
   logging.info("%s parameters (%d tensors; shapes, logical axes and shardings in %s), %s trained",
                f"{abstract.param_count:,}", len(abstract.params), os.path.join(workdir, "params.txt"),
                f"{tree_utils.param_count({k: abstract.params[k] for k in setup.trainable_keys}):,}")
@@ -598,11 +622,12 @@ def train_and_evaluate(config, workdir):
 
     # == Loop =====================================================================================
     writer = metrics_lib.MetricWriter(
-        workdir, start_step=start, use_tensorboard=config.use_tensorboard,
+        workdir, start_step=start, use_tensorboard=config.use_tensorboard, active=primary,
         wandb=config.wandb.to_dict() if config.get("wandb") else None, config=config.to_dict())
-    bar = metrics_lib.progress(start, config.total_steps, disable=not config.use_progress_bar)
+    bar = metrics_lib.progress(start, config.total_steps,
+                               disable=not (config.use_progress_bar and primary))
     skipped_in_row = 0
-    with checkpoint.PreemptionGuard() as guard, nnx.logical_axis_rules(rules):
+    with checkpoint.Preemption(ckpt) as preemption, nnx.logical_axis_rules(rules):
       for step in range(start, phases.total_steps + 1):
         phase, t0 = phases.phase(step), time.perf_counter()
         with writer.timed("data"):
@@ -613,6 +638,7 @@ def train_and_evaluate(config, workdir):
               tokenizer=tokenizer, config=config, phases=phases, reward_config=reward_config,
               grpo_config=grpo_config)
         tb.pop("sampler_logps")
+        train_tokens = float(np.sum(tb["completion_mask"]))  # host: tb is the global batch
         tb = jax.device_put(tb, batch_shardings(tb, mesh, rules))
         with writer.timed("train"):
           state, step_metrics = _update(
@@ -626,7 +652,8 @@ def train_and_evaluate(config, workdir):
         if metrics_lib.every(step, config.log_every_steps) or step == phases.total_steps:
           scalars = _step_scalars(
               step, phase, step_metrics=step_metrics, roll_metrics=roll_metrics,
-              timers=writer.pop_timers(), tb=tb, setup=setup, phases=phases, compiled=compiled(),
+              timers=writer.pop_timers(), train_tokens=train_tokens, setup=setup, phases=phases,
+              compiled=compiled(),
               bad=bad, batch=batch, wall=time.perf_counter() - t0)
           if phase == "grpo":  # VSI-Bench task scores of the rollouts (VSI-style questions)
             scalars.update(evaluate.vsibench.rollout_task_scores(samples, records_by_id))
@@ -643,11 +670,14 @@ def train_and_evaluate(config, workdir):
                           reward=f"{roll_metrics.get('reward/total', 0.0):.3f}")
         if metrics_lib.every(step, config.rollout_log_every_steps):
           writer.write_samples(step, samples)
+        stop = preemption.reached(step)  # the same step on every process
         if (metrics_lib.every(step, config.ckpt_every_steps) or step == phases.total_steps
-            or guard.requested):
+            or stop):
           ckpt.save(step, state, train_iter)
-        if guard.requested:
-          logging.warning("signal %s: saved step %d, exiting", guard.signum, step)
+        if stop:
+          logging.warning("preemption notice (%s): saved step %d, exiting",
+                          f"signal {preemption.signum}" if preemption.signum else "another process",
+                          step)
           break
         if metrics_lib.every(step, config.eval.every_steps):
           with writer.timed("eval"):
@@ -664,15 +694,22 @@ def train_and_evaluate(config, workdir):
     bar.close()
     ckpt.close()
     writer.close()
-  if config.export_hf_subdir and not guard.requested:
-    # Through the converter, which reads a LoRA run with its adapters merged into the base weights.
-    from spacer_jax import convert  # pylint: disable=g-import-not-at-top
-    convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
-  if abstract.lora is not None and config.lora.export_subdir and not guard.requested:
-    lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
-                   base_model_name_or_path=config.model.hf_dir or None)
+  if (config.export_hf_subdir or (abstract.lora is not None and config.lora.export_subdir)) \
+      and not preemption.requested and jax.process_count() > 1:
+    # The exports read the whole model on one host; in a multi-process job every process would have
+    # to take part. The checkpoint is complete: export it afterwards on any one host.
+    logging.warning("config.export_hf_subdir / lora.export_subdir: multi-process run, not exported; "
+                    "run `python -m spacer_jax.convert --workdir=%s --out=DIR` on one host", workdir)
+  elif not preemption.requested:
+    if config.export_hf_subdir:
+      # Through the converter, which reads a LoRA run with its adapters merged into the base weights.
+      from spacer_jax import convert  # pylint: disable=g-import-not-at-top
+      convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
+    if abstract.lora is not None and config.lora.export_subdir:
+      lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
+                     base_model_name_or_path=config.model.hf_dir or None)
   logging.info("done: %s", workdir)
-  return state, guard.requested
+  return state, preemption.requested
 
 
 def _start_message(origin, step, total_steps, config, source):
@@ -701,6 +738,10 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
+  distributed.initialize_from_flags()
+  if config.get("post_train") and jax.process_count() > 1:
+    raise app.UsageError(f"config.post_train={config.post_train!r} (e.g. the demo's held-out "
+                         "evaluation) runs in single-process jobs only")
   try:
     _, interrupted = train_and_evaluate(config, workdir)
   except config_lib.ConfigError as e:  # every problem in one message, without a traceback
@@ -717,6 +758,7 @@ def define_flags(fv=flags.FLAGS):
                                   "(sgrlvr:smoke).", lock_config=True, flag_values=fv)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); rerun to resume.",
                       flag_values=fv)
+  distributed.define_flags(fv)
 
 
 if __name__ == "__main__":

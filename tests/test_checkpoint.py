@@ -109,13 +109,15 @@ def test_max_to_keep_and_duplicate_step(tmp_path):
   assert sorted(int(p) for p in os.listdir(tmp_path / "ckpt") if p.isdigit()) == [5, 6]
 
 
-def test_preemption_guard_sets_flag_and_restores_handler():
-  before = signal.getsignal(signal.SIGTERM)
-  with checkpoint.PreemptionGuard() as guard:
-    assert not guard.requested
+def test_preemption_sets_flag_and_restores_handlers():
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  with checkpoint.Preemption() as preemption:
+    assert not preemption.reached(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert guard.requested and guard.signum == signal.SIGTERM
-  assert signal.getsignal(signal.SIGTERM) is before
+    assert preemption.reached(2) and preemption.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # a second signal while stopping: Ctrl-C kills at once
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_relative_directory(tmp_path, monkeypatch):

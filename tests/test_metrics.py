@@ -93,7 +93,9 @@ def test_wandb_offline_logs_the_scalars_the_config_and_a_sample_table(tmp_path):
   writer.close()
 
   run_id = (tmp_path / metrics.WandbWriter.ID_FILE).read_text().strip()
-  (run_file,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+  found = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}*" / f"run-{run_id}.wandb"))
+  assert len(found) == 1, (run_id, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")))
+  (run_file,) = found
   records = _wandb_records(run_file)
   (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
   assert (run.project, run.display_name, list(run.tags)) == ("spacer-test", tmp_path.name,
@@ -115,7 +117,7 @@ def test_wandb_offline_logs_the_scalars_the_config_and_a_sample_table(tmp_path):
 
   # A resumed run (same workdir) keeps the W&B run id.
   metrics.MetricWriter(str(tmp_path), start_step=3, use_tensorboard=False, wandb=wb).close()
-  assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))) == 2
+  assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}*"))) == 2
 
 
 def test_without_a_wandb_project_wandb_is_never_imported(tmp_path):

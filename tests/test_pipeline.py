@@ -217,16 +217,61 @@ def test_temporal_copy_is_seeded_frame_permutation(data, tok):
   assert not np.array_equal(b["pixel_values_videos_shuffled"][:n], b["pixel_values_videos"][:n])
 
 
-def test_device_put_batch(data, tok):
+def _process_iters(records, tok, count, rows, seed=0, **kw):
+  """The iterators of `count` processes with `rows` rows each (one global batch = count * rows)."""
+  cfg = pipeline.DataConfig(**{**CFG.__dict__, "batch_size": rows, "temporal": True, **kw})
+  return [pipeline.make_iterator(records, tok, cfg, seed=seed, process_index=i, process_count=count)
+          for i in range(count)]
+
+
+def _global(batches):
+  """Row-concatenation of one batch per process: ids, prompts (unpadded) and per-row pixels."""
+  out = {"id": [x for b in batches for x in b["id"]], "prompts": [], "pixels": [], "shuffled": []}
+  for b in batches:
+    sizes = np.prod(b["video_grid_thw"], axis=-1)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for row in range(len(b["id"])):
+      out["prompts"].append(b["input_ids"][row][b["attention_mask"][row] == 1].tolist())
+      out["pixels"].append(b["pixel_values_videos"][starts[row]:starts[row + 1]])
+      out["shuffled"].append(b["pixel_values_videos_shuffled"][starts[row]:starts[row + 1]])
+  return out
+
+
+def _same_global(a, b):
+  assert a["id"] == b["id"] and a["prompts"] == b["prompts"]
+  for key in ("pixels", "shuffled"):  # the temporal permutation follows the global position
+    for x, y in zip(a[key], b[key]):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_processes_read_the_single_process_batches(data, tok):
+  """Process i of N reads rows [i*b, (i+1)*b) of every global batch one process would read."""
+  recs = [r for r in _records(data) if int(r.id) < 6]  # good videos only (a bad one is refilled
+  (one,) = _process_iters(recs, tok, 1, 4)              # from its own process's stream)
+  two = _process_iters(recs, tok, 2, 2)
+  for _ in range(3):  # crosses an epoch (6 records, global batch 4)
+    _same_global(_global([next(one)]), _global([next(it) for it in two]))
+
+
+def test_iterator_state_resumes_with_another_process_count(data, tok):
   recs = [r for r in _records(data) if int(r.id) < 6]
-  b = next(_iter(recs, tok, shuffle=False))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  out = pipeline.device_put_batch(b, sharding)
-  for k in ("input_ids", "attention_mask", "pixel_values_videos", "pixel_values"):
-    assert isinstance(out[k], jax.Array) and out[k].sharding == sharding
-    np.testing.assert_array_equal(np.asarray(out[k]), b[k])
-  assert isinstance(out["video_grid_thw"], np.ndarray) and out["id"] == b["id"]
+  (one,) = _process_iters(recs, tok, 1, 4, seed=3)
+  want = [_global([next(one)]) for _ in range(4)]
+  two = _process_iters(recs, tok, 2, 2, seed=3)
+  for _ in range(2):
+    [next(it) for it in two]
+  states = [json.loads(json.dumps(it.get_state())) for it in two]  # through JSON, as checkpointed
+  (resumed,) = _process_iters(recs, tok, 1, 4, seed=3)
+  resumed.set_process_states(states)
+  _same_global(_global([next(resumed)]), want[2])
+  # ... and back: the one-process state after batch 3 restored into two processes.
+  regrown = _process_iters(recs, tok, 2, 2, seed=3)
+  single = json.loads(json.dumps(resumed.get_state()))
+  for it in regrown:
+    it.set_process_states([single])
+  _same_global(_global([next(it) for it in regrown]), want[3])
+  with pytest.raises(ValueError, match="set_process_states"):
+    regrown[0].set_state(single)
 
 
 def test_two_workers_same_batches(data, tok, caplog):

@@ -125,6 +125,28 @@ def test_static_budget_padding_gives_same_features():
     qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=p, num_frames=2)
 
 
+def test_pixel_offsets_give_the_packed_features_bit_for_bit():
+  """A multi-process batch: each process's patches at the start of its equal-size block
+  (offsets), zero rows between blocks; the features equal the packed layout's exactly."""
+  cfg = qwen2_5_vl.tiny()
+  model = qwen2_5_vl.init_model(cfg, seed=1, init_std=0.2)
+  grids = [[1, 10, 14], [2, 4, 6], [1, 8, 8]]  # process 0: the first two, process 1: the third
+  parts = [_pixels([g], seed=i) for i, g in enumerate(grids)]
+  block = 256  # rows per process: 140 + 48 real on process 0, 64 on process 1
+  packed = np.concatenate(parts + [np.zeros((2 * block - 252, parts[0].shape[1]), np.float32)])
+  blocks = np.zeros((2 * block, parts[0].shape[1]), np.float32)
+  blocks[:140], blocks[140:188], blocks[block:block + 64] = parts
+  want = np.asarray(_tower(model.visual, packed, qwen2_5_vl.prepare_vision_inputs(
+      cfg, grids, num_patches=2 * block)))
+  vis = qwen2_5_vl.prepare_vision_inputs(cfg, grids, num_patches=2 * block,
+                                         offsets=[0, 140, block])
+  np.testing.assert_array_equal(np.asarray(_tower(model.visual, blocks, vis)), want)
+  with pytest.raises(ValueError, match="overlap"):
+    qwen2_5_vl.prepare_vision_inputs(cfg, grids, num_patches=2 * block, offsets=[0, 100, block])
+  with pytest.raises(ValueError, match="multiples"):
+    qwen2_5_vl.prepare_vision_inputs(cfg, grids, num_patches=2 * block, offsets=[0, 142, block])
+
+
 def test_window_attention_never_builds_patch_by_patch_mask():
   """The jaxpr of the tower has no [P, P]-sized intermediate for a multi-frame video."""
   cfg = qwen2_5_vl.tiny()

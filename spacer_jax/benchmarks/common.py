@@ -31,6 +31,7 @@ import math
 import os
 
 from spacer_jax import rewards
+from spacer_jax.data import prompts
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,20 @@ def extract_answer(text):
     return text
   content = rewards.find_tag(text, "answer")
   return "None" if content is None else content
+
+
+def multiple_choice_prompt(question, protocol, name, sep=""):
+  """SpaceR-Eval's multiple-choice prompt -> (text, None): the thinking template and the
+  multiple-choice instruction ("spacer"), or the non-thinking pre-prompt and its post-prompt
+  ("spacer_default"). `sep` is what the benchmark's original script puts between the question and the
+  instruction ("\n" for STI-Bench and Video-MME, nothing for LongVideoBench)."""
+  if protocol == "spacer":
+    return (prompts.QUESTION_TEMPLATE.format(Question=question) + sep
+            + prompts.TYPE_TEMPLATE["multiple choice"].lstrip()), None
+  if protocol == "spacer_default":
+    return (prompts.EVAL_DEFAULT_PRE_PROMPT.format(Question=question) + sep
+            + prompts.EVAL_DEFAULT_MCA_POST_PROMPT), None
+  raise ValueError(f"{name}: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
 
 
 def maybe_extract(text, protocol):

@@ -18,7 +18,6 @@ over all questions (micro), per question category, and over the perception and r
 import os
 
 from spacer_jax.benchmarks import common
-from spacer_jax.data import prompts
 
 NAME = "LongVideoBench"
 PROTOCOLS = common.PROTOCOLS
@@ -69,13 +68,7 @@ def media(data_dir, record):
 def build_prompt(record, protocol):
   q = record["question"] + "\nOptions:\n" + "".join(
       f"{chr(ord('A') + i)}. {c}\n" for i, c in enumerate(record["candidates"]))
-  if protocol == "spacer":
-    return (prompts.QUESTION_TEMPLATE.format(Question=q)
-            + prompts.TYPE_TEMPLATE["multiple choice"].lstrip()), None
-  if protocol == "spacer_default":
-    return (prompts.EVAL_DEFAULT_PRE_PROMPT.format(Question=q)
-            + prompts.EVAL_DEFAULT_MCA_POST_PROMPT), None
-  raise ValueError(f"{NAME}: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+  return common.multiple_choice_prompt(q, protocol, NAME)
 
 
 def score(record, output, protocol):

@@ -28,7 +28,6 @@ import os
 import re
 
 from spacer_jax.benchmarks import common
-from spacer_jax.data import prompts
 
 NAME = "STI-Bench"
 PROTOCOLS = common.PROTOCOLS
@@ -99,13 +98,7 @@ def question_text(record):
 
 def build_prompt(record, protocol):
   q = question_text(record)
-  if protocol == "spacer":
-    return (prompts.QUESTION_TEMPLATE.format(Question=q) + "\n"
-            + prompts.TYPE_TEMPLATE["multiple choice"].lstrip()), None
-  if protocol == "spacer_default":
-    return (prompts.EVAL_DEFAULT_PRE_PROMPT.format(Question=q) + "\n"
-            + prompts.EVAL_DEFAULT_MCA_POST_PROMPT), None
-  raise ValueError(f"{NAME}: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+  return common.multiple_choice_prompt(q, protocol, NAME, sep="\n")
 
 
 def normalize_answer(text):

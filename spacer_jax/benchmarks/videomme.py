@@ -17,7 +17,6 @@ duration; "code" and "readme" agree.
 import os
 
 from spacer_jax.benchmarks import common
-from spacer_jax.data import prompts
 
 NAME = "Video-MME"
 PROTOCOLS = common.PROTOCOLS
@@ -68,13 +67,7 @@ def media(data_dir, record):
 
 def build_prompt(record, protocol):
   q = record["question"] + "\nOptions:\n" + "\n".join(record["options"])
-  if protocol == "spacer":
-    return (prompts.QUESTION_TEMPLATE.format(Question=q) + "\n"
-            + prompts.TYPE_TEMPLATE["multiple choice"].lstrip()), None
-  if protocol == "spacer_default":
-    return (prompts.EVAL_DEFAULT_PRE_PROMPT.format(Question=q) + "\n"
-            + prompts.EVAL_DEFAULT_MCA_POST_PROMPT), None
-  raise ValueError(f"{NAME}: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+  return common.multiple_choice_prompt(q, protocol, NAME, sep="\n")
 
 
 def score(record, output, protocol):

@@ -29,9 +29,18 @@ Run sheet
     bonus) climbs slowly; VSI-Bench average 45.6 for the released 7B checkpoint (paper abstract).
   Hardware/runtime: the PyTorch reference used 8 GPUs with ZeRO-3; one step is dominated by the
     64 x 1024-token rollout.
-  TPU: v5p-8 for 3B and 7B, v5p-32 for 32B, v5p-64 for 72B. Planned (python -m spacer_jax.plan
-    --config=configs/sgrlvr.py:size=7b --topology=v5p-8): the 7B train step peaks at 73.8 of 88.5 GiB
-    per chip; the other sizes are listed by experiments/plan_table.py, not yet compiled.
+  Run sheet (7B, the defaults: mesh (data 1, fsdp -1, tensor 1), data.batch_size 8 prompts x G = 8
+    = 64 rollout rows, grad_accum_steps 1, bf16 compute, fp32 master weights and Adam moments, bf16
+    reference policy, remat on):
+    8 GPUs, one host:  one process, the command above; fsdp = 8 (params, optimizer and the 64 rows
+                       split 8 ways: 1 prompt x 8 samples per GPU). Install with ".[cuda12]".
+    v5p-8 TPU VM:      one host with 4 chips: one process, the same command; fsdp = 4 (2 prompts x 8
+                       samples per chip). Install with ".[tpu]".
+    more hosts:        the same command on every host with --distributed=on (TPU slices) or under
+                       srun (scripts/slurm_sgrlvr.sbatch); batch_size must divide by the number of
+                       processes (README, "Accelerators and multi-host runs").
+    Memory per device, step time, rollout tokens/s and MFU for these shapes: not measured here (no
+    GPU or TPU was available); the planner's fit figures are the reference for whether a shape fits.
 """
 
 from spacer_jax import config_lib

@@ -4,14 +4,23 @@ Graph (one process of a multi-host run):
 
   MapDataset.source(records)          sources.Record list, or a TFDS data source + record_from_example
     .map_with_index(_WithKey)         (source index, record): the record's identity for bad-record
-                                      counting across epochs
-    [process_index::process_count]    per-process shard (multi-host ready)
-    .shuffle(seed).repeat(num_epochs) seeded global shuffle, reshuffled each epoch
-    .map_with_index(Preprocess)       decode + sample + resize + patchify + tokenise, in grain worker
-                                      processes; a bad record becomes a marker, never an exception
+                                      counting across epochs and processes
+    .shuffle(seed).repeat(num_epochs) seeded global shuffle (the same on every process), reshuffled
+                                      each epoch
+    .map_with_index(Preprocess)       decode + sample + resize + patchify + tokenise (lazy: only the
+                                      elements this process reads), in grain worker processes; a bad
+                                      record becomes a marker, never an exception
+    _ProcessBlocks                    this process's block of every global batch: with N processes
+                                      and b = batch_size rows each, global batch k is elements
+                                      [k*N*b, (k+1)*N*b) of the stream and process i reads
+                                      [k*N*b + i*b, k*N*b + (i+1)*b), so N processes together see
+                                      the batches one process would, row for row
+    [start:]                          where a resumed run with another process count starts
     .to_iter_dataset().mp_prefetch()  N worker processes, elements interleaved in index order
   _BatchIterDataset                   main process: count bad markers (one warning per distinct
-                                      record, whatever the epoch or worker; strict mode raises),
+                                      record, whatever the epoch or worker; with several processes,
+                                      per process: a record met again in a later epoch on another
+                                      process is counted there too; strict mode raises),
                                       collect batch_size good elements, left-pad tokens to a length
                                       bucket and vision rows to static patch budgets
   ThreadPrefetchIterDataset           a few batches ahead
@@ -19,8 +28,12 @@ Graph (one process of a multi-host run):
 Batching runs after mp_prefetch (grain's advice for many-to-one steps): worker k processes elements
 k, k+N, ... and mp_prefetch returns them in index order, so 0 and N workers give identical batches,
 and the iterator state (grain's get_state/set_state: the mp_prefetch state; the batcher buffers
-nothing between batches) restores to the exact next batch. `device_put_batch` places the device
-arrays with jax.make_array_from_process_local_data.
+nothing between batches) restores to the exact next batch. `make_iterator` wraps it in a
+`ProcessIterator`, whose state also records the process layout, so a checkpoint written by N
+processes resumes with M (see `ProcessIterator.set_process_states`). A bad record is replaced by the
+next element of the same process's stream, so with bad records N processes and one process no
+longer read exactly the same batches (each still reads every element at most once). The sampler
+turns the processes' batches into global device arrays (sampling.Sampler.prepare).
 
 Batch (numpy; B = per-process batch size, L = length bucket, Pv/Pi = per-row video/image patch
 budgets, nv/ni = videos/images in the batch, in row order):
@@ -56,15 +69,14 @@ from spacer_jax.data import video
 log = logging.getLogger(__name__)
 
 PATCH_DIM = video.PATCH_DIM  # 3 * 2 * 14 * 14 = 1176
-DEVICE_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "pixel_values_videos_shuffled",
-               "pixel_values")
 META_KEYS = ("id", "problem_type", "solution", "process", "cognitive_map", "categories",
              "data_source", "question_type", "ground_truth", "data_type", "media")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Pipeline settings; defaults are SpaceR's (spec spacer.md §3) unless noted.
+  """Pipeline settings; defaults are SpaceR's (docs/spacer_recipe.md, "Video preprocessing") unless
+  noted.
 
   Attributes:
     batch_size: examples per batch *per process*.
@@ -76,7 +88,8 @@ class DataConfig:
     second_per_grid_t: fixed seconds per temporal patch (SpaceR's effective 1.0); None = real fps.
     video_patch_budget, image_patch_budget: pixel rows reserved per batch row (static shapes);
       None derives the largest a clip can need from the settings above.
-    temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, spec §4.6).
+    temporal: also emit pixel_values_videos_shuffled (T-GRPO temporal contrast, docs/spacer_recipe.md,
+      "Rewards").
     num_workers: grain worker processes for decode/preprocess (0 = in the main process).
     worker_buffer_size: elements each worker process prefetches.
     read_threads, read_buffer_size: grain ReadOptions of the map stage (in the main process with 0
@@ -266,6 +279,7 @@ class _BatchIterator(grain.DatasetIterator):
     self._cfg, self._pad = cfg, pad_token_id
     self._budgets = patch_budgets(cfg)
     self.bad = sources.BadRecords(cfg.strict)
+    self._elements = 0  # elements read from the parent (good and bad): the stream position
 
   def __next__(self):
     good = []
@@ -274,6 +288,7 @@ class _BatchIterator(grain.DatasetIterator):
         e = next(self._parent)
       except StopIteration:
         break
+      self._elements += 1
       if "bad" in e:
         self.bad.report(*e["bad"], key=e["key"])
       else:
@@ -285,13 +300,15 @@ class _BatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "bad_records": self.bad.get_state()}
+    return {"parent": self._parent.get_state(), "bad_records": self.bad.get_state(),
+            "elements": self._elements}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
     bad = state["bad_records"]
     # Checkpoints written before the keys were kept hold the bare counts.
     self.bad.set_state(bad if "counts" in bad else {"counts": bad})
+    self._elements = int(state.get("elements", 0))
 
 
 class _BatchIterDataset(grain.IterDataset):
@@ -304,17 +321,40 @@ class _BatchIterDataset(grain.IterDataset):
     return _BatchIterator(self._parent.__iter__(), self._cfg, self._pad)
 
 
+class _ProcessBlocks(grain.MapDataset):
+  """Process `index`'s blocks of `block` consecutive elements out of every `count` blocks."""
+
+  def __init__(self, parent, block: int, index: int, count: int):
+    super().__init__(parent)
+    self._block, self._index, self._count = block, index, count
+
+  def __len__(self):
+    n, group = len(self._parent), self._block * self._count
+    full, rest = divmod(n, group)
+    return full * self._block + min(max(rest - self._index * self._block, 0), self._block)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, r = divmod(index, self._block)
+    return self._parent[(k * self._count + self._index) * self._block + r]
+
+  def __str__(self):
+    return f"ProcessBlocks(block={self._block}, index={self._index}, count={self._count})"
+
+
 def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, start: int = 0) -> grain.IterDataset:
   """The pipeline as a grain IterDataset of batches (iterate it for a checkpointable iterator).
 
   Args:
     records: sequence of sources.Record, or a random-access source (e.g. tfds_builders.data_source)
       whose elements are TFDS example dicts (converted with tfds_builders.record_from_example).
     tokenizer: spacer_jax.data.tokenizer.Tokenizer.
-    cfg: DataConfig.
+    cfg: DataConfig (batch_size = this process's rows of a global batch).
     seed: shuffle seed, also seeds the temporal frame permutations.
-    process_index, process_count: this host's shard (default jax.process_index()/process_count()).
+    process_index, process_count: this process's blocks (default jax.process_index()/process_count()).
+    start: first element of this process's stream (a resumed run with another process count).
   """
   if process_index is None or process_count is None:
     import jax  # Only for the default shard.
@@ -326,11 +366,16 @@ def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_ind
 
     ds = ds.map(tfds_builders.record_from_example)
   ds = ds.map_with_index(_WithKey(len(ds)))
-  ds = ds[process_index::process_count]
   if cfg.shuffle:
     ds = ds.shuffle(seed)
   ds = ds.repeat(cfg.num_epochs)
+  # Indexed by the global stream position: the temporal frame permutation of an element is the same
+  # whatever the process layout.
   ds = ds.map_with_index(Preprocess(tokenizer, cfg, seed))
+  if process_count > 1:
+    ds = _ProcessBlocks(ds, cfg.batch_size, process_index, process_count)
+  if start:
+    ds = ds[start:]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                             prefetch_buffer_size=cfg.read_buffer_size))
   if cfg.num_workers > 0:
@@ -345,23 +390,107 @@ def make_dataset(records, tokenizer, cfg: DataConfig, seed: int = 0, process_ind
   return it
 
 
-def make_iterator(records, tokenizer, cfg: DataConfig, seed: int = 0, **shard) -> grain.DatasetIterator:
-  """iter(make_dataset(...)): yields batch dicts; get_state()/set_state() for checkpoints."""
-  return iter(make_dataset(records, tokenizer, cfg, seed, **shard))
+class ProcessIterator(grain.DatasetIterator):
+  """One process's batch iterator (its blocks of the global batch stream, `make_dataset`).
 
-
-def device_put_batch(batch: dict, sharding, keys: Sequence[str] = DEVICE_KEYS) -> dict:
-  """Places the device arrays of a process-local batch as global jax.Arrays (batch-sharded dim 0).
-
-  Every process passes its own slice and the global array stacks the processes' slices along dim 0:
-  for input_ids that is the global batch, for the pixel arrays each process's block of concatenated
-  patch rows (in the same process order, so the global grids are the processes' grids concatenated).
-  Keys not listed (grids, metadata) stay host values.
+  get_state() = grain's state plus the layout (process index and count, rows per process, where
+  this process's stream started). `set_state` restores a state of the same layout;
+  `set_process_states` (what checkpoint.py calls with every process's saved state) also resumes
+  a run saved with another process count: the global batch stream restarts at the first global
+  batch that no saved process had begun, which without bad records is exactly the next batch.
   """
-  import jax
 
-  out = dict(batch)
-  for k in keys:
-    if k in batch:
-      out[k] = jax.make_array_from_process_local_data(sharding, batch[k])
-  return out
+  def __init__(self, records, tokenizer, cfg: DataConfig, seed: int = 0,
+               process_index: int | None = None, process_count: int | None = None):
+    if process_index is None or process_count is None:
+      import jax  # Only for the default shard.
+
+      process_index, process_count = jax.process_index(), jax.process_count()
+    super().__init__()
+    self._args = (records, tokenizer, cfg, seed)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.batch_size = cfg.batch_size
+    self._start = 0
+    self._it = iter(make_dataset(records, tokenizer, cfg, seed, self.process_index,
+                                 self.process_count))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._it)
+
+  def close(self):
+    """Stops grain's worker processes and prefetch threads."""
+    self._it.close()
+    super().close()
+
+  def _restart(self, start):
+    if start != self._start:
+      self._it.close()
+      self._it = iter(make_dataset(*self._args, self.process_index, self.process_count, start=start))
+      self._start = start
+
+  def get_state(self):
+    return {"grain": self._it.get_state(), "start": self._start,
+            "process_index": self.process_index, "process_count": self.process_count,
+            "batch_size": self.batch_size}
+
+  def set_state(self, state):
+    """Restores a state of this iterator's layout (or a bare grain state, pre-layout checkpoints)."""
+    if "grain" not in state:
+      self._restart(0)
+      self._it.set_state(state)
+      return
+    if (state["process_count"], state["process_index"], state["batch_size"]) != (
+        self.process_count, self.process_index, self.batch_size):
+      raise ValueError(
+          f"data iterator state of process {state['process_index']} of {state['process_count']} "
+          f"({state['batch_size']} rows) cannot restore process {self.process_index} of "
+          f"{self.process_count} ({self.batch_size} rows); use set_process_states")
+    self._restart(int(state["start"]))
+    self._it.set_state(state["grain"])
+
+  def set_process_states(self, states):
+    """Restores from every process's saved state (a list in process order), whatever their layout."""
+    states = [s if "grain" in s else {"grain": s, "start": 0, "process_index": 0, "process_count": 1,
+                                      "batch_size": self.batch_size} for s in states]
+    same = (len(states) == self.process_count and all(
+        (s["process_index"], s["process_count"], s["batch_size"]) == (i, self.process_count,
+                                                                      self.batch_size)
+        for i, s in enumerate(states)))
+    if same:
+      self.set_state(states[self.process_index])
+      return
+    # Another layout: the global stream position past every element any saved process has read.
+    end = 0
+    for s in states:
+      n, b, i = s["process_count"], s["batch_size"], s["process_index"]
+      read = int(s["start"]) + int(s["grain"].get("elements", 0))  # this process's elements read
+      if read:
+        k, r = divmod(read - 1, b)
+        end = max(end, (k * n + i) * b + r + 1)
+    global_batch = self.batch_size * self.process_count
+    first = -(-end // global_batch)  # the next global batch no saved process had begun
+    self._restart(first * self.batch_size)
+    # The run's bad-record counts and keys continue on process 0 (keys are source indices, the same
+    # whatever the layout, so a record already counted by any saved process is not counted again).
+    counts, seen = {}, set()
+    for s in states:
+      bad = s["grain"].get("bad_records", {})
+      bad = bad if "counts" in bad else {"counts": bad}  # pre-key checkpoints: bare counts
+      for k, v in bad["counts"].items():
+        counts[k] = counts.get(k, 0) + v
+      seen.update(bad.get("seen", ()))
+    if self.process_index == 0 and (counts or seen):
+      fresh = self._it.get_state()
+      fresh["bad_records"] = {"counts": counts, "seen": sorted(seen)}
+      self._it.set_state(fresh)
+    log.info("data iterator: %d-process state resumed by %d processes at global batch %d",
+             len(states), self.process_count, first)
+
+
+def make_iterator(records, tokenizer, cfg: DataConfig, seed: int = 0, **shard) -> ProcessIterator:
+  """A ProcessIterator over make_dataset(...): yields batch dicts; get_state()/set_state() (and
+  set_process_states) for checkpoints."""
+  return ProcessIterator(records, tokenizer, cfg, seed, **shard)

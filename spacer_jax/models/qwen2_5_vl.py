@@ -299,7 +299,7 @@ def check_placeholder_counts(cfg, input_ids, image_grid_thw=None, video_grid_thw
 
 
 def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, num_frames=None,
-                          frame_len=None):
+                          frame_len=None, offsets=None):
   """Host (numpy) index arrays for `get_vision_features`.
 
   Without pad-to sizes every shape follows `grid_thw`. With them (`num_patches`, `num_windows`,
@@ -307,6 +307,13 @@ def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, 
   budgets, so grids with the same budget share one compiled function. Pixel rows past the real
   count must then be padded to `num_patches` by the caller; their features are garbage and are
   never scattered (`embed` only reads as many rows as there are placeholders).
+
+  `offsets` (int[n], one per grid, multiples of spatial_merge_size**2) places grid i's patches at
+  pixel rows [offsets[i], offsets[i] + t*h*w) instead of right after grid i-1's: a multi-process
+  batch is the processes' pixel blocks one after the other, each block zero-padded to the same
+  size, so the grids of process 1 start after process 0's padding. Only the first gather (pixel
+  rows -> window order) reads the offsets; after it the activations, every other index array and
+  the output (features in processor order, real rows first) are those of the packed layout.
 
   Returns:
     dict of int32 arrays: window_index / reverse_index [Q], rot_pos [P, 2] (window order),
@@ -323,6 +330,8 @@ def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, 
                                            patch_size=cfg.patch_size,
                                            spatial_merge_size=cfg.spatial_merge_size)
   win_idx = np.concatenate([win_idx, np.arange(q, q_pad)])
+  # Pixel rows (in merged units) read in window order: the packed index, or its slot under offsets.
+  read_idx = win_idx if offsets is None else _offset_rows(grid, offsets, merge2, q_pad)[win_idx]
   rot = positions.vision_rotary_ids(grid, cfg.spatial_merge_size)
   rot = np.concatenate([rot, np.zeros((p_pad - p, 2), np.int64)])
   rot = rot.reshape(q_pad, merge2, 2)[win_idx].reshape(p_pad, 2)
@@ -330,10 +339,32 @@ def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, 
                                         segment_len=cfg.window_patches)
   fg, fl, fs = positions.segment_gather(positions.cu_seqlens(grid), num_patches=p_pad,
                                         num_segments=num_frames, segment_len=frame_len)
-  return dict(window_index=win_idx.astype(np.int32),
+  return dict(window_index=read_idx.astype(np.int32),
               reverse_index=np.argsort(win_idx).astype(np.int32), rot_pos=rot.astype(np.int32),
               win_gather=wg, win_lengths=wl, win_scatter=ws, full_gather=fg, full_lengths=fl,
               full_scatter=fs)
+
+
+def _offset_rows(grid, offsets, merge2, q_pad):
+  """int64[Q_pad]: the merged pixel row of each packed merged row when grid i starts at offsets[i];
+  the packed padding rows map to the rows no grid covers, in order."""
+  offsets = np.asarray(offsets, np.int64).reshape(-1)
+  sizes = np.prod(grid, axis=-1) // merge2  # merged rows per grid
+  if len(offsets) != len(grid):
+    raise ValueError(f"{len(offsets)} offsets for {len(grid)} grids")
+  if np.any(offsets % merge2):
+    raise ValueError(f"pixel offsets {offsets.tolist()} must be multiples of {merge2}")
+  starts = offsets // merge2
+  ends = starts + sizes
+  order = np.argsort(starts, kind="stable")
+  if np.any(starts < 0) or (len(ends) and ends.max(initial=0) > q_pad) or np.any(
+      starts[order][1:] < ends[order][:-1]):
+    raise ValueError(f"pixel offsets {offsets.tolist()} overlap or exceed the {q_pad * merge2} "
+                     f"pixel rows (grids {grid.tolist()})")
+  real = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)] + [np.zeros(0, np.int64)])
+  covered = np.zeros(q_pad, bool)
+  covered[real] = True
+  return np.concatenate([real, np.flatnonzero(~covered)]).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
