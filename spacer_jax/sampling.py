@@ -477,18 +477,31 @@ class Sampler:
     return batch
 
   def batch_shardings(self, batch):
-    """Shardings of a prepared batch (arrays or ShapeDtypeStructs): prompt rows over the batch axes
-    where they divide, position rows along dim 1, pixels and vision index arrays replicated; None
-    without a mesh (or when the rows do not divide)."""
-    sharding = self._row_sharding(batch["input_ids"].shape[0])
-    if sharding is None:
+    """Shardings of a prepared batch (arrays or ShapeDtypeStructs), as `_put` places it: prompt
+    rows over the batch axes where they divide, position rows along dim 1, pixel rows split where
+    they divide (`_pixel_sharding`), vision index arrays replicated. None on one process without
+    a mesh or when the rows do not divide (the jitted functions place the batch)."""
+    sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
+    if sharding is None and jax.process_count() == 1:
       return None
-    mesh, axes = sharding
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
-    cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    kinds = {"input_ids": rows, "attention_mask": rows, "position_ids": cols, "base_pos": cols}
-    return {k: jax.tree.map(lambda _, s=kinds.get(k, repl): s, v) for k, v in batch.items()}
+    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rows = cols = repl
+    if sharding is not None:
+      mesh, axes = sharding
+      rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+      cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
+    out = {}
+    for k, v in batch.items():
+      if k in ("input_ids", "attention_mask"):
+        s = rows
+      elif k in ("position_ids", "base_pos"):
+        s = cols
+      elif k in ("pixel_values", "pixel_values_videos"):
+        s = self._pixel_sharding(np.shape(v)[0])
+      else:
+        s = repl
+      out[k] = jax.tree.map(lambda _, s=s: s, v)
+    return out
 
   def _global_batch(self, input_ids, mask, t, vision):
     """Multi-process `prepare`: every process's prompts and grids gathered in process order.
@@ -559,26 +572,10 @@ class Sampler:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
 
   def _put(self, batch):
-    sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
-    if sharding is None and jax.process_count() == 1:
+    shardings = self.batch_shardings(batch)
+    if shardings is None:
       return jax.device_put(batch)  # uncommitted: the jitted functions place them
-    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    rows = cols = repl
-    if sharding is not None:
-      mesh, axes = sharding
-      rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
-      cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
-    out = {}
-    for k, v in batch.items():
-      if k in ("input_ids", "attention_mask"):
-        out[k] = jax.device_put(v, rows)
-      elif k in ("position_ids", "base_pos"):
-        out[k] = jax.device_put(v, cols)
-      elif k in ("pixel_values", "pixel_values_videos"):
-        out[k] = jax.device_put(v, self._pixel_sharding(np.shape(v)[0]))
-      else:
-        out[k] = jax.device_put(v, repl)
-    return out
+    return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
   # -- device calls ----------------------------------------------------------------------------
 
