@@ -246,7 +246,11 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
       variant="",  # "tiny" only for tests/smoke; otherwise the architecture comes from hf_dir.
       tiny_overrides=ml_collections.ConfigDict(),
       dtype="bfloat16", param_dtype="float32", ref_param_dtype="bfloat16",
-      use_remat=True, text_after_vision="qwen", freeze_vision=False))
+      use_remat=True,
+      # Decoder as a lax.scan in train_step / token_logps (one compiled layer; weights keep their
+      # names). Off: the 7B plan on v5p-8 was measured unrolled (experiments/2026-12-04_plan_7b_v5p8).
+      scan_layers=False,
+      text_after_vision="qwen", freeze_vision=False))
 
   c.data = ml_collections.ConfigDict(dict(
       source="spacer",  # "spacer" (JSONL on disk) | "synthetic" (generated scenes)
@@ -385,7 +389,7 @@ def _is_number(x):
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def problems(config, *, num_devices=None, process_count=1):
+def problems(config, *, num_devices=None, process_count=1, check_paths=True):
   """Every reason why `config` (a train.py config) cannot train, each naming its field.
 
   Checks types and ranges of the values train.py reads (batch size, steps, generations, buckets,
@@ -398,6 +402,8 @@ def problems(config, *, num_devices=None, process_count=1):
     config: the ConfigDict of spacer_jax/configs/{sgrlvr,grpo,sft}.py (after command-line overrides).
     num_devices: number of devices the mesh must cover (None: not checked).
     process_count: number of processes (hosts); data.batch_size must divide among them.
+    check_paths: False skips the data and checkpoint paths (python -m spacer_jax.plan checks a
+      config on a host that has neither).
 
   Returns:
     A list of "config.<field> = <value>: <what is wrong>" strings; empty when the config is fine.
@@ -430,6 +436,8 @@ def problems(config, *, num_devices=None, process_count=1):
     return value if good else None
 
   def path(field, inner=None):
+    if not check_paths:
+      return
     value = _get(config, field)
     if not value or not os.path.exists(value):
       bad(field, f"does not exist; set --config.{field}=...")
@@ -609,9 +617,10 @@ def problems(config, *, num_devices=None, process_count=1):
   return out
 
 
-def validate(config, *, num_devices=None, process_count=1):
+def validate(config, *, num_devices=None, process_count=1, check_paths=True):
   """Raises ConfigError listing every problem of `config` (see `problems`); returns None if fine."""
-  found = problems(config, num_devices=num_devices, process_count=process_count)
+  found = problems(config, num_devices=num_devices, process_count=process_count,
+                   check_paths=check_paths)
   if found:
     raise ConfigError(found)
 

@@ -15,6 +15,7 @@ Axis legend: B sequences (prompts x G), T completion tokens, V vocabulary.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -117,11 +118,39 @@ def kl_k3(logp, ref_logp, clamp: float = KL_CLAMP):
   return jnp.exp(x) - x - 1
 
 
-def token_logps(logits, tokens):
-  """log softmax(logits)[tokens] as logsumexp - sum(logits * one_hot).
+def _is_token(tokens, v):
+  """bool[..., V]: position t's token is vocabulary entry v. A comparison with a [1, .., V] iota
+  that XLA fuses into its consumer (jax.nn.one_hot's broadcast int32 [..., V] iota was kept as a
+  9.3 GiB buffer in the 7B train step)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, (1,) * tokens.ndim + (v,), tokens.ndim)
+  return tokens[..., None].astype(jnp.int32) == iota
 
-  The one-hot contraction has a dense gradient; a gather (take_along_axis) would backprop through a
-  scatter, which costs 1-3 s per step on CPU at 8 x 256 x 32k (PERF_NOTES.md).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pick(v, logits, tokens):
+  """logits[..., tokens] as a masked sum: no gather (whose gradient is a scatter), no one-hot."""
+  return jnp.sum(jnp.where(_is_token(tokens, v), logits, 0.0), axis=-1)
+
+
+def _pick_fwd(v, logits, tokens):
+  return _pick(v, logits, tokens), tokens  # only the token ids are kept for the backward
+
+
+def _pick_bwd(v, tokens, g):
+  # The cotangent is g at each row's token and 0 elsewhere, built where it is consumed.
+  return jnp.where(_is_token(tokens, v), g[..., None], 0.0).astype(g.dtype), None
+
+
+_pick.defvjp(_pick_fwd, _pick_bwd)
+
+
+def token_logps(logits, tokens):
+  """log softmax(logits)[tokens] as logits[tokens] - logsumexp(logits), in float32.
+
+  The picked logit is a masked sum over the vocabulary with a custom gradient (the mask times the
+  cotangent): a gather (take_along_axis) would backprop through a scatter, which costs 1-3 s per
+  step on CPU at 8 x 256 x 32k, and a one-hot contraction materialises an int32 [..., V] iota on
+  TPU. The masked sum is also exact on TPU, where a float32 one-hot matmul may run in bf16 passes.
   Args:
     logits: float[B, T, V] (any float dtype; computed in float32).
     tokens: int[B, T].
@@ -129,9 +158,7 @@ def token_logps(logits, tokens):
     float32[B, T].
   """
   logits = logits.astype(jnp.float32)
-  picked = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(tokens, logits.shape[-1],
-                                                            dtype=logits.dtype))
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+  return _pick(logits.shape[-1], logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
 
 
 def token_entropy(logits):

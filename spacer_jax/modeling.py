@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -236,6 +237,25 @@ def model_config(source, **overrides):
     path = pathlib.Path(source) / "config.json"
   # Validated there: Qwen2.5-VL only, with its vision_config; errors name the file.
   return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_json(str(path), **overrides)
+
+
+# The published Qwen2.5-VL sizes (their config.json, as qwen2_5_vl presets).
+PUBLISHED = {"3b": qwen2_5_vl.qwen2p5_vl_3b, "7b": qwen2_5_vl.qwen2p5_vl_7b,
+             "32b": qwen2_5_vl.qwen2p5_vl_32b, "72b": qwen2_5_vl.qwen2p5_vl_72b}
+
+
+def published_config(name, **overrides):
+  """The config of the published Qwen2.5-VL whose size `name` gives: "7b", or a checkpoint path
+  such as /ckpt/Qwen2.5-VL-7B-Instruct (read from its last component; no file is opened). For
+  planning a recipe on a host without its checkpoint."""
+  base = os.path.basename(os.path.normpath(os.fspath(name))).lower()
+  sizes = [m for m in re.findall(r"(\d+)b(?![a-z])", base) if f"{m}b" in PUBLISHED]
+  if len(sizes) != 1:
+    raise FileNotFoundError(
+        f"{name}: no config.json there and the name gives no published Qwen2.5-VL size "
+        f"({'/'.join(PUBLISHED)}); point config.model.hf_dir at a checkpoint or a "
+        "Qwen2.5-VL-<size>-Instruct directory name")
+  return PUBLISHED[f"{sizes[0]}b"](**overrides)
 
 
 def tokenizer_dir(source, tokenizer_dir=None):

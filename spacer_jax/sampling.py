@@ -311,6 +311,24 @@ def auto_vision_budget(cfg, grid_thw, num_patches):
               num_frames=_bucket(int(g[:, 0].sum())), frame_len=_bucket(int((g[:, 1] * g[:, 2]).max())))
 
 
+class BoundJit:
+  """A module-level jitted function with its static keyword arguments bound: callable like the
+  function, and `.trace(*args)` / `.lower(*args)` like a jitted function (one executable cache,
+  shared with every other caller of the same function and static arguments)."""
+
+  def __init__(self, jitted, **static):
+    self.jitted, self.static = jitted, static
+
+  def __call__(self, *args):
+    return self.jitted(*args, **self.static)
+
+  def trace(self, *args):
+    return self.jitted.trace(*args, **self.static)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args, **self.static)
+
+
 def compile_counts():
   """{"prefill": n, "decode": n}: executables compiled so far by the jitted sampler functions."""
   return {"prefill": int(_prefill._cache_size()), "decode": int(_decode._cache_size())}  # pylint: disable=protected-access
@@ -458,6 +476,33 @@ class Sampler:
                                                               offsets=offsets.get(kind), **budget)
     return batch
 
+  def batch_shardings(self, batch):
+    """Shardings of a prepared batch (arrays or ShapeDtypeStructs), as `_put` places it: prompt
+    rows over the batch axes where they divide, position rows along dim 1, pixel rows split where
+    they divide (`_pixel_sharding`), vision index arrays replicated. None on one process without
+    a mesh or when the rows do not divide (the jitted functions place the batch)."""
+    sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
+    if sharding is None and jax.process_count() == 1:
+      return None
+    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rows = cols = repl
+    if sharding is not None:
+      mesh, axes = sharding
+      rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+      cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
+    out = {}
+    for k, v in batch.items():
+      if k in ("input_ids", "attention_mask"):
+        s = rows
+      elif k in ("position_ids", "base_pos"):
+        s = cols
+      elif k in ("pixel_values", "pixel_values_videos"):
+        s = self._pixel_sharding(np.shape(v)[0])
+      else:
+        s = repl
+      out[k] = jax.tree.map(lambda _, s=s: s, v)
+    return out
+
   def _global_batch(self, input_ids, mask, t, vision):
     """Multi-process `prepare`: every process's prompts and grids gathered in process order.
 
@@ -527,45 +572,39 @@ class Sampler:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
 
   def _put(self, batch):
-    sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
-    if sharding is None and jax.process_count() == 1:
+    shardings = self.batch_shardings(batch)
+    if shardings is None:
       return jax.device_put(batch)  # uncommitted: the jitted functions place them
-    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    rows = cols = repl
-    if sharding is not None:
-      mesh, axes = sharding
-      rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
-      cols = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
-    out = {}
-    for k, v in batch.items():
-      if k in ("input_ids", "attention_mask"):
-        out[k] = jax.device_put(v, rows)
-      elif k in ("position_ids", "base_pos"):
-        out[k] = jax.device_put(v, cols)
-      elif k in ("pixel_values", "pixel_values_videos"):
-        out[k] = jax.device_put(v, self._pixel_sharding(np.shape(v)[0]))
-      else:
-        out[k] = jax.device_put(v, repl)
-    return out
+    return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
   # -- device calls ----------------------------------------------------------------------------
+
+  def prefill_fn(self, num_prompts, *, max_new_tokens, num_samples=1):
+    """The jitted prefill with this sampler's static settings bound for `num_prompts` prompts:
+    fn(params, batch, rng) -> SamplingState. Like a jitted function it also has `.trace(...)`
+    and `.lower(...)`, which take abstract arguments (the planner compiles it that way)."""
+    return BoundJit(_prefill, graphdef=self.graphdef, num_samples=int(num_samples),
+                    max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
+                    row_sharding=self._row_sharding(num_prompts * num_samples),
+                    prompt_sharding=self._row_sharding(num_prompts),
+                    track_seen=self.scfg.repetition_penalty != 1.0)
+
+  def decode_fn(self):
+    """The jitted decode loop with this sampler's static settings bound: fn(params, state, until)
+    -> SamplingState (donates `state`; `until` an int32 scalar); `.trace`/`.lower` as prefill_fn."""
+    return BoundJit(_decode, graphdef=self.graphdef, scfg=self.scfg)
 
   def prefill(self, batch, *, max_new_tokens, num_samples=1, rng=None, params=None):
     """Jitted prefill on a prepared batch -> SamplingState with B*num_samples rows."""
     rng = jax.random.key(0) if rng is None else rng
-    rows = batch["input_ids"].shape[0] * num_samples
-    return _prefill(self.params if params is None else params, self._put(batch), rng,
-                    graphdef=self.graphdef, num_samples=int(num_samples),
-                    max_new_tokens=int(max_new_tokens), cache_dtype=self.cache_dtype,
-                    row_sharding=self._row_sharding(rows),
-                    prompt_sharding=self._row_sharding(batch["input_ids"].shape[0]),
-                    track_seen=self.scfg.repetition_penalty != 1.0)
+    fn = self.prefill_fn(batch["input_ids"].shape[0], max_new_tokens=max_new_tokens,
+                         num_samples=num_samples)
+    return fn(self.params if params is None else params, self._put(batch), rng)
 
   def decode(self, state, *, until=None, params=None):
     """Jitted decode loop (donates `state`)."""
     until = state.tokens.shape[1] if until is None else until
-    return _decode(self.params if params is None else params, state, jnp.int32(until),
-                   graphdef=self.graphdef, scfg=self.scfg)
+    return self.decode_fn()(self.params if params is None else params, state, jnp.int32(until))
 
   def __call__(self, input_ids, attention_mask=None, *, max_new_tokens, num_samples=1, rng=None,
                params=None, callback: Callable[[np.ndarray, np.ndarray], None] | None = None,

@@ -160,6 +160,17 @@ def batch_shardings(tree, mesh, rules):
       lambda x: batch_sharding(mesh, rules, np.shape(x)) if np.ndim(x) else replicated(mesh), tree)
 
 
+def constrain(x, logical_names, rules):
+  """`with_sharding_constraint` of `x` to its logical axis names under `rules`, on the mesh set
+  with `jax.set_mesh` (inside jit; the identity without a mesh). layers.constrain calls it with
+  the rules of the enclosing `nnx.logical_axis_rules`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(x.shape, logical_names, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def describe(abstract_flat, shardings, logical_axes):
   """Startup table: `key | shape | dtype | logical axes | PartitionSpec` (one line per param)."""
   lines = [f"{'param':60s} {'shape':22s} {'dtype':9s} {'logical':28s} spec"]

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from spacer_jax import checkpoint, cli, config_lib, distributed, grpo, lora
@@ -262,8 +263,13 @@ def make_tokenizer(config, workdir):
 
 
 def make_model_config(config, tokenizer):
-  """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json."""
-  common = dict(use_remat=bool(config.model.use_remat),
+  """The architecture: `qwen2_5_vl.tiny` (ids from the tokenizer) or the checkpoint's config.json.
+
+  tokenizer=None (the planner, which needs no weights or tokenizer files on its host): no tokenizer
+  check, and without a config.json in config.model.hf_dir the published Qwen2.5-VL of the size the
+  directory names (modeling.published_config).
+  """
+  common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
     ids = tokenizer.special_ids()
@@ -272,6 +278,10 @@ def make_model_config(config, tokenizer):
                            **config.model.tiny_overrides.to_dict())
   if config.model.variant:
     raise ValueError(f"config.model.variant must be '' or 'tiny', got {config.model.variant!r}")
+  if tokenizer is None:
+    if not os.path.isfile(os.path.join(config.model.hf_dir, "config.json")):
+      return modeling.published_config(config.model.hf_dir, **common)
+    return modeling.model_config(config.model.hf_dir, **common)
   cfg = modeling.model_config(config.model.hf_dir, **common)
   modeling.check_tokenizer(tokenizer, cfg, where="config.data.tokenizer_dir / config.model.hf_dir")
   return cfg
@@ -548,8 +558,10 @@ def train_and_evaluate(config, workdir):
   source = model_source(config)
   adapter = config.lora.adapter_dir or None
 
-  # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings); activations
-  # inside the model follow GSPMD propagation.
+  # Parameter and batch shardings are explicit (abstract.shardings / batch_shardings). Activation
+  # constraints inside the model (layers.constrain) resolve with the same rules through
+  # sharding.logical_to_spec; they are active where the jitted functions are traced, in the loop
+  # (under nnx.logical_axis_rules), and not while models are built (flax would shard them eagerly).
   with jax.set_mesh(mesh):
     # == Data ===================================================================================
     records, bad = load_records(config, workdir)
@@ -615,7 +627,7 @@ def train_and_evaluate(config, workdir):
     bar = metrics_lib.progress(start, config.total_steps,
                                disable=not (config.use_progress_bar and primary))
     skipped_in_row = 0
-    with checkpoint.Preemption(ckpt) as preemption:
+    with checkpoint.Preemption(ckpt) as preemption, nnx.logical_axis_rules(rules):
       for step in range(start, phases.total_steps + 1):
         phase, t0 = phases.phase(step), time.perf_counter()
         with writer.timed("data"):

@@ -1,5 +1,5 @@
-"""Text-decoder-level properties not covered by the HF parity tests: rematerialisation gives the
-same gradients, bfloat16 stays within a bound derived from bf16 rounding, M-RoPE checks."""
+"""Text-decoder-level properties not covered by the HF parity tests: rematerialisation and the
+layer scan give the same gradients, bfloat16 stays within a bound derived from bf16 rounding, M-RoPE checks."""
 
 import dataclasses
 
@@ -66,6 +66,31 @@ def test_remat_gives_identical_gradients():
     assert pa == pb
     np.testing.assert_allclose(vb, va, rtol=1e-9, atol=1e-9, err_msg=".".join(map(str, pa)))
   assert all(np.abs(v).max() > 0 for p, v in a if "blocks" in map(str, p))
+
+
+@pytest.mark.parametrize("use_remat", [False, True])
+def test_scan_layers_gives_identical_logits_and_gradients(use_remat):
+  """The decoder as a lax.scan over stacked layer weights is the unrolled loop: same logits and
+  gradients per (still per-layer) weight, in float64 for the reason given above."""
+  cfg = qwen2_5_vl.tiny(vision_depth=2, num_hidden_layers=3, use_remat=use_remat)
+  ids, mask, pix = _prompt(cfg)
+  out = []
+  with jax.enable_x64(True):
+    for scan in (False, True):
+      c = dataclasses.replace(cfg, scan_layers=scan)
+      model = qwen2_5_vl.init_model(c, seed=5, dtype=jnp.float64, param_dtype=jnp.float64,
+                                    init_std=0.2)
+      loss = _loss_fn(c, ids, mask, pix.astype(np.float64))
+      value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+      out.append((float(value), [(p, np.asarray(v.get_value()))
+                                 for p, v in nnx.to_flat_state(grads)]))
+  (va, a), (vb, b) = out
+  np.testing.assert_allclose(vb, va, rtol=1e-12)
+  assert len(a) == len(b) > 0
+  for (pa, ga), (pb, gb) in zip(a, b):
+    assert pa == pb
+    np.testing.assert_allclose(gb, ga, rtol=1e-9, atol=1e-9, err_msg=".".join(map(str, pa)))
+  assert all(np.abs(g).max() > 0 for p, g in b if "layers" in map(str, p))
 
 
 def test_bf16_logits_within_rounding_bound(tmp_path):

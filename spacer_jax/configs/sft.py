@@ -19,6 +19,8 @@ Run sheet
   target=process trains on SpaceR-151k's `process` field (Video-R1 `<think>` traces, carried by
   the pipeline and the TFDS builder >= 1.1.0); rows without a trace train on the solution alone,
   logged as sft/empty_process_frac.
+  TPU: v5p-8 for 3B and 7B (as configs/sgrlvr.py; plan with python -m spacer_jax.plan
+    --config=configs/sft.py:size=7b --topology=v5p-8).
   Expected: the loss drops within the first hundred steps (answers are a few tokens); VSI-Bench below
   SG-RLVR.
 """

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 
+from spacer_jax import sharding
+
 _INIT_STD = 0.02  # transformers' initializer_range; only used for random (test/smoke) init.
 
 
@@ -287,22 +289,16 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_mask, suffix_k,
 def constrain(x, names):
   """Constrains activation `x` to the logical axes `names` (e.g. ("batch", "seq", "embed")).
 
-  Resolved with the rules of the enclosing `nnx.logical_axis_rules(...)` against the mesh set with
-  `jax.set_mesh(...)`. Without rules or without a mesh it is the identity, so the model runs
-  unchanged on one device and in tests. The trainer's sharding module supplies both contexts.
+  Resolved by `sharding.logical_to_spec` (the one logical-to-mesh resolver) with the rules of the
+  enclosing `nnx.logical_axis_rules(...)` against the mesh set with `jax.set_mesh(...)`: a mesh axis
+  shards at most one dim (under FSDP rules batch -> (data, fsdp) and embed -> fsdp, activations
+  [batch, seq, embed] are split over rows and keep embed whole), and an axis that does not divide
+  its dim is dropped there (then the next dim may take it). Without rules or without a mesh it is
+  the identity, so the model runs unchanged on one device and in tests; the trainer and the
+  planner trace under both.
   """
   rules = core_spmd.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh is None or mesh.empty:
     return x
-  table = dict(rules)
-  spec, used = [], set()
-  for name in names:
-    axes = table.get(name) if name is not None else None  # unknown name: replicated
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    # A mesh axis shards at most one dimension: under FSDP rules batch -> (data, fsdp) and
-    # embed -> fsdp, so activations [batch, seq, embed] keep embed whole (params still use it).
-    axes = tuple(a for a in axes if a not in used)
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else (axes or None))
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+  return sharding.constrain(x, names, rules)

@@ -95,6 +95,9 @@ class Qwen2_5_VLConfig:
   # Options.
   text_after_vision: str = "qwen"  # "qwen" | "hf5", see positions.get_rope_index
   use_remat: bool = False  # rematerialise every decoder layer / vision block in the backward pass
+  # Run the decoder layers as a lax.scan in the forward without a KV cache (training, reference
+  # log-probs): one compiled layer instead of num_hidden_layers; weights keep their per-layer names.
+  scan_layers: bool = False
   attn_implementation: str | None = None  # jax.nn.dot_product_attention implementation
 
   def __post_init__(self):

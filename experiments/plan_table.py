@@ -1,0 +1,114 @@
+"""The README's "will it fit" table: every recipe size on the TPU slice its run sheet names.
+
+  python experiments/plan_table.py [--out=experiments/2026-12-04_plan_7b_v5p8/table.json] [--only=7b]
+  python experiments/plan_table.py --add="SG-RLVR 7B=plan.json"   # a report from a direct run
+
+Runs `python -m spacer_jax.plan` once per row (a fresh process each: one compile's host memory is
+returned before the next), keeps each JSON report, and prints the markdown table the README shows.
+Rows already in --out are reused (delete the file, or pass --redo, to recompile them). Every row is
+printed; one without a report says "not compiled" and why (--reason; by default that it has not
+been run), never a number.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (row name, config, topology): the slices named in each config's run sheet.
+ROWS = (
+    ("SG-RLVR 3B", "configs/sgrlvr.py:size=3b", "v5p-8"),
+    ("SG-RLVR 7B", "configs/sgrlvr.py:size=7b", "v5p-8"),
+    ("SG-RLVR 32B", "configs/sgrlvr.py:size=32b", "v5p-32"),
+    ("SG-RLVR 72B", "configs/sgrlvr.py:size=72b", "v5p-64"),
+    ("SFT 7B", "configs/sft.py:size=7b", "v5p-8"),
+)
+
+
+def run_row(config, topology, extra):
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    path = f.name
+  cmd = [sys.executable, "-m", "spacer_jax.plan", f"--config={config}", f"--topology={topology}",
+         f"--json={path}", *extra]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  with open(path) as f:
+    report = json.load(f)
+  os.unlink(path)
+  report["wall_seconds"] = time.perf_counter() - t0
+  report["command"] = " ".join(["python -m spacer_jax.plan"] + cmd[3:-1] + extra)
+  print(proc.stdout, flush=True)
+  return report
+
+
+def table(rows, reason):
+  gib = 2.0 ** 30
+  out = ["| recipe | slice | fits | peak GiB / chip (HBM) | step s (est.) | train MFU (est.) | "
+         "rollout tok/s (est.) | compile s |",
+         "|---|---|---|---|---|---|---|---|"]
+  for name, config, topology, r in rows:
+    if r is None:
+      out.append(f"| {name} (`{config}`) | {topology} | not compiled ({reason}) | | | | | |")
+      continue
+    fns = r["functions"]
+    compile_s = sum(f["compile_seconds"] for f in fns.values())
+    fits = "yes" if r["fits"] else f"no ({-r['headroom_bytes'] / gib:.1f} GiB over)"
+    mfu = r.get("mfu_estimate")
+    tok = r.get("rollout_tokens_per_second")
+    out.append(
+        f"| {name} (`{config}`) | {r['topology']} ({r['num_devices']} chips) | {fits} | "
+        f"{r['step_peak_bytes'] / gib:.1f} ({r['hbm_bytes_per_device'] / gib:.1f}) | "
+        f"{r['step_seconds_estimate']:.1f} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} | "
+        f"{'-' if tok is None else f'{tok:,.0f}'} | {compile_s:.0f} |")
+  return "\n".join(out)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "2026-12-04_plan_7b_v5p8",
+                                                "table.json"))
+  ap.add_argument("--only", default="", help="comma-separated substrings of row names")
+  ap.add_argument("--redo", action="store_true")
+  ap.add_argument("--add", action="append", default=[],
+                  help="ROW NAME=FILE: take that row from a --json report of a direct run")
+  ap.add_argument("--table_only", action="store_true", help="compile nothing, print the table")
+  ap.add_argument("--reason", default="not run yet", help="why rows without a report have none")
+  args, extra = ap.parse_known_args()
+  done = {}
+  if os.path.exists(args.out) and not args.redo:
+    with open(args.out) as f:
+      done = json.load(f)
+  names = {n: (c, t) for n, c, t in ROWS}
+  for spec in args.add:
+    name, path = spec.split("=", 1)
+    if name not in names:
+      raise SystemExit(f"--add={spec}: no row {name!r} (rows: {', '.join(names)})")
+    with open(path) as f:
+      report = json.load(f)
+    if report["topology"] != names[name][1]:
+      raise SystemExit(f"--add={spec}: a {report['topology']} report for a {names[name][1]} row")
+    done[name] = report
+  only = [s for s in args.only.split(",") if s]
+  for name, config, topology in ROWS:
+    if (args.table_only or name in done
+        or (only and not any(s.lower() in name.lower() for s in only))):
+      continue
+    done[name] = run_row(config, topology, extra)
+    with open(args.out, "w") as f:
+      json.dump(done, f, indent=2)
+  if args.add:
+    with open(args.out, "w") as f:
+      json.dump(done, f, indent=2)
+  print(table([(n, c, t, done.get(n)) for n, c, t in ROWS], args.reason))
+
+
+if __name__ == "__main__":
+  main()
