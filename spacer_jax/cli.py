@@ -203,6 +203,7 @@ SCRIPTS = {
     "spacer-convert": "spacer_jax.convert",
     "spacer-synthetic": "spacer_jax.data.synthetic.__main__",
     "spacer-demo": "spacer_jax.demo",
+    "spacer-plan": "spacer_jax.plan",
 }
 
 
@@ -235,3 +236,7 @@ def synthetic():
 
 def demo():
   run_module(SCRIPTS["spacer-demo"])
+
+
+def plan():
+  run_module(SCRIPTS["spacer-plan"])

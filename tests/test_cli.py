@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "spacer_jax.data.synthetic": ("--out", "--preset", "--num_scenes", "--categories_per_scene",
                                   "--task_weights", "--[no]overwrite"),
     "spacer_jax.demo": ("--config", "--workdir"),
+    "spacer_jax.plan": ("--config", "--topology", "--json"),
     "spacer_jax.data.tfds_builders": ("--dataset", "--manual_dir", "--data_dir", "--[no]strict"),
     "spacer_jax.benchmarks.testdata": ("--out", "--benchmark", "--per_task", "--tiny_model"),
 }
