@@ -6,7 +6,8 @@
 Arms. `--arm=NAME:--config.x=y,--config.z=w` (repeatable; `--arm=NAME:` is the config as it is) or,
 without --arm, the config file's `sweep(add)` function (big_vision's convention): each call
 `add(**{"optim.lr": 1e-6})` is one arm, `add(name="beta0", **{"grpo.beta": 0.0})` names it
-(`--sweep=FN` picks another function of the file). `--config.x=y` flags given to the sweep itself
+(`--sweep=FN` picks another function of the file; `sweep(add, config)` also gets the base config
+and may choose arms by it). `--config.x=y` flags given to the sweep itself
 apply to every arm. Before anything runs, every arm's config is built exactly as train.py will build
 it (ml_collections config_flags): an unknown field, a bad value, or an override that does not change
 its field stops the sweep naming the arm, and sweep.json records what each arm changes against the
@@ -23,11 +24,28 @@ then, if the run has not written demo_metrics.json, its finishing step in a seco
 config that names `post_train` (the demo's: spacer_jax.demo:finish) has train.py run it after
 training; for one that does not (e.g. configs/sgrlvr.py:smoke), or when it was interrupted, the
 sweep calls `--finish=MODULE:FUNCTION` (default spacer_jax.demo:finish) as FUNCTION(config,
-workdir): the demo's greedy held-out evaluation of the SFT and last checkpoints on the synthetic
+workdir): the demo's held-out evaluation of the SFT and last checkpoints on the synthetic
 VSI-format held-out split (demo_metrics.json). `--module` replaces spacer_jax.train (e.g. an entry point that
 trains and finishes in one process). Runs of a synthetic-data config share one generated dataset
 ({runs}/data/...) and, unless the config sets one, one persistent XLA compilation cache
 ({runs}/jax_cache), so arms with the same shapes compile once.
+
+Shared SFT phase. An arm whose config differs from the baseline arm's only in settings the RL
+phase alone reads (grpo.*, rewards.*: RL_ONLY_PREFIXES) has, for each seed, exactly the baseline
+run's SFT warm-up: runs are bit-reproducible and nothing else differs. Such a run does not repeat it:
+once the baseline run of its seed has finished, its checkpoint at step sft_warmup_steps (train state
+and data iterator), its metrics.jsonl and rollouts.jsonl rows up to that step and its tokenizer are
+copied into the arm's workdir, where train.py resumes with the arm's config (run.json records
+`sft_from`). tests/test_sweep.py checks that this gives the same metrics and weights as a run from
+scratch. Arms that change anything else (data.*, mode, optim.*, sft_warmup_steps, ...) run in full;
+`--no_share_sft` runs every arm in full. The shared runs' wall time counts their RL phase only.
+
+Adopted runs. `--adopt=ARM:DIR` (DIR containing `{seed}`) takes finished runs made outside the sweep,
+e.g. the demo's runs of several seeds, as ARM's runs: each DIR's config.json must equal the arm's
+config with that seed, except jax_cache_dir and use_progress_bar (they do not change results), the
+dataset and tokenizer directories of a synthetic-data tiny-model run (generated deterministically)
+and fields the run's config lacks (added to the code later; run.json lists them). The directory is
+copied into the sweep's runs and run.json records where it came from.
 
 Resume. Rerunning the same command skips finished runs (demo_metrics.json present), finishes
 trained ones and restarts the others, which resume from their last checkpoint (train.py's resume).
@@ -97,6 +115,8 @@ class Run:
   run_dir: str
   argv: list  # train.py flags except --workdir.
   total_steps: int
+  sft_from: "Run | None" = None  # The baseline run whose SFT phase this run starts from (share_sft).
+  sft_steps: int = 0  # That phase's length (config.sft_warmup_steps).
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,8 +147,11 @@ def parse_arm(spec):
   return Arm(name, flags)
 
 
-def sweep_arms(config_path, fn_name="sweep"):
-  """The arms of a config file's `sweep(add)` function (big_vision style)."""
+def sweep_arms(config_path, fn_name="sweep", config=None):
+  """The arms of a config file's `sweep(add)` function (big_vision style). A function that takes a
+  second argument, `sweep(add, config)`, gets the base config (`config`: the ConfigDict the sweep's
+  --config and --config.x flags make) and may choose its arms by it."""
+  import inspect  # pylint: disable=g-import-not-at-top
   module = config_lib.load_config_module(config_path)
   fn = getattr(module, fn_name, None)
   if not callable(fn):
@@ -140,7 +163,10 @@ def sweep_arms(config_path, fn_name="sweep"):
     auto = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "base"
     arms.append(Arm(name or re.sub(r"[^A-Za-z0-9_.=+-]", "_", auto), flags))
 
-  fn(add)
+  if len(inspect.signature(fn).parameters) > 1:
+    fn(add, config)
+  else:
+    fn(add)
   bad = [a.name for a in arms if not _NAME.match(a.name)]
   if bad:
     raise ValueError(f"{config_path}:{fn_name}: arm names {bad} need letters, digits and _.=+- only")
@@ -166,6 +192,11 @@ def resolve_config(config_arg, flags, where):
 
 def flatten(config):
   """{dotted key: value} of a ConfigDict, tuples as lists (what config.json holds)."""
+  return flatten_json(json.loads(config.to_json()))
+
+
+def flatten_json(tree):
+  """{dotted key: value} of a nested dict (a run's config.json)."""
   out = {}
 
   def walk(d, prefix):
@@ -174,7 +205,7 @@ def flatten(config):
         walk(v, f"{prefix}{k}.")
       else:
         out[prefix + k] = list(v) if isinstance(v, tuple) else v
-  walk(json.loads(config.to_json()), "")
+  walk(tree, "")
   return out
 
 
@@ -225,6 +256,114 @@ def plan(config_arg, arms, seeds, runs_dir, common=(), jax_cache_dir=None):
       runs.append(Run(arm.name, seed, os.path.join(runs_dir, arm.name, f"seed_{seed}"), argv,
                       int(cfg.total_steps)))
   return flats, runs
+
+
+# Settings only the RL phase reads: an arm that differs from the baseline in nothing else has the
+# baseline's SFT phase, bit for bit (runs are bit-reproducible; tests/test_sweep.py checks it).
+RL_ONLY_PREFIXES = ("grpo.", "rewards.")
+
+
+def sft_shareable(base_flat, arm_flat):
+  """Why an arm cannot start from the baseline's SFT checkpoint ('' when it can)."""
+  if base_flat["mode"] != "grpo" or not base_flat["sft_warmup_steps"]:
+    return "the baseline has no SFT warm-up"
+  if base_flat["total_steps"] <= base_flat["sft_warmup_steps"]:
+    return "the baseline has no RL steps"
+  if base_flat["sft_warmup_steps"] % base_flat["ckpt_every_steps"]:
+    return "the baseline saves no checkpoint at step sft_warmup_steps"
+  other = [k for k in config_diff(base_flat, arm_flat) if not k.startswith(RL_ONLY_PREFIXES)]
+  if other:
+    return f"it changes {', '.join(other)} (not only {'/'.join(p + '*' for p in RL_ONLY_PREFIXES)})"
+  return ""
+
+
+def share_sft(runs, flats, baseline):
+  """Points every run of an arm that changes only RL settings (RL_ONLY_PREFIXES) at the baseline
+  run of its seed: it starts from that run's checkpoint at step sft_warmup_steps instead of
+  repeating the identical SFT phase. Returns {arm: '' if shared, else why not}."""
+  base = {r.seed: r for r in runs if r.arm == baseline}
+  why = {}
+  for arm, flat in flats.items():
+    if arm != baseline:
+      why[arm] = sft_shareable(flats[baseline], flat)
+  steps = int(flats[baseline]["sft_warmup_steps"])
+  for r in runs:
+    if r.arm != baseline and not why[r.arm] and r.seed in base:
+      r.sft_from, r.sft_steps = base[r.seed], steps
+  return why
+
+
+def _copy_rows(src, dst, max_step):
+  """The jsonl rows of `src` with step <= max_step, into `dst` (metrics.jsonl, rollouts.jsonl)."""
+  if not os.path.exists(src):
+    return
+  with open(src) as f, open(dst, "w") as g:
+    for line in f:
+      if line.strip() and json.loads(line)["step"] <= max_step:
+        g.write(line)
+
+
+def seed_from_sft(run):
+  """Gives a new run the SFT phase of `run.sft_from`: its checkpoint at step `run.sft_steps` (state
+  and data iterator; train.py resumes from it), its metrics.jsonl and rollouts.jsonl rows up to that
+  step and its tokenizer/. TensorBoard events are not copied (the arm's start at the RL phase)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  src, step = run.sft_from.run_dir, run.sft_steps
+  ckpt = os.path.join(src, "ckpt", str(step))
+  if not os.path.isdir(os.path.join(ckpt, "state")):
+    raise FileNotFoundError(f"{src}: no checkpoint at step {step} to start {run.run_dir} from "
+                            f"(config.keep_ckpts too small?)")
+  tmp = os.path.join(run.run_dir, "ckpt.sft_tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(ckpt, os.path.join(tmp, str(step)))
+  for name in ("metrics.jsonl", "rollouts.jsonl"):
+    _copy_rows(os.path.join(src, name), os.path.join(run.run_dir, name), step)
+  tok = os.path.join(src, "tokenizer")
+  if os.path.isdir(tok):
+    shutil.copytree(tok, os.path.join(run.run_dir, "tokenizer"), dirs_exist_ok=True)
+  os.replace(tmp, os.path.join(run.run_dir, "ckpt"))  # Last: a checkpoint means the copy is whole.
+  path = os.path.join(run.run_dir, RUN_FILE)
+  rec = _read_json(path)
+  rec["sft_from"] = {"run_dir": src, "step": step}
+  _write_json(path, rec)
+
+
+# Fields that do not change what a run computes (where compiled code is cached; the progress bar).
+ADOPT_IGNORED = ("jax_cache_dir", "use_progress_bar")
+# Where a synthetic-data run of the tiny model found its dataset and tokenizer: both are generated
+# deterministically (from data.synthetic.*, which is compared; the offline BPE), so any directory
+# holds the same bytes.
+ADOPT_IGNORED_SYNTHETIC = ("data.synthetic_root", "data.tokenizer_dir")
+
+
+def adopt(run, src, module):
+  """Makes a finished run made outside the sweep (e.g. the demo's own runs) the sweep's run of its
+  arm and seed: its config.json must equal the config train.py would get from the sweep's flags for
+  that run (except ADOPT_IGNORED); the directory is copied to run.run_dir with a run.json naming
+  where it came from."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(src, RESULTS_FILE)):
+    raise FileNotFoundError(f"--adopt: {src} has no {RESULTS_FILE} (not a finished run)")
+  with open(os.path.join(src, "config.json")) as f:
+    theirs = flatten_json(json.load(f))
+  ours = flatten(resolve_config(run.argv[0].split("=", 1)[1], run.argv[1:], f"--adopt {src}"))
+  ignored = ADOPT_IGNORED + (ADOPT_IGNORED_SYNTHETIC if ours["data.source"] == "synthetic"
+                             and ours["model.variant"] else ())
+  diff = {k: v for k, v in config_diff(ours, theirs).items() if k not in ignored}
+  # Fields the run's config lacks: added to the code after the run was made (its git_commit.txt
+  # says which code); accepted, and listed in run.json.
+  newer = sorted(k for k in diff if k not in theirs)
+  diff = {k: v for k, v in diff.items() if k in theirs}
+  if diff:
+    raise ValueError(f"--adopt: {src} is not arm {run.arm} seed {run.seed}: "
+                     + "; ".join(f"{k}: arm {a!r}, run {b!r}" for k, (a, b) in diff.items()))
+  shutil.copytree(src, run.run_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.log"))
+  timing = _read_json(os.path.join(src, "demo_time.json"), {})
+  _write_json(os.path.join(run.run_dir, RUN_FILE), {
+      "arm": run.arm, "seed": run.seed, "module": module, "argv": run.argv, "adopted_from": src,
+      "fields_newer_than_the_run": newer,
+      "attempts": [{"stage": "adopted", "wall_s": float(timing.get("total_wall_s", 0.0)),
+                    "returncode": 0}]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,6 +421,8 @@ class _Runner:
     self.printer = lambda text: self._say(printer, text)
     self.procs = set()
     self.stopping = False
+    self.ended = {}  # run_dir -> threading.Event, set when runner.run of that run returns.
+    self.errors = {}  # run_dir -> what went wrong (runs that did not finish)
 
   def _say(self, printer, text):
     with self.lock:
@@ -319,9 +460,43 @@ class _Runner:
 
   def run(self, run, label):
     """One run to the end (or to a stop). Returns None on success, else what went wrong."""
+    err = "raised"
+    try:
+      err = self._run(run, label)
+      return err
+    except BaseException as e:
+      err = f"{type(e).__name__}: {e}"
+      raise
+    finally:
+      with self.lock:  # Runs that start from this one's SFT phase wait for this.
+        if err:
+          self.errors[run.run_dir] = err
+        self.ended.setdefault(run.run_dir, threading.Event()).set()
+
+  def _wait_for(self, base):
+    """Waits until the run `base` has ended; returns its error ('' when it finished)."""
+    with self.lock:
+      ended = self.ended.setdefault(base.run_dir, threading.Event())
+    while not ended.wait(2.0):
+      if self.stopping:
+        return "stopped"
+    return self.errors.get(base.run_dir, "")
+
+  def _run(self, run, label):
     status = run_status(run)
     if status == "done":
       return None
+    if status == "new" and run.sft_from is not None:
+      if run_status(run.sft_from) != "done":
+        self.printer(f"{label} {run.arm} seed {run.seed}: waits for {run.sft_from.arm} seed "
+                     f"{run.seed} (its SFT phase)")
+        err = self._wait_for(run.sft_from)
+        if err:
+          return f"the run it shares the SFT phase with did not finish ({err})"
+      seed_from_sft(run)
+      self.printer(f"{label} {run.arm} seed {run.seed}: starts from {run.sft_from.arm} seed "
+                   f"{run.seed} at step {run.sft_steps} (shared SFT phase)")
+      status = run_status(run)
     if status in ("new", "partial"):
       what = "starts" if status == "new" else f"resumes after step {latest_step(run.run_dir)}"
       self.printer(f"{label} {run.arm} seed {run.seed}: training {what}")
@@ -351,6 +526,10 @@ def execute(runs, *, module, finish, parallel=1, printer=print):
   for r in runs:  # Finished runs too: their results must come from these flags.
     claim(r, module)
   todo = [r for r in runs if run_status(r) != "done"]
+  # Runs that others start from first (the pool takes them in order: a waiting run never holds
+  # the slot its baseline needs).
+  sources = {r.sft_from.run_dir for r in todo if r.sft_from is not None}
+  todo.sort(key=lambda r: r.run_dir not in sources)
   printer(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go, "
           f"{parallel} at a time")
   runner = _Runner(module, finish, printer)
@@ -426,6 +605,7 @@ def run_values(run_dir):
     out["heldout/map"] = h["map"]
     out["heldout/accuracy_reward"] = h["accuracy"]
     out["heldout_questions"] = h["num"]
+    out["heldout_samples"] = int(m.get("heldout_samples_per_question", 0))  # 0: greedy
   if "sft" in heldout:
     out["heldout_sft/accuracy"] = heldout["sft"]["accuracy_base"]
   rows = demo.read_metrics(run_dir)
@@ -527,6 +707,10 @@ def results_markdown(results, record):
   commits = sorted({v.get("git_commit", "?") for a in arms.values() for v in a["seeds"].values()})
   nq = sorted({v.get("heldout_questions") for a in arms.values() for v in a["seeds"].values()
                if v.get("heldout_questions")})
+  ks = sorted({v.get("heldout_samples", 0) for a in arms.values() for v in a["seeds"].values()})
+  decoding = " / ".join("greedy decoding" if k <= 0 else
+                        f"mean over {k} completions per question sampled as the rollouts are"
+                        for k in ks)
   lines = [f"# Sweep: `{record['config']}`", "",
            f"Command: `{inv['command']}`", "",
            f"Sweep started at git commit `{inv['git_commit']}`; the runs' commits: "
@@ -535,9 +719,10 @@ def results_markdown(results, record):
               else ""), "",
            f"Seeds: {', '.join(str(s) for s in record['seeds'])}. Baseline arm: "
            f"`{results['baseline']}`. Values are mean ± standard error over seeds.", "",
-           "Held-out = greedy answer accuracy (`accuracy_base`: exact match for multiple choice, "
-           "MRA for numbers) of the last checkpoint on the synthetic held-out split (VSI-Bench "
-           f"task types, training prompt format; {', '.join(map(str, nq)) or '?'} questions).", "",
+           f"Held-out = answer accuracy ({decoding}; `accuracy_base`: exact match for multiple "
+           "choice, MRA for numbers) of the last checkpoint on the synthetic held-out split "
+           f"(VSI-Bench task types, training prompt format; {', '.join(map(str, nq)) or '?'} "
+           "questions).", "",
            "## Held-out accuracy", "",
            "| arm | seeds | overall | " + " | ".join(tasks) + " | format | after SFT | wall min |",
            "|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
@@ -705,6 +890,13 @@ def _parser():
                       f"written {RESULTS_FILE}; '' for none")
   p.add_argument("--jax_cache_dir", default=None,
                  help="shared XLA compilation cache (default {runs_dir}/jax_cache; '' for none)")
+  p.add_argument("--no_share_sft", action="store_true",
+                 help="run every arm from scratch (default: an arm that changes only RL settings, "
+                      f"{'/'.join(x + '*' for x in RL_ONLY_PREFIXES)}, starts from the baseline "
+                      "run's checkpoint at sft_warmup_steps of its seed)")
+  p.add_argument("--adopt", action="append", default=[], metavar="ARM:DIR_WITH_{seed}",
+                 help="take finished runs made outside the sweep as ARM's runs, e.g. "
+                      "--adopt=sgrlvr:runs/demo_seeds/seed_{seed} (their config must be the arm's)")
   p.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
   p.add_argument("--summarize_only", action="store_true", help="only rebuild the record")
   p.add_argument("--finish_run", default="", help=argparse.SUPPRESS)  # The finish subprocess.
@@ -723,7 +915,9 @@ def main(argv=None, printer=print):
                     "need --config and --out")
   config_file = args.config.split(":", 1)[0]
   config_arg = os.path.abspath(config_file) + args.config[len(config_file):]
-  arms = [parse_arm(a) for a in args.arm] or sweep_arms(os.path.abspath(config_file), args.sweep)
+  arms = [parse_arm(a) for a in args.arm] or sweep_arms(
+      os.path.abspath(config_file), args.sweep,
+      resolve_config(config_arg, extra, "the sweep's --config flags"))
   baseline = args.baseline or arms[0].name
   if baseline not in {a.name for a in arms}:
     raise ValueError(f"--baseline={baseline!r} is not an arm: {[a.name for a in arms]}")
@@ -734,6 +928,14 @@ def main(argv=None, printer=print):
            else args.jax_cache_dir and os.path.abspath(args.jax_cache_dir))
   flats, runs = plan(config_arg, arms, seeds, runs_dir, extra, cache)
   diffs = {a.name: config_diff(flats[baseline], flats[a.name]) for a in arms}
+  shared = {} if args.no_share_sft else share_sft(runs, flats, baseline)
+  adopted = {}
+  for spec in args.adopt:
+    arm, sep, pattern = spec.partition(":")
+    if not sep or arm not in flats or "{seed}" not in pattern:
+      raise ValueError(f"--adopt={spec!r}: expected ARM:DIR with {{seed}} in DIR, ARM one of "
+                       f"{sorted(flats)}")
+    adopted[arm] = pattern
   command = shlex.join(["python", "-m", "spacer_jax.sweep", *argv])
   if args.dry_run:
     printer(f"{len(arms)} arms x {len(seeds)} seeds = {len(runs)} runs in {runs_dir}")
@@ -741,10 +943,18 @@ def main(argv=None, printer=print):
       printer(f"arm {a.name}: {' '.join(a.overrides) or '(the config as it is)'}")
       for k, (b, v) in diffs[a.name].items():
         printer(f"    {k}: {b!r} -> {v!r}  (vs {baseline})")
+      if a.name in shared:
+        printer(f"    SFT phase: " + (f"its own: {shared[a.name]}" if shared[a.name] else
+                                       f"{baseline}'s (starts at step sft_warmup_steps)"))
     for r in runs:
       printer(f"  [{run_status(r)}] python -m {args.module} --workdir={r.run_dir} "
-              f"{shlex.join(r.argv)}")
+              f"{shlex.join(r.argv)}" + (f"  (from {r.sft_from.run_dir} at step {r.sft_steps})"
+                                         if r.sft_from else ""))
     return 0
+  for r in runs:
+    if r.arm in adopted and run_status(r) == "new":
+      adopt(r, os.path.abspath(adopted[r.arm].format(seed=r.seed)), args.module)
+      printer(f"{r.arm} seed {r.seed}: adopted {adopted[r.arm].format(seed=r.seed)}")
   os.makedirs(runs_dir, exist_ok=True)
   with open(os.path.join(runs_dir, ".gitignore"), "w") as f:
     f.write("# Run workdirs of spacer_jax.sweep (checkpoints, logs): not part of the record.\n*\n")
@@ -752,8 +962,10 @@ def main(argv=None, printer=print):
   record = _read_json(record_path, {"invocations": []})
   record.update(config=args.config, seeds=seeds, baseline=baseline, module=args.module,
                 finish=args.finish, runs_dir=runs_dir, common_overrides=extra,
-                arms=[{"name": a.name, "overrides": a.overrides, "diff_vs_baseline": diffs[a.name]}
-                      for a in arms])
+                arms=[{"name": a.name, "overrides": a.overrides, "diff_vs_baseline": diffs[a.name],
+                       **({"sft_phase": shared[a.name] or f"shared with {baseline}"}
+                          if a.name in shared else {})}
+                      for a in arms], adopted=adopted)
   record["invocations"].append({"command": command, "git_commit": metrics_lib.git_commit(),
                                 "started": datetime.datetime.now().isoformat(timespec="seconds")})
   _write_json(record_path, record)

@@ -93,7 +93,7 @@ EXPECTED_ABLATION = {
 
 @pytest.fixture(scope="module")
 def ablation_plan(tmp_path_factory):
-  arms = sweep.sweep_arms(ABLATION)
+  arms = sweep.sweep_arms(ABLATION, config=sweep.resolve_config(ABLATION, [], "test"))
   flats, runs = sweep.plan(ABLATION, arms, [1, 2, 3], str(tmp_path_factory.mktemp("abl")))
   return arms, flats, runs
 
@@ -151,13 +151,92 @@ def test_ablation_arms_reach_the_trainer(ablation_plan):
     sft_steps = f["total_steps"] if f["mode"] == "sft" else f["sft_warmup_steps"]
     rl_steps = f["total_steps"] - sft_steps
     assert (rl_steps == 0) == (name == "sft_only"), name
-    # The demo recipe trains without a KL term; the kl arm adds SpaceR's beta = 0.04.
-    assert (rl_steps > 0 and f["grpo.beta"] > 0) == (name == "kl"), name
+    assert (rl_steps > 0 and f["grpo.beta"] > 0) == (name == "kl"), name  # the demo: beta 0
     assert (rl_steps > 0 and f["rewards.use_temporal"]) == (
         name not in ("sft_only", "no_temporal", "grpo")), name
     # demo.finish scores the checkpoint at sft_warmup_steps (same step in every arm) and the last.
     assert f["sft_warmup_steps"] % f["ckpt_every_steps"] == 0
     assert f["keep_ckpts"] >= f["total_steps"] // f["ckpt_every_steps"]
+
+
+def test_kl_arm_follows_the_base_config():
+  """The KL arm adds the paper's beta where the base has none (the demo), removes it where the base
+  has one (the full recipe); without the config the function still gives the demo's arms."""
+  full = sweep.sweep_arms(ABLATION, config=sweep.resolve_config(ABLATION + ":size=7b", [], "t"))
+  assert [(a.name, a.overrides) for a in full if "beta" in a.name or a.name == "kl"] == [
+      ("beta0", ["--config.grpo.beta=0.0"])]
+  assert [a.name for a in sweep.sweep_arms(ABLATION)] == list(EXPECTED_ABLATION)
+
+
+def test_ablation_shares_the_sft_phase(ablation_plan, tmp_path):
+  """Arms that change only grpo.*/rewards.* start from sgrlvr's SFT checkpoint of their seed."""
+  _, flats, runs = ablation_plan
+  runs = [sweep.Run(r.arm, r.seed, r.run_dir, r.argv, r.total_steps) for r in runs]  # a fresh copy
+  why = sweep.share_sft(runs, flats, "sgrlvr")
+  assert {a for a, w in why.items() if not w} == {"no_temporal", "no_length", "kl", "drgrpo"}
+  assert "data.use_cogmap_prompt" in why["grpo"] and "mode" in why["sft_only"]
+  for r in runs:
+    shared = r.arm in ("no_temporal", "no_length", "kl", "drgrpo")
+    assert (r.sft_from is not None) == shared, r.arm
+    if shared:
+      assert (r.sft_from.arm, r.sft_from.seed, r.sft_steps) == ("sgrlvr", r.seed, 300)
+  smoke = {k: flats["sgrlvr"][k] for k in flats["sgrlvr"]} | {"sft_warmup_steps": 0}
+  assert "no SFT warm-up" in sweep.sft_shareable(smoke, smoke | {"grpo.beta": 0.1})
+  odd = flats["sgrlvr"] | {"ckpt_every_steps": 7}
+  assert "no checkpoint" in sweep.sft_shareable(odd, odd | {"grpo.beta": 0.1})
+
+
+def test_seed_from_sft_copies_the_phase(tmp_path):
+  """The arm's workdir gets the checkpoint at sft_steps and the rows up to it, nothing later."""
+  base = sweep.Run("b", 1, str(tmp_path / "b"), [], 6)
+  for step in (2, 4, 6):
+    os.makedirs(tmp_path / "b" / "ckpt" / str(step) / "state")
+  (tmp_path / "b" / "ckpt" / "4" / "state" / "x").write_text("w4")
+  os.makedirs(tmp_path / "b" / "tokenizer")
+  (tmp_path / "b" / "tokenizer" / "tokenizer.json").write_text("{}")
+  for name in ("metrics.jsonl", "rollouts.jsonl"):
+    (tmp_path / "b" / name).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)))
+  arm = sweep.Run("a", 1, str(tmp_path / "a"), ["--config.grpo.beta=0.1"], 6, base, 4)
+  sweep.claim(arm, "m")
+  sweep.seed_from_sft(arm)
+  assert sorted(os.listdir(tmp_path / "a" / "ckpt")) == ["4"] and sweep.latest_step(arm.run_dir) == 4
+  assert (tmp_path / "a" / "ckpt" / "4" / "state" / "x").read_text() == "w4"
+  assert sweep.run_status(arm) == "partial"
+  for name in ("metrics.jsonl", "rollouts.jsonl"):
+    rows = (tmp_path / "a" / name).read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+  assert (tmp_path / "a" / "tokenizer" / "tokenizer.json").exists()
+  rec = json.loads((tmp_path / "a" / sweep.RUN_FILE).read_text())
+  assert rec["sft_from"] == {"run_dir": base.run_dir, "step": 4}
+  gone = sweep.Run("c", 1, str(tmp_path / "c"), [], 6, sweep.Run("b", 1, str(tmp_path / "x"), [], 6),
+                   4)
+  sweep.claim(gone, "m")
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 4"):
+    sweep.seed_from_sft(gone)
+
+
+def test_adopt_checks_the_config(tmp_path):
+  _, runs = sweep.plan(SMOKE, [sweep.Arm("a", [])], [3], str(tmp_path / "runs"))
+  src = tmp_path / "demo_seed_3"
+  os.makedirs(src)
+  cfg = sweep.resolve_config(SMOKE, [*runs[0].argv[1:]], "t")
+  cfg.jax_cache_dir = "/elsewhere"  # does not change what a run computes
+  cfg.data.synthetic_root = "/other/data"  # the same deterministic dataset elsewhere
+  older = json.loads(cfg.to_json())
+  del older["lora"]  # a run made before the code had LoRA
+  (src / "config.json").write_text(json.dumps(older))
+  (src / sweep.RESULTS_FILE).write_text("{}")
+  (src / "demo_time.json").write_text(json.dumps({"total_wall_s": 90.0}))
+  sweep.adopt(runs[0], str(src), "m")
+  assert sweep.run_status(runs[0]) == "done"
+  rec = sweep.claim(runs[0], "m")  # the sweep sees it as its own run
+  assert rec["adopted_from"] == str(src) and rec["attempts"][0]["wall_s"] == 90.0
+  assert "lora.rank" in rec["fields_newer_than_the_run"]
+  cfg.grpo.beta = 0.5
+  (src / "config.json").write_text(cfg.to_json())
+  other = sweep.Run("a", 3, str(tmp_path / "other"), runs[0].argv, runs[0].total_steps)
+  with pytest.raises(ValueError, match="grpo.beta: arm 0.04, run 0.5"):
+    sweep.adopt(other, str(src), "m")
 
 
 def test_plain_grpo_prompts_in_training_and_heldout(tmp_path):
@@ -301,3 +380,39 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   # Other flags for an existing run directory are an error, not a silent mix.
   with pytest.raises(ValueError, match="was made by other flags"):
     sweep.main([*argv[:4], "--arm=beta0:--config.grpo.beta=0.01", *argv[5:]], printer=lines.append)
+
+
+@pytest.mark.slow
+def test_shared_sft_phase_equals_a_run_from_scratch(tmp_path):
+  """The claim sweep's SFT sharing rests on: an arm that changes only RL settings, started from the
+  baseline run's SFT checkpoint, gives bit for bit the metrics and weights of the same arm trained
+  from scratch (here an arm that also drops the temporal samples from the data and the reference
+  model, the largest RL-only change)."""
+  common = ["--config.use_progress_bar=False", "--config.use_tensorboard=False",
+            "--config.sft_warmup_steps=2", "--config.total_steps=4", "--config.ckpt_every_steps=2",
+            "--config.sft_target=process", f"--config.data.synthetic_root={tmp_path / 'data'}"]
+  arms = [sweep.Arm("base", []),
+          sweep.Arm("arm", ["--config.grpo.beta=0.0", "--config.rewards.use_temporal=False"])]
+  flats, runs = sweep.plan(SMOKE, arms, [1], str(tmp_path / "runs"), common)
+  base, arm = runs
+  assert not sweep.share_sft(runs, flats, "base")["arm"] and arm.sft_from is base
+
+  def train_run(run, workdir):
+    config = sweep.resolve_config(run.argv[0].split("=", 1)[1], run.argv[1:], "test")
+    state, _ = train.train_and_evaluate(config, str(workdir))
+    rows = [{k: v for k, v in json.loads(line).items()  # all but timings and memory
+             if not k.startswith(("time/", "memory/", "compiles/")) and "per_s" not in k}
+            for line in open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()]
+    return rows, {k: np.asarray(v) for k, v in state["params"].items()}
+
+  base_rows, _ = train_run(base, base.run_dir)
+  scratch_rows, scratch_params = train_run(arm, str(tmp_path / "scratch"))
+  sweep.claim(arm, "spacer_jax.train")
+  sweep.seed_from_sft(arm)
+  shared_rows, shared_params = train_run(arm, arm.run_dir)
+  assert [r["step"] for r in shared_rows] == [1, 2, 3, 4]
+  assert shared_rows == scratch_rows
+  assert base_rows[:2] == scratch_rows[:2] and base_rows[2:] != scratch_rows[2:]
+  assert shared_params.keys() == scratch_params.keys()
+  for k, v in scratch_params.items():
+    np.testing.assert_array_equal(shared_params[k], v, err_msg=k)

@@ -12,11 +12,12 @@ is `S` or `S:VARIANT`, where VARIANT perturbs the numerics without changing the 
              of the work, other float rounding);
   fast_math  XLA_FLAGS=--xla_cpu_enable_fast_math=true (reassociation, approximate functions).
 
-Per run: held-out greedy answer accuracy and format at the SFT checkpoint and at the last step, the
-demo's verdict (spacer_jax.demo.verdict: accuracy gain >= demo.ACCURACY_MARGIN and format not below),
-the mean rollout accuracy reward over the first and last 20% of the GRPO steps, wall and CPU time,
-the git commit the run recorded. Summary: mean, standard deviation and worst run of the held-out
-gains, how many runs learned. `--check` exits 1 unless every run learned. Writes
+Per run: held-out answer accuracy and format (demo_metrics.json's `heldout`: completions sampled as
+the rollouts are) at the SFT checkpoint and at the last step, the demo's verdict
+(spacer_jax.demo.verdict: accuracy gain >= demo.ACCURACY_MARGIN and format not below), the mean
+rollout accuracy reward over the first and last 20% of the GRPO steps, wall and CPU time, the git
+commit the run recorded. Summary: mean, standard deviation and worst run of the held-out gains, how
+many runs learned. `--check` exits 1 unless every run learned. Writes
 {out}/seeds_summary.json and {out}/distribution.png.
 """
 
@@ -101,7 +102,7 @@ def plot(names, rows, path):
       ax.annotate(name.replace("seed_", ""), (1, r[b]), xytext=(4, 0), textcoords="offset points",
                   fontsize=7, va="center")
     ax.set(xticks=[0, 1], xticklabels=["after SFT", "after SG-RLVR"], title=title, xlim=(-0.2, 1.4))
-  fig.suptitle(f"{len(rows)} demo runs (green: learned, red: did not learn; greedy decoding, "
+  fig.suptitle(f"{len(rows)} demo runs (green: learned, red: did not learn; sampled completions, "
                f"{rows[0]['heldout_num']} held-out questions)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -9,15 +9,15 @@ Run sheet
     `configs/ablation.py:size=7b` (the same arms on the real recipe; set its data and checkpoint
     paths with --config.x=... after the sweep's own flags, they apply to every arm).
   Arms (`sweep` below; each arm is the base config plus these overrides):
-    sgrlvr        the recipe as is: map prompt and reward, temporal and length bonuses, the
-                  base config's beta (the demo: 0).
+    sgrlvr        the recipe as is: map prompt and reward, temporal and length bonuses (the demo
+                  recipe has no KL term, beta 0; the full recipe has beta 0.04).
     grpo          plain GRPO: no cognitive-map prompt or reward, no temporal or length bonus; the
                   same switches as configs/grpo.py (a test checks they match).
     no_temporal   without the shuffled-frame temporal bonus (and without its G/2 extra samples).
     no_length     without the length bonus.
-    kl            with SpaceR's KL penalty, beta = 0.04 (the demo recipe trains with beta = 0: at its
-                  scale the reference is the random init, not the SFT model; on the real recipe,
-                  where the base config has beta = 0.04, write this arm as beta = 0 instead).
+    kl            the KL penalty at the paper's strength, beta 0.04 (k3 towards the initial model),
+                  where the base recipe has none (the demo); on a base recipe that already has a
+                  KL term (the full recipe) this arm is `beta0` instead: no KL term, no reference.
     sft_only      SFT for all total_steps (mode=sft), same steps, data and schedule, no RL: does RL
                   add anything over more SFT? The demo's held-out evaluation still scores the
                   checkpoint at sft_warmup_steps (the other arms' RL start) and the last one.
@@ -27,8 +27,10 @@ Run sheet
                   1, so clipping, and clip-higher with it, never binds.
   Expected: SpaceR reports SG-RLVR (map reward) above plain GRPO on VSI-Bench; the direction of each
     component at demo scale is what the sweep measures (some differences may not be detectable).
-  Cost: each arm is one demo run (see the README's demo section); sft_only is cheaper (no
-    rollouts), kl dearer (a reference forward), no_temporal saves the shuffled-frame samples.
+  Cost: each arm is one demo run (see the README's demo section), but arms that change only RL
+    settings (no_temporal, no_length, kl/beta0, drgrpo) start from the sgrlvr run's SFT checkpoint
+    of their seed (spacer_jax.sweep shares the SFT phase): they cost the RL phase only. grpo (other
+    prompts) and sft_only (another schedule) are full runs.
 """
 
 import os
@@ -47,12 +49,20 @@ def get_config(arg=None):
   return _SGRLVR.get_config(arg or "demo")
 
 
-def sweep(add):
+# The KL strength SpaceR trains with (k3 estimator towards the initial model).
+PAPER_BETA = 0.04
+
+
+def sweep(add, config=None):
+  """The arms; `config` is the base config (spacer_jax.sweep passes it): the KL arm toggles beta."""
   add(name="sgrlvr")
   add(name="grpo", **PLAIN_GRPO)
   add(name="no_temporal", **{"rewards.use_temporal": False})
   add(name="no_length", **{"rewards.use_length": False})
-  add(name="kl", **{"grpo.beta": 0.04})
+  if config is not None and config.grpo.beta > 0:
+    add(name="beta0", **{"grpo.beta": 0.0})
+  else:
+    add(name="kl", **{"grpo.beta": PAPER_BETA})
   add(name="sft_only", mode="sft")
   add(name="drgrpo", **{"grpo.reward_scaling": "none",
                         "grpo.loss_agg": "seq_mean_token_sum_norm"})
