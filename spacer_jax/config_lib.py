@@ -1,6 +1,6 @@
 """Shared config fragments: argument parsing, mesh and sharding-rule presets, smoke().
 
-Configs are ml_collections files with a `get_config(arg)` function (STYLE 3.5). `parse_arg` turns the
+Configs are ml_collections files with a `get_config(arg)` function. `parse_arg` turns the
 text after the colon of `--config=configs/sgrlvr.py:size=7b,smoke` into a ConfigDict with typed values;
 the presets below are the only place mesh axis names meet logical axis names.
 """
@@ -285,7 +285,8 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
 
   c.rewards = ml_collections.ConfigDict(dict(
       use_map=True, use_temporal=True, use_length=True,
-      # rewards.RewardConfig fields (defaults reproduce SpaceR's quirks; spec 4.9):
+      # rewards.RewardConfig fields (defaults reproduce SpaceR's quirks;
+      # docs/spacer_recipe.md, "Reward quirks"):
       use_article_fix=False, use_first_number_fix=False, use_zero_map_fix=False,
       use_non_sr_map_fix=False, use_empty_gt_map_fix=False, use_nan_fix=False,
       use_overflow_fix=False, use_stop_token_mask_fix=False,

@@ -1,6 +1,6 @@
 """Pure GRPO math (jnp): group advantages, token log-probs, k3 KL, the policy loss and its variants.
 
-The default `GRPOConfig()` is SpaceR's objective exactly (spec spacer.md 5.1, 5.2), i.e.
+The default `GRPOConfig()` is SpaceR's objective exactly (docs/spacer_recipe.md, "GRPO objective"), i.e.
 SG_RLVR_trainer.py at OuyangKun10/SpaceR b623af5:
   L551-552  x = clamp(ref_logp - logp, -10, 10); kl = exp(x) - x - 1            (k3 estimator)
   L633-643  A = (R - mean_G R) / (std_G R + 1e-4)    with torch's unbiased std (ddof = 1)

@@ -1,6 +1,6 @@
 """Autoregressive sampling for Qwen2.5-VL with a pre-allocated, prompt-shared KV cache.
 
-Two jitted functions over pytrees (STYLE 3.7), both module-level and compiled once per
+Two jitted functions over pytrees, both module-level and compiled once per
 (batch, prompt bucket, max_new_tokens, vision budget, SamplingConfig):
 
   prefill(params, batch) -> SamplingState
@@ -15,11 +15,11 @@ Two jitted functions over pytrees (STYLE 3.7), both module-level and compiled on
       cache; it stops when every row has emitted a stop id, when `until` steps are done, or at
       max_new_tokens. `until` is a traced scalar, so streaming in chunks reuses the same executable.
 
-Positions (spec qwen2_5_vl.md §6.3): the prompt gets the 3-D M-RoPE ids of `positions.get_rope_index`;
-generated token k of row b gets `base[:, b] + k` on all three streams, where `base` is
-`n_valid + rope_deltas` under the Qwen rule and "last prompt id + 1" per stream under the
-transformers-5 rule (what 5.x `generate` does; both agree when the prompt ends with text holding the
-largest id, i.e. always with the chat template).
+Positions (docs/qwen2_5_vl.md, "Position ids"): the prompt gets the 3-D M-RoPE ids of
+`positions.get_rope_index`; generated token k of row b gets `base[:, b] + k` on all three streams,
+where `base` is `n_valid + rope_deltas` under the Qwen rule and "last prompt id + 1" per stream
+under the transformers-5 rule (what 5.x `generate` does; both agree when the prompt ends with text
+holding the largest id, i.e. always with the chat template).
 
 Log-probs are those of the policy at temperature 1 (log_softmax of the raw logits, no top-k/top-p or
 placeholder masking), which is what GRPO's ratio and KL need and what the trainer's full forward
@@ -53,10 +53,10 @@ class SamplingConfig:
   """Static sampling settings (hashable: part of the jit cache key).
 
   temperature 0 means greedy. top_k 0 and top_p 1.0 disable the filters. SpaceR's GRPO rollouts use
-  temperature 1.0, top_p 0.95, top_k 50 (spec spacer.md §5.1: transformers' implicit top_k default).
+  temperature 1.0, top_p 0.95, top_k 50 (transformers' implicit top_k default).
   repetition_penalty p != 1 is transformers' RepetitionPenaltyLogitsProcessor, applied first: the
   logit of every token already in the row (prompt or completion) is divided by p if positive and
-  multiplied by p if not (SpaceR-Eval decodes greedily with p = 1.05, spec spacer.md §7.1). Unlike
+  multiplied by p if not (SpaceR-Eval decodes greedily with p = 1.05). Unlike
   transformers, left padding does not count as "already in the row".
   """
   temperature: float = 0.0

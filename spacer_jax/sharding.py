@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding (STYLE 3.6).
+"""Device mesh and logical-axis sharding.
 
 Parameters carry logical axis names (`embed`, `heads`, `mlp`, ...) in their NNX `out_sharding`
 metadata; `config_lib.FSDP_RULES` / `FSDP_TP_RULES` map those names to mesh axes (`data`, `fsdp`,

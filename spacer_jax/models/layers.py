@@ -1,9 +1,9 @@
 """Small building blocks shared by the vision tower and the text decoder.
 
 Linear, RMSNorm and Embedding keep Hugging Face's parameter names and layouts (`weight[out, in]`,
-`bias[out]`) so that checkpoint import/export is an identity (STYLE 3.4). Every parameter carries
-logical sharding axis names in its `out_sharding` metadata (flax 0.12 NNX), which
-`nnx.get_partition_spec` / `nnx.get_named_sharding` resolve under `nnx.logical_axis_rules`.
+`bias[out]`) so that checkpoint import/export is an identity (docs/qwen2_5_vl.md, "Weight names").
+Every parameter carries logical sharding axis names in its `out_sharding` metadata (flax 0.12 NNX),
+which `nnx.get_partition_spec` / `nnx.get_named_sharding` resolve under `nnx.logical_axis_rules`.
 
 Linear also carries the optional LoRA adapters (`add_lora`, `lora_dropout`); which layers get them
 and everything around them (configuration, merging, peft files) is spacer_jax/lora.py.
@@ -150,7 +150,8 @@ def _dropout(x, rate):
 class RMSNorm(nnx.Module):
   """Mirrors transformers `Qwen2RMSNorm` / `Qwen2_5_VLRMSNorm` (transformers==5.24).
 
-  Normalises in float32, casts back to the input dtype *before* the weight multiply (spec §8).
+  Normalises in float32, casts back to the input dtype *before* the weight multiply
+  (docs/qwen2_5_vl.md, "Numerics").
   """
 
   def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):

@@ -1,12 +1,12 @@
 """Host-side (NumPy only) index code for Qwen2.5-VL: everything that depends on grid_thw.
 
-* `get_rope_index`: 3-D M-RoPE position ids and rope_deltas (spec §6). The first text position after
-  a vision block follows `text_after_vision`: "qwen" (default; max id of the block + 1, the original
-  Qwen rule the published checkpoints were trained with) or "hf5" (transformers >= 5.3: the block
-  start + max(h, w) / merge).
-* Vision tower indices (spec §3.2-3.3): rotary (h, w) ids, window permutation `window_index` with
-  `cu_window_seqlens`, per-frame `cu_seqlens`, and `segment_gather`, which turns cu_seqlens into the
-  padded gather/scatter arrays the batched attention in vision.py consumes.
+* `get_rope_index`: 3-D M-RoPE position ids and rope_deltas (docs/qwen2_5_vl.md, "Position ids").
+  The first text position after a vision block follows `text_after_vision`: "qwen" (default; max id
+  of the block + 1, the original Qwen rule the published checkpoints were trained with) or "hf5"
+  (transformers >= 5.3: the block start + max(h, w) / merge).
+* Vision tower indices (docs/qwen2_5_vl.md, "Vision tower"): rotary (h, w) ids, window permutation
+  `window_index` with `cu_window_seqlens`, per-frame `cu_seqlens`, and `segment_gather`, which turns
+  cu_seqlens into the padded gather/scatter arrays the batched attention in vision.py consumes.
 
 Never called inside jit. Shapes: P patches, Q = P / merge**2 merged tokens, B batch, T text length.
 """

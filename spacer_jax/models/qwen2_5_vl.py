@@ -2,7 +2,8 @@
 
 Mirrors transformers `Qwen2_5_VLForConditionalGeneration` (transformers==5.24) with the on-disk key
 layout of the published checkpoints (visual.*, model.*, lm_head.*). Vision features are scattered
-into the placeholder rows of the token embeddings in row-major order (spec §5).
+into the placeholder rows of the token embeddings in row-major order (docs/qwen2_5_vl.md, "Text
+decoder and M-RoPE").
 
 Two ways to run it:
 * `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=..., ...)`: convenience,

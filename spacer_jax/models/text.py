@@ -3,7 +3,7 @@
 Mirrors transformers `Qwen2_5_VLTextModel` and its layers (transformers==5.24): GQA attention with
 q/k/v bias and no o_proj bias, SwiGLU MLP without bias, RMSNorm, and multimodal rotary (M-RoPE) whose
 64 frequency pairs are split into contiguous sections taking their angle from the t, h and w
-position streams (spec §4.1).
+position streams (docs/qwen2_5_vl.md, "Text decoder and M-RoPE").
 
 KV cache (`__call__`): a list (one entry per layer) of {"k", "v"} arrays [B, C, K, H]. New
 keys/values are written at slots [cache_index, cache_index + T); cache_index is one scalar for the

@@ -54,7 +54,7 @@ class VisionAttention(nnx.Module):
     self.num_heads = cfg.vision_num_heads
     self.head_dim = e // cfg.vision_num_heads
     self.implementation = cfg.attn_implementation
-    # STYLE 3.6: the fused qkv is never TP-split, so its out axis has no logical name.
+    # The fused qkv is never TP-split, so its out axis has no logical name.
     self.qkv = layers.Linear(e, 3 * e, use_bias=True, axes=(None, "vision_embed"), **kw)
     self.proj = layers.Linear(e, e, use_bias=True, axes=("vision_embed", None), **kw)
 
@@ -64,7 +64,7 @@ class VisionAttention(nnx.Module):
     n, h = self.num_heads, self.head_dim
     qkv = self.qkv(x).reshape(p, 3, n, h)  # [P, 3, N, H]
     cos, sin = cos[:, None, :], sin[:, None, :]  # [P, 1, H]
-    # HF rotates q and k in float32 and casts back (spec §3.2).
+    # HF rotates q and k in float32 and casts back (docs/qwen2_5_vl.md, "Vision tower").
     q = layers.apply_rotary(qkv[:, 0].astype(jnp.float32), cos, sin).astype(x.dtype)  # [P, N, H]
     k = layers.apply_rotary(qkv[:, 1].astype(jnp.float32), cos, sin).astype(x.dtype)  # [P, N, H]
     v = qkv[:, 2]  # [P, N, H]
@@ -128,7 +128,8 @@ class PatchMerger(nnx.Module):
 
 
 def vision_cos_sin(rot_pos, head_dim: int, theta: float):
-  """float32[P, H] cos/sin of the 2-D rotary from (h, w) ids int[P, 2] (spec §3.2)."""
+  """float32[P, H] cos/sin of the 2-D rotary from (h, w) ids int[P, 2] (docs/qwen2_5_vl.md, "Vision
+  tower")."""
   freq = layers.inv_freq(head_dim // 2, theta)  # [H/4]
   ang = rot_pos.astype(jnp.float32)[..., None] * freq  # [P, 2, H/4]
   ang = ang.reshape(ang.shape[0], -1)  # [P, H/2]: h angles then w angles
