@@ -14,8 +14,8 @@
 #
 # **Hardware:** a Colab TPU runtime, on all of its cores (the demo config's mesh puts every device
 # on its `fsdp` axis); a GPU or CPU runtime works too. `SMOKE=1`: a few steps of the same recipe
-# on CPU. **Runtime:** the full demo (150 SFT + 50 SG-RLVR steps, then the held-out evaluation) is
-# about 11 CPU minutes on a 2-core machine (README); on a Colab TPU: not measured in this
+# on CPU. **Runtime:** the full demo (300 SFT + 50 SG-RLVR steps, then the held-out evaluation) is
+# about 8-9 CPU minutes on a 2-core machine (README); on a Colab TPU: not measured in this
 # repository yet. `SMOKE=1`: about 1 CPU minute (measured: 57 CPU s, mostly compilation).
 #
 # The demo: a synthetic spatial-video dataset (rooms with VSI-Bench question types, exact answers
