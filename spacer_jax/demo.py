@@ -221,7 +221,7 @@ def plot_curves(rows, out_png, heldout=None, title="demo"):
       if name in heldout:
         h = heldout[name]
         ax.scatter([h["step"]], [h["accuracy_base"]], marker=marker, color="C3", zorder=5,
-                   label=f"held-out answer accuracy ({name}, greedy)")
+                   label=f"held-out answer accuracy ({name})")
   ax.set(title="SG-RLVR (GRPO) rollouts", xlabel="step", ylabel="mean over the rollout batch")
   ax.legend(fontsize=7, loc="best")
   fig.suptitle(title)
