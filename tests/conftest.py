@@ -79,3 +79,20 @@ def write_tiny_hf_checkpoint(out, tokenizer="qwen", seed=0, **overrides):
   model = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).float().eval()
   model.save_pretrained(out)
   return cfg
+
+
+def two_video_prompts(cfg, rng):
+  """Two left-padded prompts of one 2x4x4-patch video each (8 video tokens) plus 3 and 5 random
+  text tokens, for the model `cfg`: (input_ids, attention_mask, pixel_values_videos, video_grid_thw).
+  Draws from `rng` (numpy Generator): the text tokens, then the pixels."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  grid = np.array([[2, 4, 4], [2, 4, 4]])
+  prompts = [[cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]
+             + list(rng.integers(0, 100, n)) for n in (3, 5)]
+  t = max(map(len, prompts))
+  ids = np.full((2, t), cfg.pad_token_id)
+  mask = np.zeros((2, t), bool)
+  for i, p in enumerate(prompts):
+    ids[i, t - len(p):], mask[i, t - len(p):] = p, True
+  pv = rng.normal(size=(64, 1176)).astype(np.float32)
+  return ids, mask, pv, grid

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ATOL_LAYER, ATOL_MODEL
-from spacer_jax import config_lib, grpo, lora, modeling, rollout, sampling, sharding, train
+from conftest import ATOL_LAYER, ATOL_MODEL, two_video_prompts
+from spacer_jax import config_lib, lora, modeling, rollout, sampling, sharding, train
 from spacer_jax.models import layers, qwen2_5_vl
 
 TEXT = config_lib.LORA_TARGETS["text"]
@@ -111,15 +111,7 @@ def _config(**lora_overrides):
 def _batch(cfg, g=2):
   """A TrainBatch of 2 video prompts x G completions (random tokens: no sampler compile)."""
   rng = np.random.default_rng(0)
-  grid = np.array([[2, 4, 4], [2, 4, 4]])
-  prompts = [[cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]
-             + list(rng.integers(0, 100, n)) for n in (3, 5)]
-  t = max(map(len, prompts))
-  ids = np.full((2, t), cfg.pad_token_id)
-  mask = np.zeros((2, t), bool)
-  for i, p in enumerate(prompts):
-    ids[i, t - len(p):], mask[i, t - len(p):] = p, True
-  pv = rng.normal(size=(64, 1176)).astype(np.float32)
+  ids, mask, pv, grid = two_video_prompts(cfg, rng)
   prepared = sampling.Sampler(qwen2_5_vl.init_model(cfg)).prepare(
       ids, mask, pixel_values_videos=pv, video_grid_thw=grid, second_per_grid_ts=np.ones(2))
   tokens = rng.integers(0, 100, (2 * g, 6))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_tiny_hf_checkpoint
+from conftest import two_video_prompts, write_tiny_hf_checkpoint
 from spacer_jax import config_lib, grpo, modeling, rollout, sampling, train, tree_utils
 from spacer_jax.data import pipeline, sources, synthetic
 from spacer_jax.data import tokenizer as tokenizer_lib
@@ -165,15 +165,7 @@ def tiny_step():
   model = qwen2_5_vl.init_model(cfg)  # host init: no XLA random-number program to compile
   graphdef, flat, paths = tree_utils.split_model(model)
   rng = np.random.default_rng(0)
-  grid = np.array([[2, 4, 4], [2, 4, 4]])
-  prompts = [[cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]
-             + list(rng.integers(0, 100, n)) for n in (3, 5)]
-  t = max(map(len, prompts))
-  ids = np.full((2, t), cfg.pad_token_id)
-  mask = np.zeros((2, t), bool)
-  for i, p in enumerate(prompts):
-    ids[i, t - len(p):], mask[i, t - len(p):] = p, True
-  pv = rng.normal(size=(64, 1176)).astype(np.float32)
+  ids, mask, pv, grid = two_video_prompts(cfg, rng)
   sampler = sampling.Sampler(model, temperature=1.0)
   prepared = sampler.prepare(ids, mask, pixel_values_videos=pv, video_grid_thw=grid,
                              second_per_grid_ts=np.ones(2))
