@@ -694,18 +694,19 @@ def train_and_evaluate(config, workdir):
     bar.close()
     ckpt.close()
     writer.close()
-  if (config.export_hf_subdir or (abstract.lora is not None and config.lora.export_subdir)) \
-      and not preemption.requested and jax.process_count() > 1:
+  export_peft = abstract.lora is not None and bool(config.lora.export_subdir)
+  wants_export = not preemption.requested and (config.export_hf_subdir or export_peft)
+  if wants_export and jax.process_count() > 1:
     # The exports read the whole model on one host; in a multi-process job every process would have
     # to take part. The checkpoint is complete: export it afterwards on any one host.
     logging.warning("config.export_hf_subdir / lora.export_subdir: multi-process run, not exported; "
                     "run `python -m spacer_jax.convert --workdir=%s --out=DIR` on one host", workdir)
-  elif not preemption.requested:
+  elif wants_export:
     if config.export_hf_subdir:
       # Through the converter, which reads a LoRA run with its adapters merged into the base weights.
       from spacer_jax import convert  # pylint: disable=g-import-not-at-top
       convert.export_hf(workdir, os.path.join(workdir, config.export_hf_subdir))
-    if abstract.lora is not None and config.lora.export_subdir:
+    if export_peft:
       lora.save_peft(state["params"], abstract, os.path.join(workdir, config.lora.export_subdir),
                      base_model_name_or_path=config.model.hf_dir or None)
   logging.info("done: %s", workdir)
