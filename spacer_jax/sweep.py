@@ -336,24 +336,33 @@ ADOPT_IGNORED = ("jax_cache_dir", "use_progress_bar")
 ADOPT_IGNORED_SYNTHETIC = ("data.synthetic_root", "data.tokenizer_dir")
 
 
-def adopt(run, src, module):
-  """Makes a finished run made outside the sweep (e.g. the demo's own runs) the sweep's run of its
-  arm and seed: its config.json must equal the config train.py would get from the sweep's flags for
-  that run (except ADOPT_IGNORED); the directory is copied to run.run_dir with a run.json naming
-  where it came from."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(src, RESULTS_FILE)):
-    raise FileNotFoundError(f"--adopt: {src} has no {RESULTS_FILE} (not a finished run)")
-  with open(os.path.join(src, "config.json")) as f:
+def config_mismatch(run, run_config_path, where):
+  """Compares the config train.py would get from `run.argv` with a run's config.json.
+
+  Returns ({key: [ours, theirs]} for fields that differ, [fields the run's config lacks]). Ignored:
+  ADOPT_IGNORED, and for the tiny model on synthetic data ADOPT_IGNORED_SYNTHETIC. Fields the run's
+  config lacks were added to the code after the run was made (its git_commit.txt says which code);
+  they are not differences.
+  """
+  with open(run_config_path) as f:
     theirs = flatten_json(json.load(f))
-  ours = flatten(resolve_config(run.argv[0].split("=", 1)[1], run.argv[1:], f"--adopt {src}"))
+  ours = flatten(resolve_config(run.argv[0].split("=", 1)[1], run.argv[1:], where))
   ignored = ADOPT_IGNORED + (ADOPT_IGNORED_SYNTHETIC if ours["data.source"] == "synthetic"
                              and ours["model.variant"] else ())
   diff = {k: v for k, v in config_diff(ours, theirs).items() if k not in ignored}
-  # Fields the run's config lacks: added to the code after the run was made (its git_commit.txt
-  # says which code); accepted, and listed in run.json.
   newer = sorted(k for k in diff if k not in theirs)
-  diff = {k: v for k, v in diff.items() if k in theirs}
+  return {k: v for k, v in diff.items() if k in theirs}, newer
+
+
+def adopt(run, src, module):
+  """Makes a finished run made outside the sweep (e.g. the demo's own runs) the sweep's run of its
+  arm and seed: its config.json must equal the config train.py would get from the sweep's flags for
+  that run (config_mismatch); the directory is copied to run.run_dir with a run.json naming where it
+  came from."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(src, RESULTS_FILE)):
+    raise FileNotFoundError(f"--adopt: {src} has no {RESULTS_FILE} (not a finished run)")
+  diff, newer = config_mismatch(run, os.path.join(src, "config.json"), f"--adopt {src}")
   if diff:
     raise ValueError(f"--adopt: {src} is not arm {run.arm} seed {run.seed}: "
                      + "; ".join(f"{k}: arm {a!r}, run {b!r}" for k, (a, b) in diff.items()))
@@ -403,8 +412,21 @@ def claim(run, module):
   path = os.path.join(run.run_dir, RUN_FILE)
   rec = _read_json(path)
   if rec is not None and (rec["argv"] != run.argv or rec["module"] != module):
-    raise ValueError(f"{run.run_dir} was made by other flags:\n  {shlex.join(rec['argv'])}\nnot\n  "
-                     f"{shlex.join(run.argv)}\nuse another --out/--runs_dir or delete that run")
+    # Other flags may still mean the same run: the config file moved (another clone, a renamed
+    # checkout). The run's own config.json, when it has one, decides; run.json then takes the new
+    # flags (the old ones kept), so that later stages resolve the config from a path that exists.
+    run_config = os.path.join(run.run_dir, "config.json")
+    diff = None
+    if rec["module"] == module and os.path.exists(run_config):
+      diff, _ = config_mismatch(run, run_config, run.run_dir)
+    if diff is None or diff:
+      why = ("; its config.json differs: " + "; ".join(
+          f"{k}: now {a!r}, run {b!r}" for k, (a, b) in diff.items())) if diff else ""
+      raise ValueError(f"{run.run_dir} was made by other flags:\n  {shlex.join(rec['argv'])}\nnot\n  "
+                       f"{shlex.join(run.argv)}{why}\nuse another --out/--runs_dir or delete that run")
+    rec.setdefault("earlier_argv", []).append(rec["argv"])
+    rec["argv"] = run.argv
+    _write_json(path, rec)
   if rec is None:
     os.makedirs(run.run_dir, exist_ok=True)
     rec = {"arm": run.arm, "seed": run.seed, "module": module, "argv": run.argv, "attempts": []}

@@ -239,6 +239,33 @@ def test_adopt_checks_the_config(tmp_path):
     sweep.adopt(other, str(src), "m")
 
 
+def test_claim_accepts_a_moved_config_file_with_the_same_config(tmp_path):
+  """A run made from another clone (the config file at another path) is the same run when its
+  config.json matches; run.json then takes the new flags. A changed field is still refused."""
+  moved = tmp_path / "old_clone" / "configs"
+  os.makedirs(moved)
+  for name in os.listdir(CONFIGS):
+    if name.endswith(".py"):
+      shutil.copy(os.path.join(CONFIGS, name), moved / name)
+  old_arg = str(moved / "sgrlvr.py") + ":smoke"
+  _, (old,) = sweep.plan(old_arg, [sweep.Arm("a", [])], [3], str(tmp_path / "runs"))
+  sweep.claim(old, "m")
+  cfg = sweep.resolve_config(old_arg, old.argv[1:], "t")
+  (tmp_path / "runs" / "a" / "seed_3" / "config.json").write_text(cfg.to_json())
+  _, (new,) = sweep.plan(SMOKE, [sweep.Arm("a", [])], [3], str(tmp_path / "runs"))
+  assert new.argv != old.argv
+  with pytest.raises(ValueError, match="made by other flags"):
+    sweep.claim(new, "another.module")
+  rec = sweep.claim(new, "m")
+  assert rec["argv"] == new.argv and rec["earlier_argv"] == [old.argv]
+  assert sweep.claim(new, "m")["argv"] == new.argv  # written to run.json
+  _, (changed,) = sweep.plan(SMOKE, [sweep.Arm("b", ["--config.grpo.beta=0.5"])], [3],
+                             str(tmp_path / "runs"))
+  changed = sweep.Run("a", 3, new.run_dir, changed.argv, changed.total_steps)
+  with pytest.raises(ValueError, match="grpo.beta: now 0.5"):
+    sweep.claim(changed, "m")
+
+
 def test_plain_grpo_prompts_in_training_and_heldout(tmp_path):
   """Plain GRPO trains and is evaluated on the prompt without map instructions."""
   c = config_lib.load_config_module(os.path.join(CONFIGS, "sgrlvr.py")).get_config("demo")
