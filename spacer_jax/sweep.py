@@ -413,12 +413,15 @@ def claim(run, module):
   rec = _read_json(path)
   if rec is not None and (rec["argv"] != run.argv or rec["module"] != module):
     # Other flags may still mean the same run: the config file moved (another clone, a renamed
-    # checkout). The run's own config.json, when it has one, decides; run.json then takes the new
-    # flags (the old ones kept), so that later stages resolve the config from a path that exists.
+    # checkout). The run's own config.json, when it has one, decides; a run that never started
+    # (no config.json, no checkpoint) holds nothing to protect. run.json then takes the new flags
+    # (the old ones kept), so that later stages resolve the config from a path that exists.
     run_config = os.path.join(run.run_dir, "config.json")
     diff = None
     if rec["module"] == module and os.path.exists(run_config):
       diff, _ = config_mismatch(run, run_config, run.run_dir)
+    elif rec["module"] == module and run_status(run) == "new":
+      diff = {}
     if diff is None or diff:
       why = ("; its config.json differs: " + "; ".join(
           f"{k}: now {a!r}, run {b!r}" for k, (a, b) in diff.items())) if diff else ""

@@ -1,6 +1,7 @@
 """spacer_jax.sweep: arms and their checks, the ablation preset, the statistics, the record, and an
 end-to-end sweep of real smoke runs (2 arms x 2 seeds) with its resume behaviour."""
 
+import dataclasses
 import json
 import math
 import os
@@ -250,10 +251,13 @@ def test_claim_accepts_a_moved_config_file_with_the_same_config(tmp_path):
   old_arg = str(moved / "sgrlvr.py") + ":smoke"
   _, (old,) = sweep.plan(old_arg, [sweep.Arm("a", [])], [3], str(tmp_path / "runs"))
   sweep.claim(old, "m")
-  cfg = sweep.resolve_config(old_arg, old.argv[1:], "t")
-  (tmp_path / "runs" / "a" / "seed_3" / "config.json").write_text(cfg.to_json())
   _, (new,) = sweep.plan(SMOKE, [sweep.Arm("a", [])], [3], str(tmp_path / "runs"))
   assert new.argv != old.argv
+  fresh = sweep.Run("a", 3, str(tmp_path / "fresh"), old.argv, old.total_steps)
+  sweep.claim(fresh, "m")
+  assert sweep.claim(dataclasses.replace(fresh, argv=new.argv), "m")["argv"] == new.argv  # never started
+  cfg = sweep.resolve_config(old_arg, old.argv[1:], "t")
+  (tmp_path / "runs" / "a" / "seed_3" / "config.json").write_text(cfg.to_json())
   with pytest.raises(ValueError, match="made by other flags"):
     sweep.claim(new, "another.module")
   rec = sweep.claim(new, "m")
