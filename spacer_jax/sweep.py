@@ -981,6 +981,7 @@ def main(argv=None, printer=print):
       adopt(r, os.path.abspath(adopted[r.arm].format(seed=r.seed)), args.module)
       printer(f"{r.arm} seed {r.seed}: adopted {adopted[r.arm].format(seed=r.seed)}")
   os.makedirs(runs_dir, exist_ok=True)
+  os.makedirs(out, exist_ok=True)  # --runs_dir may be elsewhere
   with open(os.path.join(runs_dir, ".gitignore"), "w") as f:
     f.write("# Run workdirs of spacer_jax.sweep (checkpoints, logs): not part of the record.\n*\n")
   record_path = os.path.join(out, "sweep.json")
