@@ -27,6 +27,9 @@ ROWS = (
     ("SG-RLVR 32B", "configs/sgrlvr.py:size=32b", "v5p-32"),
     ("SG-RLVR 72B", "configs/sgrlvr.py:size=72b", "v5p-64"),
     ("SFT 7B", "configs/sft.py:size=7b", "v5p-8"),
+    # LoRA (rank 16 on the text decoder; the frozen base is the reference): the small slices.
+    ("SG-RLVR 7B LoRA", "configs/sgrlvr.py:size=7b,lora=16", "v5e-8"),
+    ("SG-RLVR 3B LoRA", "configs/sgrlvr.py:size=3b,lora=16", "v5e-1"),
 )
 
 

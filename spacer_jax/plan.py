@@ -100,7 +100,7 @@ CHIPS = {
 # 2-D for v5e/v6e). Slices of more than 4 chips span several hosts; XLA compiles for all of them.
 _TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
                 256: "4x8x8", 512: "8x8x8"}
-_TOPOLOGY_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                 256: "16x16"}
 
 
@@ -131,6 +131,8 @@ def tpu_target(topology):
   # load libtpu at once instead of failing on its single-process lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kw = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+  if chips == 1:  # one chip (v5e-1, v6e-1: Colab's TPU runtimes): a host of one chip, not of four
+    kw["chips_per_host_bounds"] = (1, 1, 1)
   try:
     desc = topologies.get_topology_desc(
         topology_name=f"{chip.topology_prefix}:{shapes[chips]}", platform="tpu", **kw)
@@ -695,7 +697,7 @@ def define_flags(fv=flags.FLAGS):
   config_flags.DEFINE_config_file("config", None, "Training config, as for train.py "
                                   "(configs/sgrlvr.py[:args] or sgrlvr:size=7b).",
                                   lock_config=True, flag_values=fv)
-  flags.DEFINE_string("topology", "local", "Cloud TPU slice name (v4-8, v5e-8, v5p-8, v6e-8, "
+  flags.DEFINE_string("topology", "local", "Cloud TPU slice name (v4-8, v5e-1, v5e-8, v5p-8, v6e-8, "
                       "v5p-32, ...) or local (the devices present).", flag_values=fv)
   flags.DEFINE_string("json", None, "Write the report as JSON to this file.", flag_values=fv)
   flags.DEFINE_integer("text_tokens", 512, "Text tokens per prompt besides the video span (an "

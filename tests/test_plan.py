@@ -163,11 +163,29 @@ def test_tpu_plan_of_the_smoke_recipe(tmp_path):
   assert "verdict: FITS" in text and "rollout:" in text
 
 
+@needs_libtpu
+def test_tpu_plan_of_a_lora_step_on_one_chip(tmp_path):
+  """v5e-1 (one chip, as Colab's TPU runtime has): with LoRA only the adapters are trained and held
+  in the optimizer, and the reference log-probs run on the base with no second copy of weights."""
+  config = _smoke()
+  config.lora.rank = 4
+  report = plan.plan(config, plan.tpu_target("v5e-1"), text_tokens=24, workdir=str(tmp_path),
+                     functions=("ref_logps", "train_step"), log=lambda *_: None)
+  assert report["num_devices"] == 1 and report["device_kind"].startswith("TPU v5 lite")
+  assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert report["resident_bytes"]["ref_params"] == 0
+  assert 0 < report["trainable_param_count"] < report["param_count"] / 5
+  assert set(report["functions"]) == {"ref_logps", "train_step"} and report["fits"]
+  assert "--config.lora.rank" not in plan.format_report(report, config)
+
+
 def test_slice_names():
   with pytest.raises(ValueError, match="v5p-8"):
     plan.tpu_target("v5p-7")
   with pytest.raises(ValueError, match="Cloud TPU slice name"):
     plan.tpu_target("a100-8")
+  with pytest.raises(ValueError, match="v5e-1, "):
+    plan.tpu_target("v5e-2")
 
 
 def test_bad_config_is_rejected_before_compiling(tmp_path):
