@@ -73,7 +73,7 @@ from IPython.display import Image, Markdown, display
 from spacer_jax import demo
 
 SMOKE = os.environ.get("SMOKE", "0") == "1"
-REPO = pathlib.Path(demo.__file__).resolve().parents[1]  # configs/ lives in the repository
+REPO = pathlib.Path(demo.__file__).resolve().parents[1]  # the repository (or site-packages) root
 WORKDIR = pathlib.Path(os.environ.get("WORKDIR") or (
     "/content/runs/demo" if "google.colab" in sys.modules else tempfile.mkdtemp(prefix="nb04_")))
 REFRESH_S = 5 if SMOKE else 20  # seconds between redraws
@@ -103,7 +103,9 @@ if SMOKE:
             "--config.grpo.num_generations=2", "--config.sampling.max_new_tokens=32",
             "--config.rewards.length_range=(16, 32)", "--config.demo.eval_max_items=4",
             "--config.demo.eval_batch_size=4"]
-cmd = [sys.executable, "-m", "spacer_jax.train", f"--config={REPO / 'configs' / 'sgrlvr.py'}:demo",
+# `configs/sgrlvr.py` names the config packaged with spacer_jax (spacer_jax/configs/) wherever
+# the command runs.
+cmd = [sys.executable, "-m", "spacer_jax.train", "--config=configs/sgrlvr.py:demo",
        f"--workdir={WORKDIR}", *EXTRA]
 print(" ".join(cmd))
 

@@ -36,7 +36,7 @@ def _ipynb(path):
 
 def test_notebooks_exist():
   assert NAMES == ["01_load_and_sample.py", "02_rollout_inspector.py", "03_rewards_playground.py",
-                   "04_train_demo.py"]
+                   "04_train_demo.py", "05_plan_a_run.py"]
   ipynbs = set(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
   extra = ipynbs - {_ipynb(p) for p in NOTEBOOKS}
   assert not extra, f"notebooks without a .py source: {extra}"
