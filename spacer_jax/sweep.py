@@ -938,8 +938,12 @@ def main(argv=None, printer=print):
   if bad or not args.config or not args.out:
     _parser().error(f"need --config and --out; unknown arguments {bad}" if bad else
                     "need --config and --out")
-  config_file = args.config.split(":", 1)[0]
-  config_arg = os.path.abspath(config_file) + args.config[len(config_file):]
+  from spacer_jax import cli  # pylint: disable=g-import-not-at-top
+  # `configs/ablation.py` names the packaged config when ./configs/ablation.py does not exist, as
+  # for train.py.
+  config = cli.resolve_config(args.config)
+  config_file = config.split(":", 1)[0]
+  config_arg = os.path.abspath(config_file) + config[len(config_file):]
   arms = [parse_arm(a) for a in args.arm] or sweep_arms(
       os.path.abspath(config_file), args.sweep,
       resolve_config(config_arg, extra, "the sweep's --config flags"))

@@ -270,6 +270,16 @@ def test_claim_accepts_a_moved_config_file_with_the_same_config(tmp_path):
     sweep.claim(changed, "m")
 
 
+def test_packaged_config_by_its_short_name(tmp_path, monkeypatch):
+  """`--config=configs/ablation.py` names the packaged config from any directory, as for train.py."""
+  monkeypatch.chdir(tmp_path)
+  lines = []
+  assert sweep.main(["--config=configs/ablation.py:smoke", f"--out={tmp_path / 'exp'}", "--seeds=1",
+                     "--dry_run"], printer=lines.append) == 0
+  assert lines[0].startswith("7 arms x 1 seeds = 7 runs"), lines[0]
+  assert any(os.path.join("spacer_jax", "configs", "ablation.py:smoke") in ln for ln in lines)
+
+
 def test_plain_grpo_prompts_in_training_and_heldout(tmp_path):
   """Plain GRPO trains and is evaluated on the prompt without map instructions."""
   c = config_lib.load_config_module(os.path.join(CONFIGS, "sgrlvr.py")).get_config("demo")
