@@ -20,24 +20,29 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (row name, config, topology): the slices named in each config's run sheet.
+# (row name, config, topology, overrides): the slices named in each config's run sheet; the
+# overrides are the settings a row needs to fit (its README command).
 ROWS = (
-    ("SG-RLVR 3B", "configs/sgrlvr.py:size=3b", "v5p-8"),
-    ("SG-RLVR 7B", "configs/sgrlvr.py:size=7b", "v5p-8"),
-    ("SG-RLVR 32B", "configs/sgrlvr.py:size=32b", "v5p-32"),
-    ("SG-RLVR 72B", "configs/sgrlvr.py:size=72b", "v5p-64"),
-    ("SFT 7B", "configs/sft.py:size=7b", "v5p-8"),
-    # LoRA (rank 16 on the text decoder; the frozen base is the reference): the small slices.
-    ("SG-RLVR 7B LoRA", "configs/sgrlvr.py:size=7b,lora=16", "v5e-8"),
-    ("SG-RLVR 3B LoRA", "configs/sgrlvr.py:size=3b,lora=16", "v5e-1"),
+    ("SG-RLVR 3B", "configs/sgrlvr.py:size=3b", "v5p-8", ()),
+    ("SG-RLVR 7B", "configs/sgrlvr.py:size=7b", "v5p-8", ()),
+    ("SG-RLVR 32B", "configs/sgrlvr.py:size=32b", "v5p-32", ()),
+    ("SG-RLVR 72B", "configs/sgrlvr.py:size=72b", "v5p-64", ()),
+    ("SFT 7B", "configs/sft.py:size=7b", "v5p-8", ()),
+    # LoRA (rank 16 on the text decoder; the frozen base is the reference) on 16 GB v5e chips: at
+    # the recipe's batch (8 prompts x G = 8) the 7B train step needs 27.8 GiB per chip in one
+    # micro-batch, so 4 micro-batches; one chip (Colab) takes one prompt x 8 samples per step.
+    ("SG-RLVR 7B LoRA", "configs/sgrlvr.py:size=7b,lora=16", "v5e-8",
+     ("--config.grad_accum_steps=4",)),
+    ("SG-RLVR 3B LoRA", "configs/sgrlvr.py:size=3b,lora=16", "v5e-1",
+     ("--config.data.batch_size=1", "--config.grad_accum_steps=8")),
 )
 
 
-def run_row(config, topology, extra):
+def run_row(config, topology, overrides, extra):
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     path = f.name
   cmd = [sys.executable, "-m", "spacer_jax.plan", f"--config={config}", f"--topology={topology}",
-         f"--json={path}", *extra]
+         f"--json={path}", *overrides, *extra]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                         env={**os.environ, "PYTHONPATH": ROOT})
@@ -47,7 +52,8 @@ def run_row(config, topology, extra):
     report = json.load(f)
   os.unlink(path)
   report["wall_seconds"] = time.perf_counter() - t0
-  report["command"] = " ".join(["python -m spacer_jax.plan"] + cmd[3:-1] + extra)
+  report["overrides"] = list(overrides)
+  report["command"] = " ".join(["python -m spacer_jax.plan"] + cmd[3:5] + cmd[6:])
   print(proc.stdout, flush=True)
   return report
 
@@ -57,20 +63,22 @@ def table(rows, reason):
   out = ["| recipe | slice | fits | peak GiB / chip (HBM) | step s (est.) | train MFU (est.) | "
          "rollout tok/s (est.) | compile s |",
          "|---|---|---|---|---|---|---|---|"]
-  for name, config, topology, r in rows:
+  num = lambda x, fmt: "-" if x is None or x != x else fmt.format(x)  # noqa: E731 (None, NaN)
+  for name, config, topology, overrides, r in rows:
+    recipe = f"{name} (`{' '.join([config, *overrides])}`)"
     if r is None:
-      out.append(f"| {name} (`{config}`) | {topology} | not compiled ({reason}) | | | | | |")
+      out.append(f"| {recipe} | {topology} | not compiled ({reason}) | | | | | |")
       continue
     fns = r["functions"]
     compile_s = sum(f["compile_seconds"] for f in fns.values())
     fits = "yes" if r["fits"] else f"no ({-r['headroom_bytes'] / gib:.1f} GiB over)"
     mfu = r.get("mfu_estimate")
-    tok = r.get("rollout_tokens_per_second")
     out.append(
-        f"| {name} (`{config}`) | {r['topology']} ({r['num_devices']} chips) | {fits} | "
+        f"| {recipe} | {r['topology']} ({r['num_devices']} chips) | {fits} | "
         f"{r['step_peak_bytes'] / gib:.1f} ({r['hbm_bytes_per_device'] / gib:.1f}) | "
-        f"{r['step_seconds_estimate']:.1f} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} | "
-        f"{'-' if tok is None else f'{tok:,.0f}'} | {compile_s:.0f} |")
+        f"{num(r['step_seconds_estimate'], '{:.1f}')} | "
+        f"{num(None if mfu is None else 100 * mfu, '{:.0f}%')} | "
+        f"{num(r.get('rollout_tokens_per_second'), '{:,.0f}')} | {compile_s:.0f} |")
   return "\n".join(out)
 
 
@@ -89,7 +97,7 @@ def main():
   if os.path.exists(args.out) and not args.redo:
     with open(args.out) as f:
       done = json.load(f)
-  names = {n: (c, t) for n, c, t in ROWS}
+  names = {n: (c, t) for n, c, t, _ in ROWS}
   for spec in args.add:
     name, path = spec.split("=", 1)
     if name not in names:
@@ -100,17 +108,20 @@ def main():
       raise SystemExit(f"--add={spec}: a {report['topology']} report for a {names[name][1]} row")
     done[name] = report
   only = [s for s in args.only.split(",") if s]
-  for name, config, topology in ROWS:
-    if (args.table_only or name in done
+  for name, config, topology, overrides in ROWS:
+    # A stored row made with other overrides (the row's settings changed since) is compiled again.
+    current = name in done and done[name].get("overrides", []) == list(overrides)
+    if (args.table_only or current
         or (only and not any(s.lower() in name.lower() for s in only))):
       continue
-    done[name] = run_row(config, topology, extra)
+    done[name] = run_row(config, topology, overrides, extra)
     with open(args.out, "w") as f:
       json.dump(done, f, indent=2)
   if args.add:
     with open(args.out, "w") as f:
       json.dump(done, f, indent=2)
-  print(table([(n, c, t, done.get(n)) for n, c, t in ROWS], args.reason))
+  print(table([(n, c, t, o, done[n] if n in done and done[n].get("overrides", []) == list(o)
+                 else None) for n, c, t, o in ROWS], args.reason))
 
 
 if __name__ == "__main__":

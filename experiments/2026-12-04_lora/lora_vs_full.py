@@ -11,7 +11,8 @@ learning-rate schedule to 0, then the demo's held-out evaluation of the last che
   full  every parameter, peak lr 6e-4 (the demo's RL learning rate);
   lora  rank 8, alpha 32 on the text decoder's q/k/v/o/gate/up/down, base frozen, peak lr 6e-3
         (LoRA is usually run at about 10x the full fine-tuning learning rate; not swept here).
-The seed changes the RL sampling and data order, not the starting weights.
+The seed changes the RL sampling and data order, not the starting weights. Two more LoRA arms at
+lower learning rates (2e-3, and 6e-4 = full's) were added after lora at 6e-3 collapsed (README.md).
 """
 
 from spacer_jax.configs import sgrlvr
@@ -33,6 +34,13 @@ def get_config(arg=None):
   return c
 
 
+# Added after the first result (README.md, "Result"): lora at 6e-3 collapsed in every seed, so the
+# same adapters at lower peak learning rates (post hoc, reported as such).
+POST_HOC_LORA_LRS = {"lora_lr2e-3": 2e-3, "lora_lr6e-4": 6e-4}
+
+
 def sweep(add):
   add(name="full")
   add(name="lora", **{"lora.rank": LORA_RANK, "optim.lr": LORA_LR})
+  for name, lr in POST_HOC_LORA_LRS.items():  # (the base config's lr is full's, 6e-4)
+    add(name=name, **{"lora.rank": LORA_RANK, **({"optim.lr": lr} if lr != FULL_LR else {})})
