@@ -89,7 +89,8 @@ def main():
   ap.add_argument("--only", default="", help="comma-separated substrings of row names")
   ap.add_argument("--redo", action="store_true")
   ap.add_argument("--add", action="append", default=[],
-                  help="ROW NAME=FILE: take that row from a --json report of a direct run")
+                  help="ROW NAME=FILE: take that row from a --json report of a direct run of the "
+                       "row's config, topology and overrides")
   ap.add_argument("--table_only", action="store_true", help="compile nothing, print the table")
   ap.add_argument("--reason", default="not run yet", help="why rows without a report have none")
   args, extra = ap.parse_known_args()
@@ -97,7 +98,7 @@ def main():
   if os.path.exists(args.out) and not args.redo:
     with open(args.out) as f:
       done = json.load(f)
-  names = {n: (c, t) for n, c, t, _ in ROWS}
+  names = {n: (c, t, o) for n, c, t, o in ROWS}
   for spec in args.add:
     name, path = spec.split("=", 1)
     if name not in names:
@@ -106,6 +107,8 @@ def main():
       report = json.load(f)
     if report["topology"] != names[name][1]:
       raise SystemExit(f"--add={spec}: a {report['topology']} report for a {names[name][1]} row")
+    # The report is taken as made with the row's config and overrides (its command is the row's).
+    report.setdefault("overrides", list(names[name][2]))
     done[name] = report
   only = [s for s in args.only.split(",") if s]
   for name, config, topology, overrides in ROWS:
