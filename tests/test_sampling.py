@@ -539,6 +539,34 @@ def test_sharded_rows_match_single_device(hf_pair, model):
   np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
 
 
+def test_sharded_video_rows_run_the_vision_tower_over_patch_groups(hf_pair, model):
+  """On a (data 2, fsdp 4) mesh the sampler packs the videos' frames into 8 patch groups, one per
+  device (pixels and group index arrays split over the batch axes), and samples what one device
+  samples from the ungrouped batch."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharded_model = qwen2_5_vl.load_hf(hf_pair[1], dtype=jnp.float32, mesh=mesh, rules=FSDP_RULES)
+  ids, mask, vision = _vision_batch(np.random.default_rng(31), VIDEO_ROWS * 4,
+                                    video_grids=VIDEO_GRIDS * 4)
+  kw = dict(max_new_tokens=5, num_samples=2, rng=jax.random.key(2))
+  with jax.default_matmul_precision("highest"):
+    want = sampling.Sampler(model, temperature=1.0, top_k=20, stop_ids=(),
+                            vision_budget="auto")(ids, mask, **kw, **vision)
+    sampler = sampling.Sampler(sharded_model, temperature=1.0, top_k=20, stop_ids=(), mesh=mesh,
+                               vision_budget="auto")
+    assert sampler.vision_groups() == 8
+    batch = sampler.prepare(ids, mask, **vision)
+    assert batch["video_vis"]["window_index"].shape[0] == 8
+    shardings = sampler.batch_shardings(batch)
+    assert shardings["video_vis"]["full_gather"].spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert shardings["pixel_values_videos"].spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(FSDP_RULES):
+      got = sampler(ids, mask, **kw, **vision)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
 def test_auto_budget_takes_pipeline_padded_pixels(model):
   """vision_budget="auto" (the trainer): pixel rows padded past the real ones, as the data
   pipeline's static budgets leave them, give the unpadded batch's samples."""
