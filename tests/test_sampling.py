@@ -559,8 +559,9 @@ def test_sharded_video_rows_run_the_vision_tower_over_patch_groups(hf_pair, mode
     batch = sampler.prepare(ids, mask, **vision)
     assert batch["video_vis"]["window_index"].shape[0] == 8
     shardings = sampler.batch_shardings(batch)
-    assert shardings["video_vis"]["full_gather"].spec == jax.sharding.PartitionSpec(("data", "fsdp"))
-    assert shardings["pixel_values_videos"].spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    split = jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert shardings["video_vis"]["full_gather"].spec == split
+    assert shardings["pixel_values_videos"].spec == split
     with jax.set_mesh(mesh), nnx.logical_axis_rules(FSDP_RULES):
       got = sampler(ids, mask, **kw, **vision)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))

@@ -459,7 +459,8 @@ def group_pixels(cfg, pixel_values, grid_thw, num_groups):
   """Processor-order pixel rows [P, C*2*14*14] (real rows first, P = the budget) -> the grouped
   layout of `prepare_vision_inputs(num_groups=G)`: group g's frames at rows [g * P / G, ...), zero
   rows after them, so that splitting the rows into G equal blocks gives every device its own
-  group's pixels. A zero-stride all-zero view (the planner's placeholder pixels) is returned as is."""
+  group's pixels. A zero-stride all-zero view (the planner's placeholder pixels) is returned as
+  is."""
   pixel_values = np.asarray(pixel_values)
   rows, n = pixel_values.shape[0], int(num_groups)
   if pixel_values.strides[0] == 0 and not pixel_values[:1].any():

@@ -15,11 +15,11 @@ reaches across a frame, so no group needs another's patches). The index arrays t
 leading group axis [n, ...] and the tower runs as n independent sequences: activations [n, P/n, E]
 are split over the batch axes with the hidden dim whole, the weights are all-gathered per block
 like the decoder's, and no block exchanges activations. Only the final reorder into processor
-order moves features between devices. Without groups (one device, one process on no mesh, or
-several processes) the same code runs with a group axis of 1 and the hidden dim split over fsdp.
+order moves features between devices. Without groups (no mesh, or several processes) the same
+code runs with a group axis of 1: every patch on every device, the hidden dim split over fsdp.
 
-Axis legend: G patch groups, P patches, Q merged tokens (P / 4), E vision hidden, N heads, H head dim,
-F vision MLP hidden, W segments (windows or frames), M segment length, D text hidden.
+Axis legend: G patch groups, P patches, Q merged tokens (P / 4), E vision hidden, N heads,
+H head dim, F vision MLP hidden, W segments (windows or frames), M segment length, D text hidden.
 """
 
 import jax
@@ -145,8 +145,8 @@ class PatchMerger(nnx.Module):
 
 
 def vision_cos_sin(rot_pos, head_dim: int, theta: float):
-  """float32[.., P, H] cos/sin of the 2-D rotary from (h, w) ids int[.., P, 2] (docs/qwen2_5_vl.md, "Vision
-  tower")."""
+  """float32[.., P, H] cos/sin of the 2-D rotary from (h, w) ids int[.., P, 2]
+  (docs/qwen2_5_vl.md, "Vision tower")."""
   freq = layers.inv_freq(head_dim // 2, theta)  # [H/4]
   ang = rot_pos.astype(jnp.float32)[..., None] * freq  # [.., P, 2, H/4]
   ang = ang.reshape(*ang.shape[:-2], -1)  # [.., P, H/2]: h angles then w angles
@@ -155,9 +155,9 @@ def vision_cos_sin(rot_pos, head_dim: int, theta: float):
 
 
 def _activation_axes(x):
-  """Logical axes of a vision activation [G, P, E] (or [P, E]): with several groups the groups take the batch
-  axes and the hidden dim stays whole (each device runs its own patches); one group keeps every
-  patch on every device and splits the hidden dim over fsdp instead."""
+  """Logical axes of a vision activation [G, P, E] (or [P, E]): with several groups the groups
+  take the batch axes and the hidden dim stays whole (each device runs its own patches); one group
+  keeps every patch on every device and splits the hidden dim over fsdp instead."""
   if x.ndim == 2:  # [P, E]: a block called without the group axis
     return (None, "vision_embed")
   return ("batch", None, None) if x.shape[0] > 1 else (None, None, "vision_embed")
