@@ -568,6 +568,20 @@ def test_sharded_video_rows_run_the_vision_tower_over_patch_groups(hf_pair, mode
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
 
 
+def test_vision_groups_follow_the_mesh_and_fall_back_with_several_processes(model, monkeypatch):
+  """One patch group per device along the batch axes; one group without a mesh and in a
+  multi-process job (its pixels arrive as per-process blocks)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  assert sampling.Sampler(model, mesh=mesh).vision_groups() == 4
+  assert sampling.Sampler(model, mesh=mesh, batch_axes=("fsdp",)).vision_groups() == 2
+  assert sampling.Sampler(model).vision_groups() == 1
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert sampling.Sampler(model, mesh=mesh).vision_groups() == 1
+
+
 def test_auto_budget_takes_pipeline_padded_pixels(model):
   """vision_budget="auto" (the trainer): pixel rows padded past the real ones, as the data
   pipeline's static budgets leave them, give the unpadded batch's samples."""
