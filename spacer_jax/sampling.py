@@ -504,8 +504,10 @@ class Sampler:
     no vision block moves activations between devices. 1 without a mesh, and with several
     processes: their pixels arrive as per-process blocks (`_global_batch`), and groups would then
     have to take frames from another process's block; the tower then keeps every patch on every
-    device and splits its hidden dim instead."""
-    if self.mesh is None or not self.batch_axes or jax.process_count() > 1:
+    device and splits its hidden dim instead. 1 too when the model config turns
+    `vision_patch_groups` off."""
+    if (self.mesh is None or not self.batch_axes or jax.process_count() > 1
+        or not self.cfg.vision_patch_groups):
       return 1
     return int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
 

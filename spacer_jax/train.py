@@ -270,6 +270,7 @@ def make_model_config(config, tokenizer):
   directory names (modeling.published_config).
   """
   common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
+                vision_patch_groups=bool(config.model.vision_patch_groups),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
     ids = tokenizer.special_ids()

@@ -5,6 +5,7 @@ Tiny random Qwen2.5-VL models are built with transformers + save_pretrained and 
 qwen2_5_vl.load_hf, so both sides share the same weights.
 """
 
+import dataclasses
 import functools
 
 import re
@@ -578,6 +579,9 @@ def test_vision_groups_follow_the_mesh_and_fall_back_with_several_processes(mode
   assert sampling.Sampler(model, mesh=mesh).vision_groups() == 4
   assert sampling.Sampler(model, mesh=mesh, batch_axes=("fsdp",)).vision_groups() == 2
   assert sampling.Sampler(model).vision_groups() == 1
+  cfg = dataclasses.replace(model.config, vision_patch_groups=False)
+  off = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
+  assert sampling.Sampler(off, mesh=mesh).vision_groups() == 1
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   assert sampling.Sampler(model, mesh=mesh).vision_groups() == 1
 

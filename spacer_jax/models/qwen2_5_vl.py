@@ -99,6 +99,9 @@ class Qwen2_5_VLConfig:
   # Run the decoder layers as a lax.scan in the forward without a KV cache (training, reference
   # log-probs): one compiled layer instead of num_hidden_layers; weights keep their per-layer names.
   scan_layers: bool = False
+  # On a mesh, run the vision tower over one patch group per device along the batch axes
+  # (sampling.Sampler.vision_groups); off: every patch on every device, the hidden dim split.
+  vision_patch_groups: bool = True
   attn_implementation: str | None = None  # jax.nn.dot_product_attention implementation
 
   def __post_init__(self):
