@@ -250,6 +250,9 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
       # Decoder as a lax.scan in train_step / token_logps (one compiled layer; weights keep their
       # names). Off: the 7B plan on v5p-8 was measured unrolled (experiments/2026-12-04_plan_7b_v5p8).
       scan_layers=False,
+      # Vision tower over per-device patch groups on a mesh (no activation all-reduces; the 7B
+      # step on v5p-8: experiments/2026-12-04_plan_7b_v5p8). Multi-process runs keep one group.
+      vision_patch_groups=True,
       text_after_vision="qwen", freeze_vision=False))
 
   c.data = ml_collections.ConfigDict(dict(

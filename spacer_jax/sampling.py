@@ -298,17 +298,27 @@ def _bucket(n):
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def auto_vision_budget(cfg, grid_thw, num_patches):
+def auto_vision_budget(cfg, grid_thw, num_patches, num_groups=1):
   """Static pad-to sizes of `Sampler(vision_budget="auto")` for one batch's images or videos.
 
   Pixel rows stay at `num_patches` (already at the data pipeline's budget); window and frame counts
-  and the longest frame are rounded up to powers of two.
+  and the longest frame are rounded up to powers of two. With patch groups (num_groups > 1) the
+  pixel rows grow to G equal groups that hold whole frames (`qwen2_5_vl.grouped_num_patches`:
+  the pipeline's rows, or one bucketed frame more per group when the frames do not pack into
+  those), and the window and frame counts are the fullest group's.
   """
   g = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-  _, cu_win = positions_lib.window_index(g, window_size=cfg.window_size, patch_size=cfg.patch_size,
-                                         spatial_merge_size=cfg.spatial_merge_size)
-  return dict(num_patches=int(num_patches), num_windows=_bucket(len(cu_win) - 1),
-              num_frames=_bucket(int(g[:, 0].sum())), frame_len=_bucket(int((g[:, 1] * g[:, 2]).max())))
+  frame_len = _bucket(int((g[:, 1] * g[:, 2]).max()))
+  if num_groups > 1:
+    num_patches = qwen2_5_vl.grouped_num_patches(cfg, g, num_patches, num_groups, slack=frame_len)
+    windows, frames = qwen2_5_vl.vision_group_counts(cfg, g, num_patches, num_groups)
+  else:
+    _, cu_win = positions_lib.window_index(g, window_size=cfg.window_size,
+                                           patch_size=cfg.patch_size,
+                                           spatial_merge_size=cfg.spatial_merge_size)
+    windows, frames = len(cu_win) - 1, int(g[:, 0].sum())
+  return dict(num_patches=int(num_patches), num_windows=_bucket(windows),
+              num_frames=_bucket(frames), frame_len=frame_len)
 
 
 class BoundJit:
@@ -375,7 +385,9 @@ class Sampler:
       num_patches), so videos with different grids but the same budget do not recompile; or
       "auto": every batch's pixel rows as given (the data pipeline pads them to its budget) and its
       window, frame and frame-length counts rounded up to powers of two, so a run recompiles only
-      when a batch reaches a new bucket (the trainer's setting).
+      when a batch reaches a new bucket (the trainer's setting). On a mesh the vision tower runs
+      over patch groups (`vision_groups`): the pixel rows then grow to equal groups of whole frames
+      and laid out group by group, and dict budgets' window and frame counts hold per group.
   """
 
   def __init__(self, model, *, temperature=0.0, top_k=0, top_p=1.0, stop_ids=None,
@@ -462,25 +474,50 @@ class Sampler:
         raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
       if not isinstance(pixels, jax.Array):
         pixels = np.asarray(pixels, np.float32)
-      budget = (auto_vision_budget(cfg, grid, pixels.shape[0]) if self.vision_budget == "auto"
-                else self.vision_budget.get(kind, {}))
+      groups = self.vision_groups()
+      if self.vision_budget == "auto":
+        budget = auto_vision_budget(cfg, grid, pixels.shape[0], num_groups=groups)
+      else:
+        budget = dict(self.vision_budget.get(kind, {}))
+        if groups > 1:  # the given budgets hold per group; the rows grow to G equal groups
+          budget["num_patches"] = qwen2_5_vl.grouped_num_patches(
+              cfg, grid, max(budget.get("num_patches") or 0, pixels.shape[0]), groups,
+              slack=budget.get("frame_len"))
       if budget.get("num_patches") is not None and pixels.shape[0] < budget["num_patches"]:
         # Static patch budget: pad rows so every grid within budget shares one executable; the
         # padded rows' features are never scattered (embed reads only as many as placeholders).
         pixels = np.concatenate(
             [pixels, np.zeros((budget["num_patches"] - pixels.shape[0], pixels.shape[1]),
                               np.float32)])
+      if groups > 1:
+        pixels = qwen2_5_vl.group_pixels(cfg, pixels, grid, groups)
       key = "pixel_values" if kind == "image" else "pixel_values_videos"
       batch[key] = pixels
-      batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(cfg, np.asarray(grid),
-                                                              offsets=offsets.get(kind), **budget)
+      batch[f"{kind}_vis"] = qwen2_5_vl.prepare_vision_inputs(
+          cfg, np.asarray(grid), offsets=offsets.get(kind),
+          num_groups=groups if groups > 1 else None, **budget)
     return batch
+
+  def vision_groups(self):
+    """G, the number of patch groups the vision tower runs as: one per device along the batch
+    axes, each holding whole frames and its own pixels (qwen2_5_vl.prepare_vision_inputs), so
+    no vision block moves activations between devices. 1 without a mesh, and with several
+    processes: their pixels arrive as per-process blocks (`_global_batch`), and groups would then
+    have to take frames from another process's block; the tower then keeps every patch on every
+    device and splits its hidden dim instead. 1 too when the model config turns
+    `vision_patch_groups` off."""
+    if (self.mesh is None or not self.batch_axes or jax.process_count() > 1
+        or not self.cfg.vision_patch_groups):
+      return 1
+    return int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
 
   def batch_shardings(self, batch):
     """Shardings of a prepared batch (arrays or ShapeDtypeStructs), as `_put` places it: prompt
     rows over the batch axes where they divide, position rows along dim 1, pixel rows split where
-    they divide (`_pixel_sharding`), vision index arrays replicated. None on one process without
-    a mesh or when the rows do not divide (the jitted functions place the batch)."""
+    they divide (`_pixel_sharding`), the vision index arrays with a patch-group axis split over
+    the batch axes like the pixels (each device holds its own group's), the others replicated.
+    None on one process without a mesh or when the rows do not divide (the jitted functions place
+    the batch)."""
     sharding = None if self.mesh is None else self._row_sharding(batch["input_ids"].shape[0])
     if sharding is None and jax.process_count() == 1:
       return None
@@ -498,6 +535,11 @@ class Sampler:
         s = cols
       elif k in ("pixel_values", "pixel_values_videos"):
         s = self._pixel_sharding(np.shape(v)[0])
+      elif k in ("image_vis", "video_vis"):
+        grouped = qwen2_5_vl.grouped_vision_keys(v)
+        out[k] = {name: self._pixel_sharding(np.shape(a)[0]) if name in grouped else repl
+                  for name, a in v.items()}
+        continue
       else:
         s = repl
       out[k] = jax.tree.map(lambda _, s=s: s, v)

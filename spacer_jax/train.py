@@ -283,6 +283,7 @@ def make_model_config(config, tokenizer):
   directory names (modeling.published_config).
   """
   common = dict(use_remat=bool(config.model.use_remat), scan_layers=bool(config.model.scan_layers),
+                vision_patch_groups=bool(config.model.vision_patch_groups),
                 text_after_vision=config.model.text_after_vision)
   if config.model.variant == "tiny":
     ids = tokenizer.special_ids()
@@ -397,12 +398,22 @@ def init_state(params, setup, seed):
 def batch_shardings(tb, mesh, rules):
   """Shardings of a TrainBatch: per-row and per-prompt arrays and the pixel rows over the batch
   axes (where they divide; the sampler lays the pixels out the same way, so in a multi-process job
-  each process's pixels stay on its devices), vision index arrays replicated (the vision tower
-  constrains its own activations). Works on arrays and on ShapeDtypeStructs."""
+  each process's pixels stay on its devices, and with vision patch groups each device holds its
+  own group's), the vision index arrays with a patch-group axis over the batch axes too, the other
+  vision index arrays replicated (the vision tower constrains its own activations). Works on
+  arrays and on ShapeDtypeStructs."""
   batched = ROW_KEYS + ("prompt_ids", "prompt_mask", "pixel_values", "pixel_values_videos")
   repl = sharding.replicated(mesh)
-  return {k: (sharding.batch_shardings(v, mesh, rules) if k in batched
-              else jax.tree.map(lambda _: repl, v)) for k, v in tb.items()}
+  out = {}
+  for k, v in tb.items():
+    if k in ("image_vis", "video_vis"):
+      grouped = qwen2_5_vl.grouped_vision_keys(v)
+      out[k] = {name: sharding.batch_sharding(mesh, rules, np.shape(a)) if name in grouped
+                else repl for name, a in v.items()}
+    else:
+      out[k] = (sharding.batch_shardings(v, mesh, rules) if k in batched
+                else jax.tree.map(lambda _: repl, v))
+  return out
 
 
 def make_train_step(abstract, setup, *, mode, grpo_config, num_micro, batch_shardings_,

@@ -5,6 +5,7 @@ Tiny random Qwen2.5-VL models are built with transformers + save_pretrained and 
 qwen2_5_vl.load_hf, so both sides share the same weights.
 """
 
+import dataclasses
 import functools
 
 import re
@@ -537,6 +538,52 @@ def test_sharded_rows_match_single_device(hf_pair, model):
   assert len(sharded.tokens.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
   np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
+
+
+def test_sharded_video_rows_run_the_vision_tower_over_patch_groups(hf_pair, model):
+  """On a (data 2, fsdp 4) mesh the sampler packs the videos' frames into 8 patch groups, one per
+  device (pixels and group index arrays split over the batch axes), and samples what one device
+  samples from the ungrouped batch."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharded_model = qwen2_5_vl.load_hf(hf_pair[1], dtype=jnp.float32, mesh=mesh, rules=FSDP_RULES)
+  ids, mask, vision = _vision_batch(np.random.default_rng(31), VIDEO_ROWS * 4,
+                                    video_grids=VIDEO_GRIDS * 4)
+  kw = dict(max_new_tokens=5, num_samples=2, rng=jax.random.key(2))
+  with jax.default_matmul_precision("highest"):
+    want = sampling.Sampler(model, temperature=1.0, top_k=20, stop_ids=(),
+                            vision_budget="auto")(ids, mask, **kw, **vision)
+    sampler = sampling.Sampler(sharded_model, temperature=1.0, top_k=20, stop_ids=(), mesh=mesh,
+                               vision_budget="auto")
+    assert sampler.vision_groups() == 8
+    batch = sampler.prepare(ids, mask, **vision)
+    assert batch["video_vis"]["window_index"].shape[0] == 8
+    shardings = sampler.batch_shardings(batch)
+    split = jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert shardings["video_vis"]["full_gather"].spec == split
+    assert shardings["pixel_values_videos"].spec == split
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(FSDP_RULES):
+      got = sampler(ids, mask, **kw, **vision)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+def test_vision_groups_follow_the_mesh_and_fall_back_with_several_processes(model, monkeypatch):
+  """One patch group per device along the batch axes; one group without a mesh and in a
+  multi-process job (its pixels arrive as per-process blocks)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  assert sampling.Sampler(model, mesh=mesh).vision_groups() == 4
+  assert sampling.Sampler(model, mesh=mesh, batch_axes=("fsdp",)).vision_groups() == 2
+  assert sampling.Sampler(model).vision_groups() == 1
+  cfg = dataclasses.replace(model.config, vision_patch_groups=False)
+  off = nnx.eval_shape(lambda: qwen2_5_vl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
+  assert sampling.Sampler(off, mesh=mesh).vision_groups() == 1
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert sampling.Sampler(model, mesh=mesh).vision_groups() == 1
 
 
 def test_auto_budget_takes_pipeline_padded_pixels(model):

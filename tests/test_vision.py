@@ -162,3 +162,80 @@ def test_window_attention_never_builds_patch_by_patch_mask():
   heads = cfg.vision_num_heads
   assert biggest < p * p, (biggest, p * p)
   assert biggest <= max(p * cfg.vision_intermediate_size, 8 * heads * (p // 8) ** 2)
+
+
+# Clips with uneven frame counts (1, 5, 2, 3 and 1 temporal patches) and frame sizes.
+GROUPED_VIDEOS = [[1, 10, 14], [5, 4, 4], [2, 4, 6], [3, 6, 10], [1, 8, 8]]
+GROUPED_IMAGES = [[1, 10, 14], [1, 8, 8], [1, 4, 6], [1, 6, 10], [1, 4, 4]]
+
+
+def _sharded_tower(model, cfg, pix, grid, num_groups, extra_rows):
+  """Features of the tower over `num_groups` patch groups on an 8-device mesh whose batch axes
+  (data x fsdp) have num_groups devices, inputs laid out as the sampler puts them; and the
+  compiled HLO."""
+  from spacer_jax import config_lib, sharding
+  n = num_groups
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", n), ("tensor", 8 // n)])
+  rules = config_lib.FSDP_RULES
+  rows = qwen2_5_vl.grouped_num_patches(cfg, grid, pix.shape[0] + extra_rows, n)
+  padded = np.concatenate([pix, np.full((rows - pix.shape[0], pix.shape[1]), 0.0, np.float32)])
+  vis = qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=rows, num_groups=n)
+  grouped = qwen2_5_vl.grouped_vision_keys(vis)
+  put = lambda a, split: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.shape) if split
+                                        else sharding.replicated(mesh))
+  vis = {k: put(v, k in grouped) for k, v in vis.items()}
+  pixels = put(qwen2_5_vl.group_pixels(cfg, padded, grid, n), True)
+  graphdef, state = nnx.split(model.visual)
+  fn = jax.jit(lambda st, x, v: nnx.merge(graphdef, st)(x, v))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    out = fn(state, pixels, vis)
+    hlo = fn.lower(state, pixels, vis).compile().as_text()
+  return np.asarray(out), hlo
+
+
+@pytest.mark.parametrize("num_groups", [2, 4, 8])
+@pytest.mark.parametrize("grid", [GROUPED_IMAGES, GROUPED_VIDEOS], ids=["images", "videos"])
+def test_patch_groups_give_the_ungrouped_features(grid, num_groups):
+  """The tower over G per-device patch groups (whole frames per group, group-local indices, budget
+  padding rows) returns the single-device features of the processor-order batch."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  cfg = qwen2_5_vl.tiny()
+  model = qwen2_5_vl.init_model(cfg, seed=1, init_std=0.2)
+  pix = _pixels(grid, seed=3)
+  want = np.asarray(_tower(model.visual, pix, qwen2_5_vl.prepare_vision_inputs(cfg, grid)))
+  got, hlo = _sharded_tower(model, cfg, pix, grid, num_groups, extra_rows=36)
+  np.testing.assert_allclose(got[:len(want)], want, atol=1e-6, rtol=0)
+  # The blocks exchange no activations: the only all-reduce left is the final reorder of the
+  # merged features ([Q, D]) into processor order.
+  reduces = [line for line in hlo.splitlines() if " all-reduce(" in line
+             or " all-reduce-start(" in line]
+  assert len(reduces) <= 1, reduces
+
+
+def test_patch_group_layout_and_errors():
+  """Groups hold whole frames in order; the pixel layout puts group g at rows g * P / G; a budget
+  too small for the frames raises naming the sizes."""
+  cfg = qwen2_5_vl.tiny()
+  grid = GROUPED_VIDEOS  # frames of 140, 16 x5, 24 x2, 60 x3, 64 patches: 512 in all
+  # Groups of 272: 140 + 5*16 + 2*24 = 268 (the next frame, 60, would overflow), then 180 + 64.
+  np.testing.assert_array_equal(qwen2_5_vl.vision_group_bounds(cfg, grid, 544, 2), [0, 268, 512])
+  pix = _pixels(grid, seed=2)
+  rows = np.concatenate([pix, np.zeros((32, pix.shape[1]), np.float32)])
+  laid = qwen2_5_vl.group_pixels(cfg, rows, grid, 2)
+  np.testing.assert_array_equal(laid[:268], pix[:268])
+  np.testing.assert_array_equal(laid[272:516], pix[268:])
+  assert not laid[268:272].any() and not laid[516:].any()
+  vis = qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=544, num_groups=2)
+  assert vis["window_index"].shape == (2, 68) and vis["reverse_index"].shape == (136,)
+  assert sorted(vis["reverse_index"]) == list(range(136))  # a permutation of the slots
+  # 8 groups of 64 rows cannot take a 140-patch frame; grouped_num_patches adds a frame per group.
+  with pytest.raises(ValueError, match=r"up to 140 patches .* do not pack into 8 groups of 64"):
+    qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=512, num_groups=8)
+  assert qwen2_5_vl.grouped_num_patches(cfg, grid, 544, 2) == 544
+  assert qwen2_5_vl.grouped_num_patches(cfg, grid, 512, 8) == 8 * (64 + 140)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=548, num_groups=2)
+  with pytest.raises(ValueError, match="offsets"):
+    qwen2_5_vl.prepare_vision_inputs(cfg, grid, num_patches=544, num_groups=2,
+                                     offsets=[0, 140, 220, 268, 448])

@@ -174,10 +174,11 @@ def segment_gather(cu, *, num_patches=None, num_segments=None, segment_len=None)
   lens = np.diff(cu)
   p = int(cu[-1])
   w = len(lens) if num_segments is None else int(num_segments)
-  m = int(lens.max()) if segment_len is None else int(segment_len)
+  m = int(lens.max(initial=1)) if segment_len is None else int(segment_len)
   p_pad = p if num_patches is None else int(num_patches)
-  if w < len(lens) or m < lens.max() or p_pad < p:
-    raise ValueError(f"vision budget too small: need {len(lens)} segments of up to {lens.max()} "
+  if w < len(lens) or m < lens.max(initial=0) or p_pad < p:
+    raise ValueError(f"vision budget too small: need {len(lens)} segments of up to "
+                     f"{lens.max(initial=0)} "
                      f"patches ({p} patches), got num_segments={w}, segment_len={m}, "
                      f"num_patches={p_pad}")
   slot = np.arange(m)
@@ -190,3 +191,34 @@ def segment_gather(cu, *, num_patches=None, num_segments=None, segment_len=None)
   scatter = np.zeros((p_pad,), np.int32)
   scatter[:p] = seg_of * m + (np.arange(p) - cu[seg_of])
   return gather, lengths, scatter
+
+
+def pack_segments(cu, *, capacity, num_groups):
+  """Consecutive segments into `num_groups` groups of at most `capacity` patches each, in order.
+
+  Next fit: a group takes segments until the next one would overflow it, then the next group
+  starts. Segments are never split, so a group always holds whole frames (the vision tower's
+  patch groups, qwen2_5_vl.prepare_vision_inputs with num_groups: neither a window nor a frame's
+  full attention ever reaches across a frame, so every group can run on its own device).
+
+  Args:
+    cu: int[S + 1] segment boundaries (patch units).
+    capacity: patches per group.
+    num_groups: number of groups.
+
+  Returns:
+    int64[num_groups + 1]: group g holds segments [out[g], out[g + 1]); trailing groups may be
+    empty. Raises ValueError (naming the sizes) when the segments do not fit.
+  """
+  lens = np.diff(np.asarray(cu, np.int64))
+  bounds, used = [0], 0
+  for i, n in enumerate(lens):
+    if used + n > capacity:
+      bounds.append(i)
+      used = 0
+    if n > capacity or len(bounds) > num_groups:
+      raise ValueError(f"{len(lens)} vision frames of up to {lens.max()} patches ({lens.sum()} in "
+                       f"all) do not pack into {num_groups} groups of {capacity} patches")
+    used += n
+  bounds += [len(lens)] * (num_groups + 1 - len(bounds))
+  return np.asarray(bounds, np.int64)

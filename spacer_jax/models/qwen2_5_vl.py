@@ -99,6 +99,9 @@ class Qwen2_5_VLConfig:
   # Run the decoder layers as a lax.scan in the forward without a KV cache (training, reference
   # log-probs): one compiled layer instead of num_hidden_layers; weights keep their per-layer names.
   scan_layers: bool = False
+  # On a mesh, run the vision tower over one patch group per device along the batch axes
+  # (sampling.Sampler.vision_groups); off: every patch on every device, the hidden dim split.
+  vision_patch_groups: bool = True
   attn_implementation: str | None = None  # jax.nn.dot_product_attention implementation
 
   def __post_init__(self):
@@ -300,7 +303,7 @@ def check_placeholder_counts(cfg, input_ids, image_grid_thw=None, video_grid_thw
 
 
 def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, num_frames=None,
-                          frame_len=None, offsets=None):
+                          frame_len=None, offsets=None, num_groups=None):
   """Host (numpy) index arrays for `get_vision_features`.
 
   Without pad-to sizes every shape follows `grid_thw`. With them (`num_patches`, `num_windows`,
@@ -316,34 +319,161 @@ def prepare_vision_inputs(cfg, grid_thw, *, num_patches=None, num_windows=None, 
   rows -> window order) reads the offsets; after it the activations, every other index array and
   the output (features in processor order, real rows first) are those of the packed layout.
 
+  `num_groups` (G > 1) splits the patches into G groups of num_patches / G rows, each holding whole
+  frames, consecutive frames packed in order (`vision_group_bounds`), so the vision tower runs as G
+  independent sequences, one per device along the batch axes (sampling.Sampler sets G from its
+  mesh). The pixel rows must then be in the grouped layout (`group_pixels`), the budgets
+  `num_windows`, `num_frames` and `frame_len` are per group (default: the fullest group's), and
+  every index array is local to its group. Features still come back in processor order. A
+  ValueError names the sizes when the frames do not pack into G groups of num_patches / G
+  (`grouped_num_patches` gives a size that always packs). Not combinable with `offsets`.
+
   Returns:
-    dict of int32 arrays: window_index / reverse_index [Q], rot_pos [P, 2] (window order),
-    {win,full}_gather [W, M], {win,full}_lengths [W], {win,full}_scatter [P].
+    dict of int32 arrays: window_index [Q] (the merged pixel row each window-order slot reads),
+    reverse_index [Q] (the slot of each processor-order merged row), rot_pos [P, 2] (window
+    order), {win,full}_gather [W, M], {win,full}_lengths [W], {win,full}_scatter [P]. With
+    groups every array but reverse_index gets a leading [G] axis and Q, P, W are per group;
+    reverse_index then indexes the G * Q / G slots in group order.
   """
   grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
   merge2 = cfg.spatial_merge_size ** 2
   p = int(np.prod(grid, axis=-1).sum())
   p_pad = p if num_patches is None else int(num_patches)
-  if p_pad < p or p_pad % merge2:
-    raise ValueError(f"num_patches={p_pad} must be >= {p} and a multiple of {merge2}")
+  n = 1 if num_groups is None else int(num_groups)
+  if p_pad < p or p_pad % (merge2 * n):
+    raise ValueError(f"num_patches={p_pad} must be >= {p} and a multiple of {merge2 * n} "
+                     f"({merge2} patches per merged token x {n} groups)")
+  if n > 1 and offsets is not None:
+    raise ValueError("prepare_vision_inputs: num_groups and pixel offsets do not combine (the "
+                     "grouped pixel layout places every group's frames itself)")
   q, q_pad = p // merge2, p_pad // merge2
   win_idx, cu_win = positions.window_index(grid, window_size=cfg.window_size,
                                            patch_size=cfg.patch_size,
                                            spatial_merge_size=cfg.spatial_merge_size)
-  win_idx = np.concatenate([win_idx, np.arange(q, q_pad)])
-  # Pixel rows (in merged units) read in window order: the packed index, or its slot under offsets.
-  read_idx = win_idx if offsets is None else _offset_rows(grid, offsets, merge2, q_pad)[win_idx]
   rot = positions.vision_rotary_ids(grid, cfg.spatial_merge_size)
-  rot = np.concatenate([rot, np.zeros((p_pad - p, 2), np.int64)])
-  rot = rot.reshape(q_pad, merge2, 2)[win_idx].reshape(p_pad, 2)
-  wg, wl, ws = positions.segment_gather(cu_win, num_patches=p_pad, num_segments=num_windows,
-                                        segment_len=cfg.window_patches)
-  fg, fl, fs = positions.segment_gather(positions.cu_seqlens(grid), num_patches=p_pad,
-                                        num_segments=num_frames, segment_len=frame_len)
-  return dict(window_index=read_idx.astype(np.int32),
-              reverse_index=np.argsort(win_idx).astype(np.int32), rot_pos=rot.astype(np.int32),
-              win_gather=wg, win_lengths=wl, win_scatter=ws, full_gather=fg, full_lengths=fl,
-              full_scatter=fs)
+  rot = np.concatenate([rot, np.zeros((p_pad - p, 2), np.int64)]).reshape(q_pad, merge2, 2)
+  if num_groups is None:
+    win_idx = np.concatenate([win_idx, np.arange(q, q_pad)])
+    # Pixel rows (merged units) read in window order: the packed index, or its slot under offsets.
+    read_idx = win_idx if offsets is None else _offset_rows(grid, offsets, merge2, q_pad)[win_idx]
+    wg, wl, ws = positions.segment_gather(cu_win, num_patches=p_pad, num_segments=num_windows,
+                                          segment_len=cfg.window_patches)
+    fg, fl, fs = positions.segment_gather(positions.cu_seqlens(grid), num_patches=p_pad,
+                                          num_segments=num_frames, segment_len=frame_len)
+    return dict(window_index=read_idx.astype(np.int32),
+                reverse_index=np.argsort(win_idx).astype(np.int32),
+                rot_pos=rot[win_idx].reshape(p_pad, 2).astype(np.int32),
+                win_gather=wg, win_lengths=wl, win_scatter=ws, full_gather=fg, full_lengths=fl,
+                full_scatter=fs)
+  # A frame's merged tokens fill the same range [a, b) in processor and in window order (windows
+  # never cross a frame), so a group of whole frames is one contiguous range in both.
+  pg, qg = p_pad // n, q_pad // n
+  bounds, segs = _group_segments(cfg, grid, p_pad, n)
+  num_windows = num_windows or max(max(len(w) - 1 for w, _ in segs), 1)
+  num_frames = num_frames or max(max(len(f) - 1 for _, f in segs), 1)
+  frame_len = frame_len or int(np.diff(positions.cu_seqlens(grid)).max(initial=1))
+  out = {k: [] for k in ("window_index", "rot_pos", "win_gather", "win_lengths", "win_scatter",
+                         "full_gather", "full_lengths", "full_scatter")}
+  slot = np.zeros(q_pad, np.int64)  # window-order position -> flat slot (g * Q/G + local slot)
+  free = []  # padding slots, for the processor-order padding rows
+  for g in range(n):
+    a, b = int(bounds[g]) // merge2, int(bounds[g + 1]) // merge2
+    rows = np.concatenate([win_idx[a:b] - a, np.arange(b - a, qg)])  # group-local pixel rows
+    slot[a:b] = g * qg + np.arange(b - a)
+    free.append(g * qg + np.arange(b - a, qg))
+    out["window_index"].append(rows)
+    out["rot_pos"].append(np.concatenate([rot[win_idx[a:b]], np.zeros((qg - (b - a), merge2, 2),
+                                                                     np.int64)]).reshape(pg, 2))
+    for kind, cu, count, length in (("win", segs[g][0], num_windows, cfg.window_patches),
+                                    ("full", segs[g][1], num_frames, frame_len)):
+      gather, lengths, scatter = positions.segment_gather(cu, num_patches=pg, num_segments=count,
+                                                          segment_len=length)
+      out[f"{kind}_gather"].append(gather)
+      out[f"{kind}_lengths"].append(lengths)
+      out[f"{kind}_scatter"].append(scatter)
+  reverse = np.concatenate([slot[np.argsort(win_idx)], np.concatenate(free)])
+  res = {k: np.stack(v).astype(np.int32) for k, v in out.items()}
+  res["reverse_index"] = reverse.astype(np.int32)
+  return res
+
+
+def grouped_vision_keys(vis):
+  """The keys of a `prepare_vision_inputs` dict (arrays or ShapeDtypeStructs) that carry a leading
+  patch-group axis, to be split over the batch axes like the pixel rows: every key but
+  reverse_index with groups, none without."""
+  if len(vis["window_index"].shape) == 1:
+    return frozenset()
+  return frozenset(k for k in vis if k != "reverse_index")
+
+
+def vision_group_bounds(cfg, grid_thw, num_patches, num_groups):
+  """int64[G + 1] patch boundaries of the G patch groups of `prepare_vision_inputs`: group g holds
+  the processor-order patches [out[g], out[g + 1]) (whole frames, consecutive frames packed in order
+  into groups of num_patches / G). ValueError when they do not pack."""
+  del cfg  # the frames are the grids' temporal patches
+  cu = positions.cu_seqlens(np.asarray(grid_thw, np.int64).reshape(-1, 3))
+  bounds = positions.pack_segments(cu, capacity=int(num_patches) // int(num_groups),
+                                   num_groups=int(num_groups))
+  return cu[bounds]
+
+
+def _group_segments(cfg, grid, num_patches, num_groups):
+  """(patch bounds of the groups, [(window cu, frame cu)] per group in the group's coordinates)."""
+  bounds = vision_group_bounds(cfg, grid, num_patches, num_groups)
+  _, cu_win = positions.window_index(grid, window_size=cfg.window_size, patch_size=cfg.patch_size,
+                                     spatial_merge_size=cfg.spatial_merge_size)
+  cu_full = positions.cu_seqlens(grid)
+  segs = [tuple(cu[(cu >= a) & (cu <= b)] - a for cu in (cu_win, cu_full))
+          for a, b in zip(bounds[:-1], bounds[1:])]
+  return bounds, segs
+
+
+def vision_group_counts(cfg, grid_thw, num_patches, num_groups):
+  """(windows, frames) of the fullest of the G patch groups (`prepare_vision_inputs` defaults)."""
+  _, segs = _group_segments(cfg, np.asarray(grid_thw, np.int64).reshape(-1, 3), num_patches,
+                            num_groups)
+  return max(len(w) - 1 for w, _ in segs), max(len(f) - 1 for _, f in segs)
+
+
+def grouped_num_patches(cfg, grid_thw, num_patches, num_groups, slack=None):
+  """Pixel rows for G patch groups: G equal groups of at least num_patches / G rows (a multiple of
+  spatial_merge_size**2) into which the grids' frames pack.
+
+  Packing whole frames in order wastes less than one frame per group, so groups of
+  ceil(num_patches / G) + the longest frame always suffice (G groups that were each closed with
+  more than the base size in them would hold more than num_patches patches). The base size is used
+  when it packs, else base + `slack` (default: the longest frame; pass a static frame budget to keep
+  the shapes static): two sizes per budget, so bucketed shapes stay few.
+  """
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  merge2 = cfg.spatial_merge_size ** 2
+  n = int(num_groups)
+  base = -(-int(num_patches) // (n * merge2)) * merge2
+  try:
+    vision_group_bounds(cfg, grid, base * n, n)
+    return base * n
+  except ValueError:
+    longest = int(np.diff(positions.cu_seqlens(grid)).max(initial=0))
+    slack = max(longest, int(slack or 0))
+    return (base + -(-slack // merge2) * merge2) * n
+
+
+def group_pixels(cfg, pixel_values, grid_thw, num_groups):
+  """Processor-order pixel rows [P, C*2*14*14] (real rows first, P = the budget) -> the grouped
+  layout of `prepare_vision_inputs(num_groups=G)`: group g's frames at rows [g * P / G, ...), zero
+  rows after them, so that splitting the rows into G equal blocks gives every device its own
+  group's pixels. A zero-stride all-zero view (the planner's placeholder pixels) is returned as
+  is."""
+  pixel_values = np.asarray(pixel_values)
+  rows, n = pixel_values.shape[0], int(num_groups)
+  if pixel_values.strides[0] == 0 and not pixel_values[:1].any():
+    return pixel_values
+  bounds = vision_group_bounds(cfg, grid_thw, rows, n)
+  out = np.zeros_like(pixel_values)
+  for g in range(n):
+    a, b = int(bounds[g]), int(bounds[g + 1])
+    out[g * (rows // n):g * (rows // n) + b - a] = pixel_values[a:b]
+  return out
 
 
 def _offset_rows(grid, offsets, merge2, q_pad):

@@ -9,8 +9,17 @@ Attention never crosses a window (window blocks) or a temporal patch (full block
 computed on the host (positions.segment_gather); the cost is W * M^2, not P^2. All index arrays come
 in the `vis` dict built by `qwen2_5_vl.prepare_vision_inputs`.
 
-Axis legend: P patches, Q merged tokens (P / 4), E vision hidden, N heads, H head dim,
-F vision MLP hidden, W segments (windows or frames), M segment length, D text hidden.
+Patch groups: on a mesh the sampler splits a batch's patches into n groups, one per device along
+the batch axes, each holding whole frames (neither a window nor a full-attention segment ever
+reaches across a frame, so no group needs another's patches). The index arrays then carry a
+leading group axis [n, ...] and the tower runs as n independent sequences: activations [n, P/n, E]
+are split over the batch axes with the hidden dim whole, the weights are all-gathered per block
+like the decoder's, and no block exchanges activations. Only the final reorder into processor
+order moves features between devices. Without groups (no mesh, or several processes) the same
+code runs with a group axis of 1: every patch on every device, the hidden dim split over fsdp.
+
+Axis legend: G patch groups, P patches, Q merged tokens (P / 4), E vision hidden, N heads,
+H head dim, F vision MLP hidden, W segments (windows or frames), M segment length, D text hidden.
 """
 
 import jax
@@ -42,7 +51,7 @@ class PatchEmbed(nnx.Module):
   def __call__(self, pixel_values):
     w = self.proj.weight[...].astype(self.dtype)
     w = w.reshape(w.shape[0], -1)  # [E, C*2*14*14]
-    return jnp.einsum("pk,ek->pe", pixel_values.astype(self.dtype), w)  # [P, E]
+    return jnp.einsum("...k,ek->...e", pixel_values.astype(self.dtype), w)  # [.., P, E]
 
 
 class VisionAttention(nnx.Module):
@@ -59,19 +68,26 @@ class VisionAttention(nnx.Module):
     self.proj = layers.Linear(e, e, use_bias=True, axes=("vision_embed", None), **kw)
 
   def __call__(self, x, cos, sin, gather, lengths, scatter):
-    """x: [P, E]; cos/sin: float32[P, H]; gather int32[W, M]; lengths int32[W]; scatter int32[P]."""
-    p, e = x.shape
+    """x: [G, P, E]; cos/sin: float32[G, P, H]; gather int32[G, W, M]; lengths int32[G, W];
+    scatter int32[G, P]. Every group attends within itself (the indices are group-local). Without
+    the group axis on all six (x [P, E], ...) one group."""
+    if x.ndim == 2:
+      args = (x, cos, sin, gather, lengths, scatter)
+      return self(*(a[None] for a in args))[0]
+    g, p, e = x.shape
     n, h = self.num_heads, self.head_dim
-    qkv = self.qkv(x).reshape(p, 3, n, h)  # [P, 3, N, H]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [P, 1, H]
+    qkv = self.qkv(x).reshape(g, p, 3, n, h)  # [G, P, 3, N, H]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # [G, P, 1, H]
     # HF rotates q and k in float32 and casts back (docs/qwen2_5_vl.md, "Vision tower").
-    q = layers.apply_rotary(qkv[:, 0].astype(jnp.float32), cos, sin).astype(x.dtype)  # [P, N, H]
-    k = layers.apply_rotary(qkv[:, 1].astype(jnp.float32), cos, sin).astype(x.dtype)  # [P, N, H]
-    v = qkv[:, 2]  # [P, N, H]
-    w, m = gather.shape
-    q, k, v = q[gather], k[gather], v[gather]  # [W, M, N, H]
-    out = layers.attention(q, k, v, kv_lengths=lengths, implementation=self.implementation)
-    out = out.reshape(w * m, n * h)[scatter]  # [P, E]
+    q = layers.apply_rotary(qkv[:, :, 0].astype(jnp.float32), cos, sin).astype(x.dtype)
+    k = layers.apply_rotary(qkv[:, :, 1].astype(jnp.float32), cos, sin).astype(x.dtype)
+    v = qkv[:, :, 2]  # q, k, v: [G, P, N, H]
+    w, m = gather.shape[1:]
+    take = jax.vmap(lambda a, idx: a[idx])  # a per-group gather: stays on the group's device
+    q, k, v = take(q, gather), take(k, gather), take(v, gather)  # [G, W, M, N, H]
+    out = layers.attention(*(a.reshape(g * w, m, n, h) for a in (q, k, v)),
+                           kv_lengths=lengths.reshape(g * w), implementation=self.implementation)
+    out = take(out.reshape(g, w * m, n * h), scatter)  # [G, P, E]
     return self.proj(out)
 
 
@@ -103,7 +119,7 @@ class VisionBlock(nnx.Module):
     with jax.named_scope("vision_block"):  # readable profiles
       x = x + self.attn(self.norm1(x), cos, sin, gather, lengths, scatter)
       x = x + self.mlp(self.norm2(x))
-      return layers.constrain(x, (None, "vision_embed"))
+      return layers.constrain(x, _activation_axes(x))
 
 
 class PatchMerger(nnx.Module):
@@ -123,18 +139,28 @@ class PatchMerger(nnx.Module):
                              **kw)
 
   def __call__(self, x):
-    x = self.ln_q(x).reshape(-1, self.merge_dim)  # [Q, 4E]
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # [Q, D]
+    x = self.ln_q(x)
+    x = x.reshape(*x.shape[:-2], -1, self.merge_dim)  # [.., Q, 4E]
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # [.., Q, D]
 
 
 def vision_cos_sin(rot_pos, head_dim: int, theta: float):
-  """float32[P, H] cos/sin of the 2-D rotary from (h, w) ids int[P, 2] (docs/qwen2_5_vl.md, "Vision
-  tower")."""
+  """float32[.., P, H] cos/sin of the 2-D rotary from (h, w) ids int[.., P, 2]
+  (docs/qwen2_5_vl.md, "Vision tower")."""
   freq = layers.inv_freq(head_dim // 2, theta)  # [H/4]
-  ang = rot_pos.astype(jnp.float32)[..., None] * freq  # [P, 2, H/4]
-  ang = ang.reshape(ang.shape[0], -1)  # [P, H/2]: h angles then w angles
-  emb = jnp.concatenate([ang, ang], axis=-1)  # [P, H]
+  ang = rot_pos.astype(jnp.float32)[..., None] * freq  # [.., P, 2, H/4]
+  ang = ang.reshape(*ang.shape[:-2], -1)  # [.., P, H/2]: h angles then w angles
+  emb = jnp.concatenate([ang, ang], axis=-1)  # [.., P, H]
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def _activation_axes(x):
+  """Logical axes of a vision activation [G, P, E] (or [P, E]): with several groups the groups
+  take the batch axes and the hidden dim stays whole (each device runs its own patches); one group
+  keeps every patch on every device and splits the hidden dim over fsdp instead."""
+  if x.ndim == 2:  # [P, E]: a block called without the group axis
+    return (None, "vision_embed")
+  return ("batch", None, None) if x.shape[0] > 1 else (None, None, "vision_embed")
 
 
 def _block_forward(block, x, cos, sin, gather, lengths, scatter):
@@ -164,21 +190,35 @@ class VisionTransformer(nnx.Module):
     """Vision features.
 
     Args:
-      pixel_values: float[P, C*2*14*14] in processor order (P may include budget padding rows).
-      vis: dict from `qwen2_5_vl.prepare_vision_inputs`.
+      pixel_values: float[P, C*2*14*14]: in processor order (P may include budget padding rows),
+        or with patch groups in the grouped layout (qwen2_5_vl.group_pixels: group g's frames at
+        rows [g * P / G, ...), zero rows after them).
+      vis: dict from `qwen2_5_vl.prepare_vision_inputs` (flat, or with a leading group axis).
 
     Returns:
       [Q, D] merged features in processor order; rows past the real count are padding.
     """
-    x = self.patch_embed(pixel_values)  # [P, E]
-    p, e = x.shape
-    x = x.reshape(p // self.merge_unit, self.merge_unit, e)[vis["window_index"]].reshape(p, e)
-    x = layers.constrain(x, (None, "vision_embed"))
+    vis = dict(vis)
+    reverse = vis.pop("reverse_index")
+    if vis["window_index"].ndim == 1:  # no groups: the same code with a group axis of 1
+      vis = {k: v[None] for k, v in vis.items()}
+    g, q = vis["window_index"].shape
+    if g > 1:  # each group's pixels and index arrays on its own device
+      pix = pixel_values.reshape(g, q * self.merge_unit, pixel_values.shape[-1])
+      pix = layers.constrain(pix, ("batch", None, None))
+      vis = {k: layers.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in vis.items()}
+      x = self.patch_embed(pix)  # [G, P, E]
+    else:
+      x = self.patch_embed(pixel_values)[None]
+    e = x.shape[-1]
+    # Merged rows in window order: a gather inside each group's rows.
+    x = jax.vmap(lambda a, idx: a[idx])(x.reshape(g, q, self.merge_unit * e), vis["window_index"])
+    x = layers.constrain(x.reshape(g, q * self.merge_unit, e), _activation_axes(x))
     cos, sin = vision_cos_sin(vis["rot_pos"], self.head_dim, self.rope_theta)  # window order
     fwd = _block_forward_remat if self.use_remat else _block_forward
     for i, block in enumerate(self.blocks):
       seg = "full" if i in self.fullatt_block_indexes else "win"
       x = fwd(block, x, cos, sin, vis[f"{seg}_gather"], vis[f"{seg}_lengths"],
               vis[f"{seg}_scatter"])
-    y = self.merger(x)  # [Q, D], window order
-    return y[vis["reverse_index"]]  # processor order
+    y = self.merger(x)  # [G, Q, D], window order
+    return y.reshape(g * q, -1)[reverse]  # processor order
