@@ -98,14 +98,15 @@ def _rows(batch, ref_logps=None):
   return rows
 
 
-def _in_iteration(weights, mb):
-  """(weights, mb) as one micro-batch iteration sees them: an optimization barrier ties the weights
+def _in_iteration(weights, mb, num_micro):
+  """(weights, mb) as one micro-batch iteration sees them (as given with one micro-batch, where
+  there is no loop): an optimization barrier ties the weights
   to the iteration's rows, so XLA cannot hoist their FSDP all-gathers out of the micro-batch loop as
   loop-invariant code, where gathered weights of many layers would be live at once during the loop.
   Measured with the TPU compiler (python -m spacer_jax.plan, 7B with LoRA on a v5e-8, 4
   micro-batches): the reference log-probs need more than 15.76 GiB per chip without the barrier (the
   16 GB chip rejects them) and 14.44 GiB with it. An identity for the values and their gradients."""
-  return jax.lax.optimization_barrier((weights, mb))
+  return jax.lax.optimization_barrier((weights, mb)) if num_micro > 1 else (weights, mb)
 
 
 def token_logps(params, batch, *, graphdef, paths, num_micro=1):
@@ -115,7 +116,7 @@ def token_logps(params, batch, *, graphdef, paths, num_micro=1):
   def body(_, mb):
     # The model is merged inside the scan body: nnx.remat (use_remat) cannot split a module whose
     # Variables belong to the enclosing trace.
-    p, mb = _in_iteration(params, mb) if num_micro > 1 else (params, mb)
+    p, mb = _in_iteration(params, mb, num_micro)
     model = tree_utils.merge_model(graphdef, p, paths)
     return None, grpo.token_logps(_row_logits(model, pe, mb), mb["completion_ids"])
 
@@ -169,8 +170,7 @@ def train_step(state, batch, ref_logps, *, graphdef, paths, tx, trainable_keys, 
   def body(carry, xs):
     i, mb = xs
     g_acc, pe_acc, m_acc = carry
-    (tr, fr), mb = _in_iteration((trainable, frozen), mb) if num_micro > 1 else ((trainable, frozen),
-                                                                                  mb)
+    (tr, fr), mb = _in_iteration((trainable, frozen), mb, num_micro)
     with layers.lora_dropout(jax.random.fold_in(dropout_key, i)):
       (_, m), (g, g_pe) = grad_fn(tr, fr, pe, mb)
     if token_mean and num_micro > 1:
