@@ -22,7 +22,10 @@ Per function it prints XLA's per-device argument / output / temp / alias bytes, 
 compiled peak, FLOPs and XLA's estimated time, and the compile time. The step's peak is the largest
 of (a function's peak + the buffers that live through the step without being its arguments: the
 optimizer state during the rollout, the reference weights during train_step, ...), compared with
-the chip's HBM for the verdict.
+the chip's HBM for the verdict. On a TPU slice that HBM is what the TPU compiler allows a program
+on the chip (`compiler_hbm_bytes`; 95.74 GiB on v5p), and each function is compiled with the
+budget the step leaves it (that HBM less the buffers resident beside its arguments), so the
+compiler cannot plan on memory the reference weights or the optimizer state hold.
 
 How to read the estimates. XLA's cost analysis counts the body of a loop once. The planner counts
 the matmul FLOPs of each function's jaxpr with scan lengths multiplied ("model FLOPs") and scales
@@ -79,8 +82,9 @@ class Chip:
   chip_config: str | None = None
 
 
-# Public figures, per chip. Capacities are taken as printed by the vendor, with GB read as 1e9 bytes
-# where the page says GB (the smaller reading, so a "fits" verdict errs on the safe side).
+# Public figures, per chip. For TPU slices the HBM a program may use is what the TPU compiler
+# allows (`compiler_hbm_bytes`: v5p 95.74 GiB, v5e 15.75 GiB, v6e 31.25 GiB with libtpu 0.0.42);
+# the capacities below, as printed by the vendor with GB read as 1e9 bytes, are the fallback.
 #   v4:   cloud.google.com/tpu/docs/v4     (32 GiB HBM2, 275 TFLOP/s bf16, 1,200 GB/s)
 #   v5e:  cloud.google.com/tpu/docs/v5e    (16 GB HBM2, 197 TFLOP/s bf16, 819 GB/s)
 #   v5p:  cloud.google.com/tpu/docs/v5p    (95 GB HBM2e, 459 TFLOP/s bf16, 2,765 GB/s)
@@ -139,7 +143,43 @@ def tpu_target(topology):
   except Exception as e:  # libtpu missing or too old: say how to get it.
     raise RuntimeError(f"cannot describe TPU topology {topology!r} ({e}); install libtpu with "
                        "`pip install -r requirements-test.txt` (jax[tpu] at the pinned jax)") from e
+  usable = compiler_hbm_bytes(desc.devices[0])
+  if usable:
+    chip = dataclasses.replace(chip, hbm_bytes=usable)
   return Target(topology, "tpu", list(desc.devices), chip)
+
+
+_COMPILER_HBM = {}
+
+
+def compiler_hbm_bytes(device):
+  """The HBM per chip the TPU compiler lets a program use on `device`'s kind (bytes), or None.
+
+  XLA:TPU compiles every program against this limit (it is what a real chip's runtime offers:
+  "exceeds available HBM (95.74G)" on a v5p) and says it only when a program exceeds it, so a
+  small program that cannot fit any chip is compiled once per kind and the figure read from the
+  refusal. Vendor pages print rounder capacities ("95 GB" for v5p), which the planner used before
+  and which left a v5p's last 7 GiB unused.
+  """
+  kind = device.device_kind
+  if kind not in _COMPILER_HBM:
+    mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # A sort cannot be fused into its input: the 160 GB outer product must be materialised.
+    probe = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[0], in_shardings=one,
+                    out_shardings=one)
+    found = None
+    try:
+      probe.lower(jax.ShapeDtypeStruct((200_000,), jnp.float32, sharding=one)).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      size = r"([\d.]+)\s*([KMGT]?)i?B?"
+      m = (re.search(r"available HBM \(" + size + r"\)", str(e))
+           or re.search(r"Used " + size + r" of " + size + r" hbm", str(e)))
+      if m:
+        value, unit = m.group(m.lastindex - 1), m.group(m.lastindex)
+        found = float(value) * _UNITS[unit]
+    _COMPILER_HBM[kind] = found
+  return _COMPILER_HBM[kind]
 
 
 def _chip_of_kind(kind):
@@ -293,14 +333,6 @@ def abstract_batch(tree, shardings):
 # ------------------------------------------------------------------------------------------------
 # Compile and measure.
 # ------------------------------------------------------------------------------------------------
-def _bytes_per_device(tree):
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-  return total
-
-
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -324,7 +356,7 @@ def out_of_memory_bytes(message, argument_bytes):
   return None
 
 
-def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None):
+def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None, hbm_budget=None):
   """Traces, lowers and compiles `jitted(*args)`; returns (compiled, figures dict).
 
   When the TPU compiler rejects the program for its HBM, returns (None, figures) with the bytes
@@ -334,21 +366,30 @@ def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None):
   loop_scaled: scale XLA's FLOPs / bytes / time by the jaxpr's (scan lengths multiplied) / (scan
   bodies once) matmul-FLOP ratio, so a micro-batch scan counts every micro-batch.
   hlo_path: also write the optimized HLO text there.
+  hbm_budget: bytes per device the program may use (XLA:TPU's xla_tpu_max_hbm_size_mib): the
+    chip's HBM less what stays resident beside the program's arguments (the reference weights
+    during train_step, the optimizer state during the rollout). Without it the compiler plans
+    against the whole chip and may spend memory that the step's other buffers hold (it trades
+    free memory for speed: 75.6 GiB of temporaries where it can do with less when told).
   """
   t0 = time.perf_counter()
   traced = jitted.trace(*args)
   lowered = traced.lower()
+  options = None if hbm_budget is None else train.hbm_budget_options(hbm_budget)
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options)
   except Exception as e:  # pylint: disable=broad-except
-    need = out_of_memory_bytes(str(e), _bytes_per_device(args))
+    need = out_of_memory_bytes(str(e), tree_utils.bytes_per_device(args))
     if need is None:
       raise
     # The TPU compiler refuses a program that cannot fit its HBM: the step does not fit, by at
     # least what the compiler says it needs.
     model_flops = matmul_flops(traced.jaxpr.jaxpr)
+    # The rest of the message lists the program's largest allocations (shape, op, source line):
+    # where the memory goes.
+    logging.warning("the TPU compiler rejected the program:\n%s", str(e).strip()[:20000])
     return None, dict(
-        argument_bytes=_bytes_per_device(args), output_bytes=None, temp_bytes=None,
+        argument_bytes=tree_utils.bytes_per_device(args), output_bytes=None, temp_bytes=None,
         alias_bytes=None, generated_code_bytes=None, peak_bytes=need, flops=float("nan"),
         bytes_accessed=float("nan"), estimated_seconds=float("nan"),
         model_flops=float(model_flops), loop_scale=float("nan"),
@@ -436,15 +477,15 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
   prepared, tb = host_batches(cfg, shapes, sampler)
   num_micro = shapes.micro_batches
   state = setup.abstract_state
-  state_bytes = _bytes_per_device(state)
-  opt_bytes = state_bytes - _bytes_per_device(state["params"])
+  state_bytes = tree_utils.bytes_per_device(state)
+  opt_bytes = state_bytes - tree_utils.bytes_per_device(state["params"])
   # The reference policy (beta > 0): the policy's own frozen params plus a second copy of the
   # trained ones (setup.ref_loaded_keys, in ref_param_dtype), which stays resident all run.
   ref_params, ref_bytes = None, 0
   if use_ref:
     loaded = {k: setup.reference.params[k] for k in setup.ref_loaded_keys}
     ref_params = setup.ref_params(state["params"], loaded)
-    ref_bytes = _bytes_per_device(loaded)
+    ref_bytes = tree_utils.bytes_per_device(loaded)
   report = dict(
       topology=target.name, platform=target.platform, num_devices=len(target.devices),
       device_kind=target.devices[0].device_kind, mesh=dict(mesh.shape),
@@ -466,7 +507,10 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
 
   def measure(name, fn, args, resident, loop_scaled=True):
     hlo = os.path.join(hlo_dir, f"{name}.hlo.txt") if hlo_dir else None
-    compiled, fig = compile_function(fn, args, loop_scaled=loop_scaled, hlo_path=hlo)
+    # The TPU compiler plans within what the step leaves the function (see compile_function).
+    budget = target.chip.hbm_bytes - (resident or 0) if target.platform == "tpu" else None
+    compiled, fig = compile_function(fn, args, loop_scaled=loop_scaled, hlo_path=hlo,
+                                     hbm_budget=budget)
     report["functions"][name] = fig
     extra[name] = resident
     if compiled is None:
@@ -515,7 +559,7 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       ref_struct = logps_struct
       if wanted("ref_logps"):
         # Resident besides its arguments: the state less the policy params it shares.
-        shared = _bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
+        shared = tree_utils.bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
         compiled = measure("ref_logps", train.make_logps_fn(setup.reference, num_micro),
                            (ref_params, tbs), state_bytes - shared)
         if compiled is not None:

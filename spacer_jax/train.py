@@ -416,22 +416,44 @@ def batch_shardings(tb, mesh, rules):
   return out
 
 
+def hbm_budget_options(budget_bytes):
+  """XLA:TPU compile options that make the compiler plan a program within `budget_bytes` per chip.
+
+  The TPU compiler plans against the chip's whole HBM and, when memory is free, spends it for
+  speed (measured by `python -m spacer_jax.plan`: the 32B train step took 75.6 GiB of temporaries
+  when the whole v5p chip was offered). Buffers that stay resident beside a function's arguments
+  (the reference weights during train_step, the optimizer state during the log-prob passes) are
+  invisible to it, so the trainer and the planner compile with the chip's HBM less them.
+  """
+  return {"xla_tpu_max_hbm_size_mib": str(max(int(budget_bytes // 2 ** 20), 1))}
+
+
+def tpu_budget_options(resident_bytes):
+  """`hbm_budget_options` for this process's TPU (its usable HBM less `resident_bytes` per chip),
+  None on other backends (their compilers take no such option)."""
+  device = jax.local_devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform == "tpu" else None
+  return hbm_budget_options(limit - resident_bytes) if limit else None
+
+
 def make_train_step(abstract, setup, *, mode, grpo_config, num_micro, batch_shardings_,
-                    ref_shardings):
-  """The jitted, state-donating train_step of one phase with explicit in/out shardings."""
+                    ref_shardings, compiler_options=None):
+  """The jitted, state-donating train_step of one phase with explicit in/out shardings.
+
+  compiler_options: e.g. `tpu_budget_options(reference bytes per chip)`."""
   return jax.jit(
       functools.partial(train_step, graphdef=abstract.graphdef, paths=abstract.paths, tx=setup.tx,
                         trainable_keys=setup.trainable_keys, mode=mode, grpo_config=grpo_config,
                         num_micro=num_micro),
       in_shardings=(setup.state_shardings, batch_shardings_, ref_shardings),
       out_shardings=(setup.state_shardings, sharding.replicated(abstract.mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=compiler_options)
 
 
-def make_logps_fn(abstract, num_micro):
+def make_logps_fn(abstract, num_micro, compiler_options=None):
   """The jitted `token_logps` (reference and old-policy log-probs)."""
   return jax.jit(functools.partial(token_logps, graphdef=abstract.graphdef, paths=abstract.paths,
-                                   num_micro=num_micro))
+                                   num_micro=num_micro), compiler_options=compiler_options)
 
 
 def load_records(config, workdir):
@@ -621,6 +643,13 @@ def train_and_evaluate(config, workdir):
         stop_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id))
     num_micro = int(config.grad_accum_steps)
     step_fns = {}
+    # On TPU each function is compiled within the HBM the step leaves it (hbm_budget_options):
+    # what stays resident beside its arguments, per chip, as the planner counts it.
+    ref_bytes = tree_utils.bytes_per_device(ref_loaded)
+    state_bytes = tree_utils.bytes_per_device(state)
+    opt_bytes = state_bytes - tree_utils.bytes_per_device(state["params"])
+    shared_bytes = tree_utils.bytes_per_device(
+        {k: state["params"][k] for k in (setup.ref_shared_keys if setup.reference else ())})
 
     def get_step(phase, tb, ref):
       # Built at the first batch of each phase: the batch shardings come from its (static) shapes.
@@ -628,11 +657,13 @@ def train_and_evaluate(config, workdir):
         shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
         step_fns[phase] = make_train_step(
             abstract, setup, mode=phase, grpo_config=grpo_config, num_micro=num_micro,
-            batch_shardings_=shard_of(tb), ref_shardings=shard_of(ref))
+            batch_shardings_=shard_of(tb), ref_shardings=shard_of(ref),
+            compiler_options=tpu_budget_options(ref_bytes))
       return step_fns[phase]
 
-    logps_fn = make_logps_fn(abstract, num_micro)
-    ref_fn = None if setup.reference is None else make_logps_fn(setup.reference, num_micro)
+    logps_fn = make_logps_fn(abstract, num_micro, tpu_budget_options(opt_bytes + ref_bytes))
+    ref_fn = None if setup.reference is None else make_logps_fn(
+        setup.reference, num_micro, tpu_budget_options(state_bytes - shared_bytes))
 
     def ref_logps_fn(params, tb):
       return ref_fn(setup.ref_params(params, ref_loaded), tb)

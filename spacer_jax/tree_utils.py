@@ -60,3 +60,13 @@ def param_count(tree):
   """Number of scalars in all array leaves (works on ShapeDtypeStructs)."""
   return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
 
+
+
+def bytes_per_device(tree):
+  """Bytes one device holds of the array leaves (their shard shape; arrays or ShapeDtypeStructs
+  with a sharding; a leaf without one counts whole)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total

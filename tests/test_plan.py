@@ -72,7 +72,9 @@ def test_tpu_plan_of_the_tiny_train_step(tmp_path):
   assert report["platform"] == "tpu" and report["num_devices"] == 4
   assert report["device_kind"].startswith("TPU v5")
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-  assert report["hbm_bytes_per_device"] == plan.CHIPS["v5p"].hbm_bytes
+  # The HBM the TPU compiler allows a v5p program (not the vendor's rounder "95 GB").
+  v5p = plan.tpu_target("v5p-8").devices[0]
+  assert report["hbm_bytes_per_device"] == plan.compiler_hbm_bytes(v5p)
   s = report["shapes"]
   assert (s["prompts"], s["generations"], s["prompt_bucket"], s["completion"]) == (2, 2, 64, 8)
   back = json.loads(json.dumps(plan.to_json(report)))
@@ -113,6 +115,56 @@ def test_tpu_plan_of_a_step_that_does_not_fit(tmp_path):
   assert "train_step: rejected by the compiler: RESOURCE_EXHAUSTED" in text
   assert "--config.grad_accum_steps=2" in text and "--config.model.use_remat=True" in text
   assert "--config.lora.rank=16" in text and "optimizer state alone" in text
+
+
+@needs_libtpu
+def test_hbm_per_chip_is_what_the_tpu_compiler_allows():
+  """The planner's HBM per chip is the limit the TPU compiler checks programs against (what a
+  real chip's runtime offers), read from the compiler; figures for the pinned libtpu."""
+  gib = 2 ** 30
+  for topology, usable in (("v5p-8", 95.74), ("v5e-8", 15.75), ("v6e-8", 31.25)):
+    target = plan.tpu_target(topology)
+    assert abs(target.chip.hbm_bytes / gib - usable) < 0.005, (topology, target.chip.hbm_bytes)
+    assert target.chip.hbm_bytes > 0.9 * plan.CHIPS[topology.split("-")[0]].hbm_bytes
+
+
+@needs_libtpu
+def test_compile_budget_binds_the_tpu_compiler():
+  """compile_function(hbm_budget=B) makes the TPU compiler plan within B bytes: a program that
+  fits the chip is refused under a smaller budget (the planner passes the chip's HBM less the
+  step's other resident buffers), and the refusal is reported, not raised."""
+  device = plan.tpu_target("v5e-1").devices[0]
+  one = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)),
+                                   jax.sharding.PartitionSpec())
+  fn = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[0], in_shardings=one,
+               out_shardings=one)
+  x = jax.ShapeDtypeStruct((8192,), jnp.float32, sharding=one)  # a 256 MiB temporary
+  compiled, fig = plan.compile_function(fn, (x,))
+  assert compiled is not None and fig["temp_bytes"] >= 8192 * 8192 * 4
+  compiled, fig = plan.compile_function(fn, (x,), hbm_budget=64 * 2 ** 20)
+  assert compiled is None and "RESOURCE_EXHAUSTED" in fig["out_of_memory"]
+  assert fig["peak_bytes"] >= 8192 * 8192 * 4
+  # The trainer's route (train.make_train_step / make_logps_fn on a TPU): the same options on the
+  # jit reach the compiler.
+  budgeted = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[0], in_shardings=one,
+                     out_shardings=one, compiler_options=train.hbm_budget_options(64 * 2 ** 20))
+  with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+    budgeted.lower(x).compile()
+
+
+def test_tpu_budget_options_leave_the_residents_out(monkeypatch):
+  """On a TPU the trainer compiles within the chip's usable HBM less the resident bytes; other
+  backends get no options."""
+  assert train.tpu_budget_options(1) is None  # CPU
+
+  class FakeTpu:
+    platform = "tpu"
+
+    def memory_stats(self):
+      return {"bytes_limit": 16 * 2 ** 30}
+
+  monkeypatch.setattr(jax, "local_devices", lambda: [FakeTpu()])
+  assert train.tpu_budget_options(4 * 2 ** 30) == {"xla_tpu_max_hbm_size_mib": str(12 * 1024)}
 
 
 def test_out_of_memory_messages():
