@@ -210,7 +210,10 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
   c.mode = "grpo"  # "grpo" | "sft"
   c.sft_warmup_steps = 0  # SFT steps on the solutions before RL starts (0 = SpaceR: none).
   c.sft_target = "solution"  # SFT completions: "solution" | "process" (CoT trace + solution).
-  c.grad_accum_steps = 1  # Micro-batches per optimizer step, scanned inside the jitted step.
+  # Micro-batches per optimizer step, scanned inside the jitted step. 32B and 72B take 4: planned
+  # for v5p-32 / v5p-64 (README "Will it fit?"), 32B's train step needs >= 107.5 GiB per chip in one
+  # micro-batch and 86.9 GiB in 4 (experiments/2026-12-04_plan_7b_v5p8).
+  c.grad_accum_steps = 4 if size in ("32b", "72b") else 1
   c.seed = 42
   c.total_steps = 18914  # ceil(151,310 / 8) = one epoch.
   c.log_every_steps = 1
@@ -248,8 +251,10 @@ def base_config(size="7b", frames=16, sharding="", lora=0, lora_targets="text"):
       dtype="bfloat16", param_dtype="float32", ref_param_dtype="bfloat16",
       use_remat=True,
       # Decoder as a lax.scan in train_step / token_logps (one compiled layer; weights keep their
-      # names). Off: the 7B plan on v5p-8 was measured unrolled (experiments/2026-12-04_plan_7b_v5p8).
-      scan_layers=False,
+      # names). Off up to 32B (their plans were measured unrolled); on for 72B, whose plan on a
+      # v5p-64 was made with it (experiments/2026-12-04_plan_7b_v5p8: the unrolled 72B train step
+      # needed more than 23.5 GB of host memory to compile there).
+      scan_layers=size == "72b",
       # Vision tower over per-device patch groups on a mesh (no activation all-reduces; the 7B
       # step on v5p-8: experiments/2026-12-04_plan_7b_v5p8). Multi-process runs keep one group.
       vision_patch_groups=True,
