@@ -40,8 +40,9 @@ Run sheet
                        srun (scripts/slurm_sgrlvr.sbatch); batch_size must divide by the number of
                        processes (README, "Accelerators and multi-host runs").
     32B / 72B:         size=32b / size=72b: FSDP + 2-way tensor parallelism and 4 micro-batches
-                       (grad_accum_steps 4, their preset); planned to fit a v5p-32 (16 chips) /
-                       a v5p-64 (32 chips) with `python -m spacer_jax.plan` (README "Will it fit?").
+                       (grad_accum_steps 4, their preset; 72B also scans its decoder layers);
+                       planned to fit a v5p-32 (16 chips, 86.9 GiB per chip) / a v5p-64 (32 chips,
+                       58.1 GiB) with `python -m spacer_jax.plan` (README "Will it fit?").
     LoRA on 16 GB v5e chips (`lora=16`, planned with `python -m spacer_jax.plan`, README "Will it
     fit?"): 7B on a v5e-8 with --config.grad_accum_steps=4 (14.5 of 15.75 GiB per chip); 3B on one
     v5e chip (Colab) with --config.data.batch_size=1 --config.grad_accum_steps=8 (9.1 GiB).
