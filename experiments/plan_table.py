@@ -6,9 +6,8 @@
 Runs `python -m spacer_jax.plan` once per row (a fresh process each: one compile's host memory is
 returned before the next), keeps each JSON report, and prints the markdown table the README shows.
 Rows already in --out are reused (--redo recompiles the rows --only selects, all without --only;
-the other rows stay). Every row is
-printed; one without a report says "not compiled" and why (--reason; by default that it has not
-been run), never a number.
+the other rows stay). Every row is printed; one without a report says "not compiled" and why
+(--reason; by default that it has not been run), never a number.
 """
 
 import argparse
@@ -67,8 +66,8 @@ def judged_on_compiler_hbm(report):
   """A stored report judged against the HBM the TPU compiler allows on its chip.
 
   Reports made before the planner took its HBM from the compiler
-  (spacer_jax.plan.compiler_hbm_bytes) were judged against the vendor's printed capacity (95 GB for v5p, 16 GB for v5e: 88.5 and 14.9
-  GiB), while their functions were compiled against the compiler's own, larger limit (95.74 and
+  (spacer_jax.plan.compiler_hbm_bytes) were judged against the vendor's printed capacity (95 GB
+  for v5p, 16 GB for v5e: 88.5 and 14.9 GiB), while their functions were compiled against the compiler's own, larger limit (95.74 and
   15.75 GiB): the compiled figures stand, the verdict is made again on the compiler's basis. A
   program the compiler rejected stays rejected.
   """

@@ -168,17 +168,11 @@ def compiler_hbm_bytes(device):
     # A sort cannot be fused into its input: the 160 GB outer product must be materialised.
     probe = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[0], in_shardings=one,
                     out_shardings=one)
-    found = None
     try:
       probe.lower(jax.ShapeDtypeStruct((200_000,), jnp.float32, sharding=one)).compile()
+      _COMPILER_HBM[kind] = None
     except Exception as e:  # pylint: disable=broad-except
-      size = r"([\d.]+)\s*([KMGT]?)i?B?"
-      m = (re.search(r"available HBM \(" + size + r"\)", str(e))
-           or re.search(r"Used " + size + r" of " + size + r" hbm", str(e)))
-      if m:
-        value, unit = m.group(m.lastindex - 1), m.group(m.lastindex)
-        found = float(value) * _UNITS[unit]
-    _COMPILER_HBM[kind] = found
+      _COMPILER_HBM[kind] = _out_of_memory_sizes(str(e))[1]
   return _COMPILER_HBM[kind]
 
 
@@ -346,14 +340,25 @@ def out_of_memory_bytes(message, argument_bytes):
   """
   if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
     return None
-  size = r"([\d.]+)\s*([KMGT]?)i?B?"
-  m = re.search(r"Used " + size + r" of " + size + r" hbm", message)
+  need, _, whole_program = _out_of_memory_sizes(message)
+  if need is None:
+    return None
+  return int(need) if whole_program else max(int(need), int(argument_bytes))
+
+
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"  # "95.74G", "1000.00M" (binary units)
+
+
+def _out_of_memory_sizes(message):
+  """(bytes needed, bytes available, whether the first is the whole program's) in the TPU
+  compiler's out-of-memory message; None for what it does not say."""
+  nbytes = lambda m, i: float(m.group(i)) * _UNITS[m.group(i + 1)]  # noqa: E731
+  m = re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", message)
   if m:
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-  m = re.search(r"required for HLO temporaries \(" + size + r"\)", message)
-  if m:
-    return max(int(float(m.group(1)) * _UNITS[m.group(2)]), int(argument_bytes))
-  return None
+    return nbytes(m, 1), nbytes(m, 3), True
+  need = re.search(r"required for HLO temporaries \(" + _SIZE + r"\)", message)
+  avail = re.search(r"available HBM \(" + _SIZE + r"\)", message)
+  return (nbytes(need, 1) if need else None), (nbytes(avail, 1) if avail else None), False
 
 
 def compile_function(jitted, args, *, loop_scaled=True, hlo_path=None, hbm_budget=None):
@@ -477,15 +482,11 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
   prepared, tb = host_batches(cfg, shapes, sampler)
   num_micro = shapes.micro_batches
   state = setup.abstract_state
-  state_bytes = tree_utils.bytes_per_device(state)
-  opt_bytes = state_bytes - tree_utils.bytes_per_device(state["params"])
   # The reference policy (beta > 0): the policy's own frozen params plus a second copy of the
   # trained ones (setup.ref_loaded_keys, in ref_param_dtype), which stays resident all run.
-  ref_params, ref_bytes = None, 0
-  if use_ref:
-    loaded = {k: setup.reference.params[k] for k in setup.ref_loaded_keys}
-    ref_params = setup.ref_params(state["params"], loaded)
-    ref_bytes = tree_utils.bytes_per_device(loaded)
+  loaded = ({k: setup.reference.params[k] for k in setup.ref_loaded_keys} if use_ref else {})
+  ref_params = setup.ref_params(state["params"], loaded) if use_ref else None
+  resident = train.resident_bytes(setup, state, loaded)  # what the trainer budgets with
   report = dict(
       topology=target.name, platform=target.platform, num_devices=len(target.devices),
       device_kind=target.devices[0].device_kind, mesh=dict(mesh.shape),
@@ -494,7 +495,7 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       trainable_param_count=tree_utils.param_count(
           {k: abstract.params[k] for k in setup.trainable_keys}),
       shapes=dict(dataclasses.asdict(shapes), rows=shapes.rows), phase=phase,
-      resident_bytes=dict(state=state_bytes, optimizer=opt_bytes, ref_params=ref_bytes),
+      resident_bytes={k: resident[k] for k in ("state", "optimizer", "ref_params")},
       functions={})
   log(f"plan: {target.name} ({len(target.devices)} x {target.devices[0].device_kind}), mesh "
       f"{dict(mesh.shape)}, {report['param_count']:,} params; B={shapes.prompts} "
@@ -538,7 +539,8 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
       prefill = sampler.prefill_fn(shapes.prompts, max_new_tokens=shapes.completion,
                                    num_samples=shapes.generations)
-      compiled = measure("prefill", prefill, (params_state, batch, rng), opt_bytes + ref_bytes)
+      compiled = measure("prefill", prefill, (params_state, batch, rng),
+                         resident["policy_passes"])
       if wanted("decode") and compiled is None:
         log("decode: not compiled (its state is the output of a prefill that does not fit)")
       elif wanted("decode"):
@@ -547,7 +549,7 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
         until = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         del compiled
         measure("decode", sampler.decode_fn(), (params_state, sstate, until),
-                opt_bytes + ref_bytes, loop_scaled=False)
+                resident["policy_passes"], loop_scaled=False)
     tbs = abstract_batch(tb, train.batch_shardings(tb, mesh, rules))
     logps_fn = train.make_logps_fn(abstract, num_micro)
     # The trainer hands train_step the log-probs' arrays as they come out of token_logps.
@@ -558,17 +560,15 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
     if use_ref:
       ref_struct = logps_struct
       if wanted("ref_logps"):
-        # Resident besides its arguments: the state less the policy params it shares.
-        shared = tree_utils.bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
         compiled = measure("ref_logps", train.make_logps_fn(setup.reference, num_micro),
-                           (ref_params, tbs), state_bytes - shared)
+                           (ref_params, tbs), resident["ref_logps"])
         if compiled is not None:
           ref_struct = _sds(logps_struct, compiled.output_shardings)
         del compiled
     if phase == "grpo" and mu > 1:
       tbs["old_logps"] = ref_struct or logps_struct
       if wanted("old_logps"):
-        measure("old_logps", logps_fn, (state["params"], tbs), opt_bytes + ref_bytes)
+        measure("old_logps", logps_fn, (state["params"], tbs), resident["policy_passes"])
     for ph in [phase] + (["sft"] if phase == "grpo" and phases.sft_steps else []):
       name = "train_step" if ph == phase else f"train_step_{ph}"
       if not wanted(name):
@@ -582,7 +582,7 @@ def plan(config, target, *, text_tokens=512, video_hw=(480, 640), workdir=None,
       step = train.make_train_step(abstract, setup, mode=ph, grpo_config=grpo_cfg,
                                    num_micro=num_micro, batch_shardings_=shard_of(tbs_ph),
                                    ref_shardings=shard_of(ref_ph))
-      measure(name, step, (state, tbs_ph, ref_ph), ref_bytes)
+      measure(name, step, (state, tbs_ph, ref_ph), resident["train_step"])
 
   _summarise(report, extra, target.chip, shapes, use_ref)
   report["plan_seconds"] = time.perf_counter() - t_start

@@ -428,6 +428,26 @@ def hbm_budget_options(budget_bytes):
   return {"xla_tpu_max_hbm_size_mib": str(max(int(budget_bytes // 2 ** 20), 1))}
 
 
+def resident_bytes(setup, state, ref_loaded):
+  """Bytes per device that stay resident through a step beside each jitted function's arguments.
+
+  Works on live arrays (the trainer) and on ShapeDtypeStructs with shardings (the planner), so
+  both compile every function within the same budget (`tpu_budget_options`).
+
+  Returns a dict: `state` (params + optimizer state), `optimizer`, `ref_params` (the reference's
+  own copy of the trained params, `ref_loaded`) and, per function, what stays beside it:
+  `train_step` (the reference copy), `policy_passes` (the sampler and the old log-probs, called on
+  the policy params: the optimizer state and the reference copy), `ref_logps` (called on the
+  reference params: the state less the frozen params the reference shares with the policy).
+  """
+  state_b = tree_utils.bytes_per_device(state)
+  opt_b = state_b - tree_utils.bytes_per_device(state["params"])
+  ref_b = tree_utils.bytes_per_device(ref_loaded)
+  shared_b = tree_utils.bytes_per_device({k: state["params"][k] for k in setup.ref_shared_keys})
+  return dict(state=state_b, optimizer=opt_b, ref_params=ref_b, train_step=ref_b,
+              policy_passes=opt_b + ref_b, ref_logps=state_b - shared_b)
+
+
 def tpu_budget_options(resident_bytes):
   """`hbm_budget_options` for this process's TPU (its usable HBM less `resident_bytes` per chip),
   None on other backends (their compilers take no such option)."""
@@ -645,11 +665,7 @@ def train_and_evaluate(config, workdir):
     step_fns = {}
     # On TPU each function is compiled within the HBM the step leaves it (hbm_budget_options):
     # what stays resident beside its arguments, per chip, as the planner counts it.
-    ref_bytes = tree_utils.bytes_per_device(ref_loaded)
-    state_bytes = tree_utils.bytes_per_device(state)
-    opt_bytes = state_bytes - tree_utils.bytes_per_device(state["params"])
-    shared_bytes = tree_utils.bytes_per_device(
-        {k: state["params"][k] for k in (setup.ref_shared_keys if setup.reference else ())})
+    resident = resident_bytes(setup, state, ref_loaded)
 
     def get_step(phase, tb, ref):
       # Built at the first batch of each phase: the batch shardings come from its (static) shapes.
@@ -658,12 +674,12 @@ def train_and_evaluate(config, workdir):
         step_fns[phase] = make_train_step(
             abstract, setup, mode=phase, grpo_config=grpo_config, num_micro=num_micro,
             batch_shardings_=shard_of(tb), ref_shardings=shard_of(ref),
-            compiler_options=tpu_budget_options(ref_bytes))
+            compiler_options=tpu_budget_options(resident["train_step"]))
       return step_fns[phase]
 
-    logps_fn = make_logps_fn(abstract, num_micro, tpu_budget_options(opt_bytes + ref_bytes))
+    logps_fn = make_logps_fn(abstract, num_micro, tpu_budget_options(resident["policy_passes"]))
     ref_fn = None if setup.reference is None else make_logps_fn(
-        setup.reference, num_micro, tpu_budget_options(state_bytes - shared_bytes))
+        setup.reference, num_micro, tpu_budget_options(resident["ref_logps"]))
 
     def ref_logps_fn(params, tb):
       return ref_fn(setup.ref_params(params, ref_loaded), tb)

@@ -61,7 +61,6 @@ def param_count(tree):
   return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
-
 def bytes_per_device(tree):
   """Bytes one device holds of the array leaves (their shard shape; arrays or ShapeDtypeStructs
   with a sharding; a leaf without one counts whole)."""
