@@ -78,7 +78,9 @@ def test_smoke_runs_two_steps_then_resumes_at_step_3(tmp_path, shared):
     assert key in rows[0], key
   # Each jitted function compiled during warm-up (step 1) and never again.
   compiles = {k: v for k, v in rows[0].items() if k.startswith("compiles/")}
-  assert compiles["compiles/train_step_grpo"] == 1 and compiles["compiles/token_logps"] == 1
+  # beta > 0: the reference log-probs; num_iterations = 1: no old-policy log-prob pass.
+  assert compiles["compiles/train_step_grpo"] == 1 and compiles["compiles/token_logps_ref"] == 1
+  assert compiles["compiles/token_logps"] == 0
   assert rows[0]["memory/host_peak_gib"] > 0
   assert {k: rows[1][k] for k in compiles} == compiles
   with open(wd / "rollouts.jsonl") as f:
@@ -139,7 +141,7 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(tmp_path, sh
   log = _run(wd, shared, "--config.total_steps=3", "--config.ckpt_every_steps=1")
   (line,) = [l for l in log.splitlines() if "is unreadable" in l]
   assert f"checkpoint step 2 is unreadable: {chunk}" in line and "resuming from step 1" in line
-  assert "starting at step 2 of 3" in log
+  assert "resumed from this workdir's checkpoint at step 1; training steps 2..3" in log
   assert [r["step"] for r in _metrics(wd)] == [1, 2, 3]
   assert sorted(os.listdir(wd / "ckpt")) == ["1", "2", "2.unreadable", "3"]
 
